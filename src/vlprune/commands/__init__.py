@@ -1,0 +1,1 @@
+"""CLI sub-commands: one module each, with ``add_parser(subparsers)`` and ``run(args)``."""

@@ -1,0 +1,266 @@
+"""Frozen configuration dataclasses and JSON presets.
+
+Every config validates itself in ``__post_init__`` and raises ``ValueError`` naming the bad value and the
+allowed range. ``from_dict`` rejects unknown keys (and names them) and builds nested configs; ``to_dict`` is its
+exact inverse. Presets live in ``vlprune/presets/*.json``; defaults live only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple, Type, TypeVar, Union
+
+T = TypeVar("T")
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
+ARCHS = ("albef", "vilt")
+
+
+def _check_pos_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_heads(prefix: str, width: int, heads: int) -> None:
+    _check_pos_int(f"{prefix}.width", width)
+    _check_pos_int(f"{prefix}.heads", heads)
+    if width % heads:
+        raise ValueError(f"{prefix}.width={width} is not divisible by {prefix}.heads={heads}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT image encoder (pre-norm, [CLS] token, learned position embeddings)."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 32
+    layers: int = 2
+    heads: int = 4
+    mlp_dim: int = 37
+    channels: int = 3
+    act: str = "gelu"
+    ln_eps: float = 1e-6
+    qkv_bias: bool = True
+    patch_bias: bool = True  # CLIP's patch embedding has no bias
+    pre_norm: bool = False  # CLIP applies a LayerNorm before the first layer
+    image_mean: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        _check_pos_int("vision.image_size", self.image_size)
+        _check_pos_int("vision.patch_size", self.patch_size)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size={self.image_size} is not divisible by vision.patch_size={self.patch_size}"
+            )
+        _check_heads("vision", self.width, self.heads)
+        _check_pos_int("vision.layers", self.layers)
+        _check_pos_int("vision.mlp_dim", self.mlp_dim)
+        _check_pos_int("vision.channels", self.channels)
+        _check_choice("vision.act", self.act, ACTIVATIONS)
+        _check_range("vision.ln_eps", self.ln_eps, 0.0, 1.0, lo_open=True)
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if len(v) != self.channels:
+                raise ValueError(f"vision.{name} must have {self.channels} values, got {v!r}")
+            object.__setattr__(self, name, tuple(float(a) for a in v))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT-style text encoder (post-norm). The fusion encoder uses the same width, heads and MLP width."""
+
+    vocab_size: int = 101
+    width: int = 32
+    layers: int = 2
+    heads: int = 4
+    mlp_dim: int = 37
+    max_len: int = 40
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    act: str = "gelu"
+    ln_eps: float = 1e-12
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_pos_int("text.vocab_size", self.vocab_size, 2)
+        _check_heads("text", self.width, self.heads)
+        _check_pos_int("text.layers", self.layers, 0)
+        _check_pos_int("text.mlp_dim", self.mlp_dim)
+        _check_pos_int("text.max_len", self.max_len, 2)
+        _check_pos_int("text.type_vocab_size", self.type_vocab_size)
+        _check_range("text.pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
+        _check_choice("text.act", self.act, ACTIVATIONS)
+        _check_range("text.ln_eps", self.ln_eps, 0.0, 1.0, lo_open=True)
+        _check_range("text.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole vision-language model.
+
+    ``arch="albef"``: two streams (ViT image encoder, BERT text encoder) and a fusion encoder of
+    ``fusion_layers`` BERT layers with cross-attention to the image tokens; ITC projections to ``embed_dim``,
+    ITM and MLM heads, optional momentum copies and feature queues.
+    ``arch="vilt"``: one joint pre-norm transformer over [text; image] tokens (``vision.layers`` layers, the
+    vision width); the text config gives the vocabulary and text positions; ``fusion_layers`` must be 0.
+    """
+
+    arch: str = "albef"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion_layers: int = 2
+    embed_dim: int = 16
+    queue_size: int = 0
+    momentum: float = 0.995
+    use_momentum: bool = False
+    temp: float = 0.07
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        if isinstance(self.vision, Mapping):
+            object.__setattr__(self, "vision", from_dict(VisionConfig, self.vision, "vision"))
+        if isinstance(self.text, Mapping):
+            object.__setattr__(self, "text", from_dict(TextConfig, self.text, "text"))
+        if self.arch == "albef":
+            _check_pos_int("fusion_layers", self.fusion_layers, 1)
+            _check_pos_int("text.layers", self.text.layers, 1)
+        elif self.fusion_layers != 0:
+            raise ValueError(f"fusion_layers must be 0 for arch='vilt' (one joint encoder), got {self.fusion_layers}")
+        if self.arch == "vilt" and self.text.width != self.vision.width:
+            raise ValueError(
+                f"arch='vilt' needs text.width == vision.width, got {self.text.width} and {self.vision.width}"
+            )
+        _check_pos_int("embed_dim", self.embed_dim)
+        _check_pos_int("queue_size", self.queue_size, 0)
+        _check_range("momentum", self.momentum, 0.0, 1.0)
+        _check_range("temp", self.temp, 0.0, 1.0, lo_open=True)
+
+    @property
+    def width(self) -> int:
+        """Width of the text / fusion / joint stream."""
+        return self.text.width
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ValueError`` naming them and the valid ones."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = _NESTED.get((cls, key))
+        if sub is not None and isinstance(value, Mapping):
+            value = from_dict(sub, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain JSON-able dict of a config dataclass (tuples become lists)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, Mapping):
+            v = dict(v)
+        out[f.name] = v
+    return out
+
+
+_NESTED = {(ModelConfig, "vision"): VisionConfig, (ModelConfig, "text"): TextConfig}
+
+
+def list_presets() -> list:
+    """Names of the built-in model presets."""
+    root = resources.files("vlprune") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name_or_path: Union[str, Path]) -> ModelConfig:
+    """A ``ModelConfig`` from a preset name (``tiny``, ``small``, ``albef-base``, ``vilt-base``) or a JSON file."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+        return from_dict(ModelConfig, data, str(path))
+    names = list_presets()
+    if str(name_or_path) not in names:
+        raise ValueError(f"unknown model preset {str(name_or_path)!r}; valid presets: {names} (or a .json file)")
+    text = (resources.files("vlprune") / "presets" / f"{name_or_path}.json").read_text()
+    return from_dict(ModelConfig, json.loads(text), f"preset {name_or_path}")
+
+
+def override(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
+    """Copy of ``cfg`` with top-level or dotted overrides, e.g. ``override(cfg, **{"vision.image_size": 64})``.
+
+    Nested configs can also be replaced with mappings of their fields: ``override(cfg, vision={"layers": 4})``.
+    """
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        parts = key.split(".") if "." in key else key.split("__")
+        node = data
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                raise ValueError(f"unknown config section {p!r} in override {key!r}")
+            node = node[p]
+        last = parts[-1]
+        if last not in node:
+            raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+        if isinstance(node[last], dict) and isinstance(value, Mapping):
+            node[last] = {**node[last], **value}
+        else:
+            node[last] = value
+    return from_dict(ModelConfig, data)
+
+
+__all__ = [
+    "VisionConfig",
+    "TextConfig",
+    "ModelConfig",
+    "from_dict",
+    "to_dict",
+    "list_presets",
+    "load_preset",
+    "override",
+]

@@ -1,0 +1,163 @@
+"""Building models, attaching methods, and our own save/load (safetensors + config JSON)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, from_dict, load_preset, override, to_dict
+from ..reduce.registry import ReduceConfig, as_reduce_config, get_method
+from .albef import ALBEF
+from .vilt import ViLT
+from .vit import interpolate_pos_embed
+
+log = logging.getLogger(__name__)
+
+MethodLike = Union[None, str, ReduceConfig, Mapping[str, Any]]
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def build_model(model: Union[str, Path, ModelConfig] = "tiny", method: MethodLike = None, **overrides: Any) -> nn.Module:
+    """Build a model from a preset name, a JSON file or a ``ModelConfig``, with random weights.
+
+    ``method``: None / "none" (no reduction), a method name with its defaults (``"trips"``), or a
+    ``ReduceConfig`` (``ReduceConfig("trips", layers=(5, 10), keep=0.7)``; layer numbers 1-based).
+    ``overrides``: config fields, dotted for nested ones (``**{"vision.image_size": 64}``) or as mappings
+    (``vision={"layers": 6}``).
+    """
+    cfg = model if isinstance(model, ModelConfig) else load_preset(model)
+    if overrides:
+        cfg = override(cfg, **overrides)
+    net = ALBEF(cfg) if cfg.arch == "albef" else ViLT(cfg)
+    attach(net, method)
+    return net
+
+
+def attach(model: nn.Module, method: MethodLike) -> nn.Module:
+    """Install ``method`` in ``model``'s reduction slots (replacing any installed method); returns the model."""
+    rc = as_reduce_config(method)
+    model.clear_reducers()
+    if rc is not None and rc.name != "none":
+        get_method(rc.name)(rc, model)
+        model.method_config = rc
+        # reducers follow the model's device and dtype
+        p = next(model.parameters())
+        for r in model.reducers().values():
+            r.to(device=p.device, dtype=p.dtype)
+    return model
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, Path], extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``config.json`` (model config + method) and ``model.safetensors`` to ``directory``, atomically."""
+    from safetensors.torch import save
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rc = getattr(model, "method_config", None)
+    meta = {"model": to_dict(model.cfg), "method": None if rc is None else rc.to_dict(), **(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(d / WEIGHTS_NAME, save(tensors))
+    _atomic_write_bytes(d / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return d
+
+
+def read_config(directory: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (not a vlprune checkpoint directory)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError(f"{path} has no 'model' section")
+    return meta
+
+
+def load_pretrained(
+    directory: Union[str, Path], method: Union[MethodLike, str] = "saved", map_location: str = "cpu", **overrides: Any
+) -> nn.Module:
+    """Load a model written by ``save_pretrained``; loading is strict.
+
+    ``method="saved"`` (default) installs the method the checkpoint was saved with; any other value installs that
+    method instead (e.g. apply EViT at inference to a model trained without reduction): the saved method's own
+    parameters are then dropped, and a learned method whose parameters the checkpoint lacks raises.
+    ``overrides`` change the config; a changed ``vision.image_size`` interpolates the position embeddings.
+    Missing or unexpected keys and shape mismatches raise ``ValueError`` naming them.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta = read_config(d)
+    cfg = from_dict(ModelConfig, meta["model"], f"{d / CONFIG_NAME}:model")
+    if overrides:
+        cfg = override(cfg, **overrides)
+    saved = meta.get("method")
+    switched = method != "saved"
+    chosen = (None if saved is None else ReduceConfig.from_dict(saved)) if not switched else method
+    model = build_model(cfg, chosen)
+    wpath = d / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}")
+    try:
+        state = load_file(str(wpath), device=map_location)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"cannot read weights {wpath}: {e}") from None
+    if switched:
+        dropped = [k for k in state if ".reducer." in k]
+        for k in dropped:
+            del state[k]
+        if dropped:
+            log.info("dropped %d parameters of the saved method %s", len(dropped), (saved or {}).get("name"))
+    load_state_strict(model, state, str(wpath))
+    return model
+
+
+def load_state_strict(model: nn.Module, state: Dict[str, Tensor], where: str) -> None:
+    """``load_state_dict`` that interpolates position embeddings to the model's grid and otherwise names every
+    missing key, unexpected key and shape mismatch in one ValueError."""
+    own = model.state_dict()
+    for k, v in list(state.items()):
+        if k.endswith("pos_embed") and k in own and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            grid = int(round((own[k].shape[1] - 1) ** 0.5))
+            state[k] = interpolate_pos_embed(v, grid)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_short(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches {_short(mismatched)}")
+        raise ValueError(f"checkpoint {where} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _short(items, n: int = 8) -> str:
+    return str(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

@@ -1,0 +1,175 @@
+"""Pure tensor functions that every reduction method is built from. No module state.
+
+Tensor letters used in shapes:
+    B  batch                      M  candidate tokens (image [CLS] excluded)
+    T  tokens incl. [CLS] (1 + M)  K  kept candidates
+    D  width                      H  attention heads, d = D / H per head
+    N  original patches (provenance columns are 1 + N: [CLS] first)
+    L  text length
+
+Conventions (METHODS.md): index 0 of a token sequence is the image [CLS] and is never removed or merged; kept
+tokens keep their spatial order (sorted indices); a fused token is appended last; ties break towards the lowest
+index; attention scores are softmaxed in fp32 and averaged over heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .state import CLS, FUSED, KEPT
+
+
+def check_keep(keep: float, name: str = "keep") -> float:
+    """Validate a keep rate: a float in (0, 1]. NaN, <= 0 and > 1 raise (never clamped)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or math.isnan(keep) or not 0 < keep <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def keep_count(keep: float, m: int) -> int:
+    """k = ceil(keep * M), clamped to 1 <= k <= M (the clamp only guards rounding; keep is validated first)."""
+    check_keep(keep)
+    return max(1, min(m, math.ceil(keep * m - 1e-9)))
+
+
+def attention_probs(q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Per-head attention rows softmax(q k^T / sqrt(d) + bias) in fp32.
+
+    q (B, H, Lq, d), k (B, H, T, d), bias broadcastable to (B, H, Lq, T) -> (B, H, Lq, T).
+    Only the Lq query rows asked for are computed, never the T x T map.
+    """
+    logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)
+
+
+def head_mean_attention(q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Head-averaged attention rows: (B, H, Lq, d), (B, H, T, d) -> (B, Lq, T), fp32."""
+    return attention_probs(q, k, bias).mean(dim=1)
+
+
+def topk_keep(scores: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Indices of the ``k`` highest scores and of the rest, both sorted ascending (spatial order).
+
+    scores (B, M) -> keep (B, K), drop (B, M - K). Ties break towards the lowest index (a stable sort), so the
+    selection is deterministic and permutation-consistent.
+    """
+    M = scores.shape[-1]
+    if not 1 <= k <= M:
+        raise ValueError(f"k must be in [1, {M}] for {M} candidates, got {k}")
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    keep = order[:, :k].sort(dim=-1).values
+    drop = order[:, k:].sort(dim=-1).values
+    return keep, drop
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, T, ...) gathered along dim 1 at idx (B, K) -> (B, K, ...)."""
+    shape = idx.shape + x.shape[2:]
+    index = idx.reshape(idx.shape + (1,) * (x.dim() - 2)).expand(shape)
+    return x.gather(1, index)
+
+
+def fuse_tokens(x: Tensor, weights: Tensor, renorm: bool, eps: float = 1e-6) -> Tensor:
+    """One token from ``x`` (B, M', D) weighted by ``weights`` (B, M') -> (B, 1, D).
+
+    renorm=False: sum_i w_i x_i with the raw weights (TRIPS eq. 3, EViT).
+    renorm=True:  sum_i w_i / (sum_j w_j + eps) x_i (ELIP, LAPS).
+    """
+    w = weights.to(x.dtype)
+    if renorm:
+        w = w / (w.sum(dim=-1, keepdim=True) + eps)
+    return (w.unsqueeze(-1) * x).sum(dim=1, keepdim=True)
+
+
+def keep_and_fuse(
+    x: Tensor,
+    size: Tensor,
+    source: Optional[Tensor],
+    scores: Tensor,
+    k: int,
+    fuse: Optional[str] = "raw",
+    fuse_weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Keep [CLS] and the top-``k`` candidates by ``scores``; optionally fuse the rest into one token.
+
+    x (B, T, D), size (B, T), source (B, T, 1 + N) or None, scores (B, M = T - 1) over the candidates.
+    fuse: None (drop the rest), "raw" (raw weights) or "renorm" (renormalised weights); the weights are
+    ``fuse_weights`` (B, M) when given, else ``scores``. A fused token is appended last; no fused token is made
+    when nothing is left over (k = M).
+    Returns x (B, 1 + K [+ 1], D), size, source, kind (B, 1 + K [+ 1]) with CLS / KEPT / FUSED.
+    """
+    B, T, D = x.shape
+    keep, drop = topk_keep(scores, k)
+    cls_idx = torch.zeros(B, 1, dtype=keep.dtype, device=keep.device)
+    idx = torch.cat([cls_idx, keep + 1], dim=1)
+    new_x, new_size = gather_tokens(x, idx), gather_tokens(size, idx)
+    new_src = None if source is None else gather_tokens(source, idx)
+    kind = torch.full((B, 1 + k), KEPT, dtype=torch.long, device=x.device)
+    kind[:, 0] = CLS
+    if fuse is not None and drop.shape[1] > 0:
+        if fuse not in ("raw", "renorm"):
+            raise ValueError(f"fuse must be None, 'raw' or 'renorm', got {fuse!r}")
+        w = gather_tokens(scores if fuse_weights is None else fuse_weights, drop)
+        fused = fuse_tokens(gather_tokens(x, drop + 1), w, renorm=(fuse == "renorm"))
+        new_x = torch.cat([new_x, fused], dim=1)
+        new_size = torch.cat([new_size, gather_tokens(size, drop + 1).sum(1, keepdim=True)], dim=1)
+        if source is not None:
+            new_src = torch.cat([new_src, gather_tokens(source, drop + 1).any(dim=1, keepdim=True)], dim=1)
+        kind = torch.cat([kind, torch.full((B, 1), FUSED, dtype=torch.long, device=x.device)], dim=1)
+    return new_x, new_size, new_src, kind
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` where ``mask`` (broadcastable, True/1 = allowed) is set; masked entries get 0.
+
+    Uses ``torch.finfo(dtype).min`` rather than -inf, so a row with a single allowed entry is exact and a fully
+    masked row gives a uniform (not NaN) distribution; callers that must reject empty rows check first.
+    """
+    neg = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~mask.bool(), neg).softmax(dim=dim)
+
+
+def gumbel_noise(shape, generator: Optional[torch.Generator], device, dtype) -> Tensor:
+    """Standard Gumbel noise from an explicit generator (on CPU when the generator is a CPU one)."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    g = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+    return g.to(device=device, dtype=dtype)
+
+
+def st_gumbel_softmax(
+    logits: Tensor, tau: float = 1.0, generator: Optional[torch.Generator] = None, noise: bool = True
+) -> Tensor:
+    """Straight-through Gumbel-softmax over the last dim: a hard one-hot forward, soft gradients backward.
+
+    logits (..., C) -> (..., C) with values exactly 0/1. ``noise=False`` gives the straight-through argmax.
+    """
+    if tau <= 0 or math.isnan(tau):
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    g = gumbel_noise(logits.shape, generator, logits.device, logits.dtype) if noise else 0.0
+    soft = ((logits + g) / tau).softmax(dim=-1)
+    index = soft.argmax(dim=-1, keepdim=True)
+    hard = torch.zeros_like(soft).scatter_(-1, index, 1.0)
+    return hard - soft.detach() + soft
+
+
+__all__ = [
+    "check_keep",
+    "keep_count",
+    "attention_probs",
+    "head_mean_attention",
+    "topk_keep",
+    "gather_tokens",
+    "fuse_tokens",
+    "keep_and_fuse",
+    "masked_softmax",
+    "gumbel_noise",
+    "st_gumbel_softmax",
+]
