@@ -160,6 +160,12 @@ def st_gumbel_softmax(
     return hard - soft.detach() + soft
 
 
+# ---- selection helpers of the attention-score methods (TRIPS, ELIP, EViT, random) go here ----------------------
+
+
+# ---- merging and learned-mask helpers (ToMe, DynamicViT, TiP, LAPS) go here -----------------------------------
+
+
 __all__ = [
     "check_keep",
     "keep_count",
