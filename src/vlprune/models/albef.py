@@ -79,6 +79,7 @@ class ALBEF(nn.Module, ReductionSlots):
             raise ValueError(f"ALBEF needs arch='albef', got {cfg.arch!r}")
         self.cfg = cfg
         self.method_config = None
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
         t, v = cfg.text, cfg.vision
         self.vision = VisionTransformer(v)
         self.text = TextEncoder(t)

@@ -77,6 +77,7 @@ class ViLT(nn.Module, ReductionSlots):
             raise ValueError(f"ViLT needs arch='vilt', got {cfg.arch!r}")
         self.cfg = cfg
         self.method_config = None
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
         v, t = cfg.vision, cfg.text
         D = v.width
         self.text_embeddings = TextEmbeddings(t)
