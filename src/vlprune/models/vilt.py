@@ -109,7 +109,7 @@ class ViLT(nn.Module, ReductionSlots):
         text = self.text_embeddings(ids) + self.modality.weight[0]
         img = self.image_embeddings(images, interpolate_pos) + self.modality.weight[1]
         image = TokenState.start(img, trace=trace)
-        ctx = ReduceContext(generator=generator)
+        ctx = ReduceContext(generator=generator, num_patches=image.num_tokens - 1)
         for i, layer in enumerate(self.layers):
             text, image = layer(text, mask, image, ctx.at(i, self))
         text = self.norm(text)
