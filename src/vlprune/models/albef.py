@@ -60,6 +60,8 @@ class ReductionSlots:
         for layers in self.reduction_slots().values():
             for layer in layers:
                 layer.reducer = None
+        if "laps" in self._modules:  # LAPS's head after both encoders (reduce/laps.py)
+            del self._modules["laps"]
         self.method_config = None
 
     def reducers(self) -> Dict[str, nn.Module]:

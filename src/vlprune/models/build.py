@@ -126,7 +126,7 @@ def load_pretrained(
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"cannot read weights {wpath}: {e}") from None
     if switched:
-        dropped = [k for k in state if ".reducer." in k]
+        dropped = [k for k in state if ".reducer." in k or k.startswith("laps.")]
         for k in dropped:
             del state[k]
         if dropped:
