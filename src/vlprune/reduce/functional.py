@@ -246,8 +246,9 @@ def policy_softmax(logits: Tensor, policy: Tensor, dim: int = -1, eps: float = 1
     """Softmax restricted to entries with policy 1, differentiable in the policy (DynamicViT's masked softmax):
     exp(l_i) p_i / sum_j exp(l_j) p_j. For a 0/1 policy the forward equals a softmax over the kept entries; an
     all-zero row gives zeros. logits and policy broadcast together; computed in fp32."""
-    l = logits.float()
-    e = (l - l.amax(dim=dim, keepdim=True).detach()).exp() * policy.float()
+    ft = torch.promote_types(logits.dtype, torch.float32)
+    l = logits.to(ft)
+    e = (l - l.amax(dim=dim, keepdim=True).detach()).exp() * policy.to(ft)
     return (e / e.sum(dim=dim, keepdim=True).clamp_min(eps)).to(logits.dtype)
 
 

@@ -56,7 +56,7 @@ POLICY_FLOOR = 1e-20
 
 
 def _policy_bias(policy: Tensor, dtype: torch.dtype) -> Tensor:
-    p = policy.float()
+    p = policy.to(torch.promote_types(policy.dtype, torch.float32))
     return torch.log(p * (1.0 - POLICY_FLOOR) + POLICY_FLOOR).to(dtype)
 
 
