@@ -69,6 +69,7 @@ def topk_indices_one(scores: Tensor, k: int) -> List[int]:
 
 def spa_one(img: Tensor, words: Tensor, leaky: bool) -> float:
     """SPA of one pair: img (Ti, E), words (L, E) (real words only, both L2-normalised)."""
+    img, words = img.detach(), words.detach()
     A = [[float(img[i] @ words[j]) for j in range(words.shape[0])] for i in range(img.shape[0])]
     if leaky:
         A = [[a if a >= 0 else 0.1 * a for a in row] for row in A]

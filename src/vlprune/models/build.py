@@ -52,6 +52,7 @@ def attach(model: nn.Module, method: MethodLike) -> nn.Module:
         p = next(model.parameters())
         for r in model.reducers().values():
             r.to(device=p.device, dtype=p.dtype)
+            r.train(model.training)  # a reducer attached to a model in eval mode runs its inference path
     return model
 
 

@@ -192,7 +192,7 @@ def build(cfg: ReduceConfig, model) -> None:
     head = LapsHead(c.vision.width, c.text.width, dim, c.vision.num_patches, rho, float(lam), float(beta),
                     bool(opts["official"]), float(opts["tau"]))
     p = next(model.parameters())
-    model.laps = head.to(device=p.device, dtype=p.dtype)
+    model.laps = head.to(device=p.device, dtype=p.dtype).train(model.training)
 
 
 __all__ = ["LapsHead", "laps_similarity", "spa_similarity", "build"]
