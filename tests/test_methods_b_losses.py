@@ -182,3 +182,17 @@ def test_tip_aux_records_and_positions(tiny_cfg, batch):
     out3 = m2(*batch, generator=gen(0))
     with pytest.raises(ValueError, match="trace=True"):
         tipl.tip_loss(out3.itm_logits.sum(), out3.fused_image.aux, grid=4)
+
+
+def test_tip_training_stages(tiny_cfg):
+    from vlprune.reduce.tip import training_stage
+
+    m = vlprune.build_model(tiny_cfg, method=RC("tip", layers=(1, 2)))
+    assert training_stage(m, 1) == 0.0
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".reducer." in n or n.startswith("itm_head.") for n in trainable)
+    assert training_stage(m, 2) == 1.0
+    trainable2 = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "fusion.layers.0.cross.q.weight" in trainable2 and not any(n.startswith("vision.") for n in trainable2)
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        training_stage(m, 3)
