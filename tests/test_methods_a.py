@@ -59,7 +59,11 @@ def prov_sets(source_row):
 def run_traced(model, images, ids, mask, generator=None):
     """Image state of a traced pass and the tokens each reducer returned (to read fused tokens)."""
     outs = []
-    hooks = [r.register_forward_hook(lambda m, a, o: outs.append(o.x.detach())) for r in model.reducers().values()]
+    def keep(m, args, o):
+        assert torch.equal(o.x[:, 0], args[0].x[:, 0])  # [CLS] unchanged by the reduction itself
+        outs.append(o.x.detach())
+
+    hooks = [r.register_forward_hook(keep) for r in model.reducers().values()]
     try:
         with torch.no_grad():
             text = model.encode_text(ids, mask)
@@ -134,7 +138,6 @@ def test_provenance_and_sizes_add_up(name, batch):
             assert (cover == 1).all()  # ... and exactly one when nothing is dropped
         assert torch.equal(tr.source[:, 0], eye0.expand(images.shape[0], -1))  # [CLS] is only itself
     torch.testing.assert_close(img.size, img.source.sum(-1).to(img.size.dtype))
-    torch.testing.assert_close(img.x[:, 0], out.image.x[:, 0])
 
 
 def _layer_state(model, seed=0, T=1 + N):
@@ -364,3 +367,33 @@ def test_vilt_trips_s_runs_with_the_multimodal_guide(tiny_vilt_cfg):
     assert seen[0].shape == (3, 32)
     with pytest.raises(ValueError, match="two-stream"):
         vlprune.attach(model, RC("elip", layers=(2,)))
+
+
+def test_scores_use_the_states_attention_bias():
+    """Under proportional attention (log size on the keys) the EViT row equals the layer's own attention row and
+    the TRIPS row carries the same log(size) term (softmax over the candidates)."""
+    from vlprune.models.attention import full_attention_map
+
+    model = model_with(None)
+    layer, state, _, _, guide = _layer_state(model)
+    size = torch.randint(1, 5, state.size.shape, generator=torch.Generator().manual_seed(2)).float()
+    size[:, 0] = 1
+    state = TokenState.start(state.x, trace=True).replace(size=size, prop_attn=True)
+    bias = state.attn_bias(torch.float32)
+    _, q, k = layer.attn(layer.ln1(state.x), bias=bias)
+    ctx = ReduceContext(guide=guide, layer=1)
+    outs = []
+    for red in (EViTReducer(0.5), TripsReducer(0.5)):
+        h = red.register_forward_hook(lambda m, a, o: outs.append(o))
+        red(state, q, k, layer, ctx)
+        h.remove()
+    evit_row = full_attention_map(q[:, :, :1], k, bias)[:, :, 0, 1:].mean(1)
+    qt = layer.attn.project_query(layer.ln1(guide[:, None]))
+    trips_row = full_attention_map(qt, k[:, :, 1:], bias[..., 1:])[:, :, 0].mean(1)
+    kk = F.keep_count(0.5, N)
+    for out, row in zip(outs, (evit_row, trips_row)):
+        _, drop = F.topk_keep(row, kk)
+        for b in range(2):
+            want = (row[b, drop[b], None] * state.x[b, 1 + drop[b]]).sum(0)
+            torch.testing.assert_close(out.x[b, -1], want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(out.size[b, -1], size[b, 1 + drop[b]].sum())
