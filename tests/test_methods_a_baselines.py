@@ -95,3 +95,19 @@ def test_low_precision_runs_without_nan(rc, dtype, batch):
     with torch.no_grad():
         out = model(images.to(dtype), ids, mask, trace=True)
     assert out.image.x.dtype == dtype and torch.isfinite(out.image.x).all() and torch.isfinite(out.itm_logits).all()
+
+
+@pytest.mark.parametrize(
+    "rc,tokens",
+    [(RC("evit", layers=(2, 3), keep=0.5), 1 + 5 + 1), (RC("random", layers=(2, 3), keep=0.5), 1 + 4),
+     (RC("lowres", options={"image_size": 16}), 1 + 4), (RC("trips", layers=(1,), keep=0.25), 1 + 4 + 1)],
+)
+def test_single_stream_model_runs(rc, tokens, tiny_vilt_cfg):
+    images, ids, mask = make_batch(tiny_vilt_cfg)
+    torch.manual_seed(0)
+    model = vlprune.build_model(tiny_vilt_cfg, method=rc).eval()
+    with torch.no_grad():
+        out = model(images, ids, mask, trace=True)
+        again = model(images, ids, mask, trace=True)
+    assert out.image.x.shape[1] == tokens and torch.isfinite(out.itm_logits).all()
+    assert torch.equal(out.itm_logits, again.itm_logits)
