@@ -7,8 +7,9 @@ layer it sits in, on a full model forward (default: the albef-base preset at 384
 Each --method is a registered name (its defaults) or a JSON ReduceConfig dict. Timings: forward pre-hooks and
 hooks with time.perf_counter around every reducer call and around the layer hosting it; per forward pass the
 reducer and layer times are summed per slot, and the median over the timed repeats is reported (after warm-up).
-The share is reducer / layer (the layer time includes the reducer). "encoder" is the median time of the whole
-model forward, to compare with the unpruned model (method "none", always measured first).
+The share is the median over passes of reducer / layer (the layer time includes the reducer). "model ms" is the
+median time of the whole model forward, to compare with the unpruned model (method "none", always measured first).
+Use --threads 1 on a shared machine: with several threads, small ops wait on descheduled worker threads.
 """
 
 from __future__ import annotations
@@ -84,11 +85,12 @@ def measure(model, rc, inputs, warmup: int, repeats: int):
     timer.remove()
     rows = []
     for name in reducers:
-        r = statistics.median(per_key[f"{name}:reducer"])
-        lay = statistics.median(per_key[f"{name}:layer"])
+        rs, ls = per_key[f"{name}:reducer"], per_key[f"{name}:layer"]
+        r, lay = statistics.median(rs), statistics.median(ls)
+        share = statistics.median(a / b for a, b in zip(rs, ls))  # per pass, robust to a slow pass
         group, idx = name.rsplit(".", 1)
         tk = tokens.get(int(idx), "-") if group in ("vision", "joint") else "-"
-        rows.append((name, tk, r * 1e3, lay * 1e3, 100.0 * r / lay))
+        rows.append((name, tk, r * 1e3, lay * 1e3, 100.0 * share))
     return rows, statistics.median(totals) * 1e3
 
 
