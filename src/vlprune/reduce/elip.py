@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, Reducer, check_layers, check_options, register
-from .select import check_unmasked, cls_row_bias, default_layers, key_bias, require_guide, select_tokens
+from .select import check_unmasked, default_layers, key_bias, require_guide, select_tokens
 from .state import ReduceContext, TokenState
 
 DEFAULT_STARTS = (3, 5, 11)

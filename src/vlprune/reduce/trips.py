@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, select_tokens
+from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (5, 10)
@@ -71,7 +71,8 @@ class TripsReducer(RateReducer):
         if kk >= M:
             return state.record(ctx.layer, self.method)
         a = text_relevant_scores(layer, k, guide, key_bias(state, k.dtype))
-        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")
+        x, size, source, kind = text_relevant_select(state.x, state.size, state.source, a, self.keep)
+        return state.replace(x=x, size=size, source=source).record(ctx.layer, self.method, kind)
 
 
 @register("trips")
