@@ -45,22 +45,44 @@ class TextTokenizer:
         missing = [s for s in SPECIALS if tokenizer.token_to_id(s) is None]
         if missing:
             raise ValueError(f"tokenizer vocabulary lacks special token(s) {missing}; needed: {list(SPECIALS)}")
+        tokenizer.add_special_tokens(list(SPECIALS))  # already in the vocabulary: marks them, adds no ids
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (tokenizer.token_to_id(s) for s in SPECIALS)
 
     # -- construction ------------------------------------------------------------------------------------------
     @staticmethod
-    def train(texts: Iterable[str], vocab_size: int, lowercase: bool = True, min_frequency: int = 1) -> "TextTokenizer":
-        """Learn a WordPiece vocabulary of at most ``vocab_size`` entries (specials first) from ``texts``."""
-        from tokenizers import Tokenizer, models, trainers
+    def train(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> "TextTokenizer":
+        """Build a WordPiece vocabulary of at most ``vocab_size`` entries from ``texts``, deterministically.
+
+        Order: the specials, every character (word-initial, then ``##`` continuation) by frequency, then whole
+        words by frequency (ties alphabetical) until the size is reached; a word outside the vocabulary falls back
+        to its characters. (``tokenizers``' own WordPieceTrainer is not used: its vocabulary varies from run to
+        run, which would break resuming and multi-process training.)
+        """
+        from collections import Counter
+
+        from tokenizers import Tokenizer, models
 
         if vocab_size < len(SPECIALS) + 1:
             raise ValueError(f"vocab_size must be >= {len(SPECIALS) + 1}, got {vocab_size}")
-        tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIALS), show_progress=False
-        )
-        tok.train_from_iterator(list(texts), trainer=trainer)
-        return TextTokenizer(tok)
+        probe = _pipeline(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")), lowercase)
+        words: Counter = Counter()
+        for t in texts:
+            norm = probe.normalizer.normalize_str(t)
+            words.update(w for w, _ in probe.pre_tokenizer.pre_tokenize_str(norm))
+        first, cont = Counter(), Counter()
+        for w, n in words.items():
+            first[w[0]] += n
+            for c in w[1:]:
+                cont["##" + c] += n
+        by_freq = lambda c: sorted(c, key=lambda k: (-c[k], k))  # noqa: E731
+        vocab = list(SPECIALS)
+        for tok in by_freq(first) + by_freq(cont) + by_freq(words):
+            if len(vocab) >= vocab_size:
+                break
+            if tok not in vocab:
+                vocab.append(tok)
+        table = {w: i for i, w in enumerate(vocab)}
+        return TextTokenizer(_pipeline(Tokenizer(models.WordPiece(table, unk_token="[UNK]", max_input_chars_per_word=100)), lowercase))
 
     @staticmethod
     def from_dir(directory: Union[str, Path]) -> "TextTokenizer":
