@@ -39,6 +39,7 @@ from .config import from_dict, load_preset, to_dict
 from .data.datasets import Collate, ResumableSampler
 from .data.images import ImageLoader
 from .data.tokenizer import TextTokenizer
+from .objectives.dist import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .tasks.base import StepContext, StepModule, get_task
@@ -247,8 +248,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
         log.info("resumed %s at step %d (micro-batch %d)", out, step, micro)
     wrapped = StepModule(model, task)
     if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if cuda else None, find_unused_parameters=True, broadcast_buffers=False)
+        wrapped = wrap_ddp(wrapped, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          collate_fn=Collate(tok, mcfg.text.max_len), num_workers=cfg.num_workers,
                                          pin_memory=cuda)

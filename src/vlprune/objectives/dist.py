@@ -70,6 +70,20 @@ def gather(x: Tensor) -> Tensor:
     return _gather(x)[0] if world_size() > 1 else x
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel without per-forward buffer broadcasts: the ITC queues are filled identically on
+    every rank from gathered features, so rank 0 need not overwrite them (``forward_sync_buffers`` in new torch,
+    ``broadcast_buffers`` before). Unused parameters are allowed (a zero loss weight, a method's idle parts)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+        else {"broadcast_buffers": False}
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, find_unused_parameters=True, **kw)
+
+
 def all_reduce_mean(x: Tensor) -> Tensor:
     """Mean over ranks of a (detached) tensor, for logging."""
     if world_size() == 1:
