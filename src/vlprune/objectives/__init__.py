@@ -1,4 +1,5 @@
-"""Training objectives: ITC (momentum distillation, queues), ITM (hard negatives), MLM, KL distillation."""
+"""Training objectives (pure loss functions): ITC (momentum distillation, queues), ITM (hard negatives), MLM,
+KL distillation; TiP's, LAPS's and DynamicViT's losses live in their own modules."""
 
 from .distill import kl_distill
 from .itc import enqueue, itc, itc_loss
