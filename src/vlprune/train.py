@@ -230,6 +230,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, cfg.method).to(device).train()
+    task.check_model(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
     cuda = device.type == "cuda"
