@@ -108,6 +108,21 @@ def test_pretrain_step_with_every_method(method, batch):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
+def test_evaluate_leaves_queues_and_momentum_alone(batch):
+    torch.manual_seed(0)
+    model = vlprune.build_model("tiny")
+    tok = TextTokenizer.train(["a red circle"], 60)
+    images, ids, mask = batch
+    ids = ids.clamp_max(tok.vocab_size - 1).masked_fill(mask == 0, 0)
+    b = {"images": images, "ids": ids, "mask": mask, "image_id": torch.tensor([0, 1, 2]), "size": 3}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = StepContext(torch.Generator().manual_seed(0), tok, 5, 10, 0)
+    res = get_task("pretrain").evaluate(model, [b, b], ctx)
+    assert set(res) >= {"loss", "itc", "itm", "mlm"} and all(isinstance(v, float) for v in res.values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+
+
 def test_pretrain_rejects_vilt(tiny_vilt_cfg):
     with pytest.raises(ValueError, match="arch='albef'"):
         get_task("pretrain").check_model(vlprune.build_model(tiny_vilt_cfg))
@@ -154,6 +169,8 @@ def test_cli_train_and_resume(scenes, tmp_path, capsys):
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["train", "pretrain", "--out", out, "--resume", "--steps", "3", "--quiet"]) == 0
+    assert "trained 3/3 steps" in capsys.readouterr().out
+    assert main(["train", "pretrain", "--out", out, "--resume", "--quiet"]) == 0  # the new end was recorded
     assert "trained 3/3 steps" in capsys.readouterr().out
     assert main(["train", "pretrain", "--train", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
     assert "none.json" in capsys.readouterr().err

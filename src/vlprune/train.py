@@ -142,6 +142,9 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
                 and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
             raise ValueError(f"cannot resume {out} with a different config: {diff} differ from {out / CONFIG_FILE}")
+        _barrier(world)
+        if rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
+            (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
         return cfg
     if exists and not overwrite:
         raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
