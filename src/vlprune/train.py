@@ -216,9 +216,12 @@ def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwri
 
 
 def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[str, Any]:
-    cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
     task = get_task(cfg.task, **cfg.task_options)
     mcfg = load_preset(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg, cfg.method).to(device).train()  # a bad method fails before the run dir is touched
+    task.check_model(model)
+    cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
     entries, root = _data(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
     dataset = task.build_dataset(entries, ImageLoader.for_model(mcfg.vision, root), cfg.skip_bad_images)
@@ -231,9 +234,6 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
         raise ValueError(f"one epoch has {per_epoch} micro-batches, fewer than accum={cfg.accum}: no optimiser step")
     warmup = cfg.warmup if cfg.warmup >= 0 else max(1, total // 20)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg, cfg.method).to(device).train()
-    task.check_model(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
     cuda = device.type == "cuda"
