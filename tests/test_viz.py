@@ -213,3 +213,13 @@ def test_visualize_errors(run_dir, tmp_path, monkeypatch, capsys, change, match)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_report_of_bench_rows(tmp_path):
+    from vlprune.bench.runner import BenchSettings, run_bench
+    from vlprune.viz.report import bench_columns
+
+    rows = run_bench(BenchSettings(model="tiny", flops_only=True), [vlprune.ReduceConfig("none")])
+    md, _ = write_report(tmp_path, "bench", rows, bench_columns())
+    line = [ln for ln in md.read_text().splitlines() if ln.startswith("| none")][0]
+    assert "| 17 |" in line and "| n/a |" in line and "| 1.00 |" in line  # tokens, untimed, ideal speed-up

@@ -245,7 +245,8 @@ def add_speedups(rows: List[Dict]) -> None:
         r["speedup_ratio"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
 
 
-def _tok(tpl: Dict[str, List[int]]) -> str:
+def compact_tokens(tpl: Dict[str, List[int]]) -> str:
+    """Token counts after each layer, repeats collapsed: {'vision': [577, 577, 404]} -> '577>404'."""
     seq = [n for g in tpl.values() for n in g]
     out = [seq[0]] + [b for a, b in zip(seq, seq[1:]) if b != a] if seq else []
     return ">".join(map(str, out))
@@ -263,7 +264,7 @@ def format_table(rows: Sequence[Dict]) -> str:
     timed = any(r.get("throughput") is not None for r in rows)
     cols = [("method", lambda r: r["label"], "<"), ("GFLOPs img", lambda r: _f(r["gflops_image"], ".4g"), ">"),
             ("GFLOPs total", lambda r: _f(r["gflops_total"], ".4g"), ">"),
-            ("select", lambda r: _f(r["gflops_select"], ".3g"), ">"), ("tokens", lambda r: _tok(r["tokens_per_layer"]), "<")]
+            ("select", lambda r: _f(r["gflops_select"], ".3g"), ">"), ("tokens", lambda r: compact_tokens(r["tokens_per_layer"]), "<")]
     if train:
         cols += [("GFLOPs step", lambda r: _f(r.get("gflops_step"), ".4g"), ">")]
     if timed and train:
@@ -287,4 +288,4 @@ def format_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BenchSettings", "run_bench", "format_table", "add_speedups", "build_bench_model", "make_inputs"]
+__all__ = ["BenchSettings", "run_bench", "format_table", "compact_tokens", "add_speedups", "build_bench_model", "make_inputs"]

@@ -14,9 +14,9 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-Column = Tuple[str, str, str]  # (row key, header, format spec)
+Column = Tuple[Union[str, Callable[[Dict], object]], str, str]  # (row key or function of the row, header, format)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def default_columns(rows: Sequence[Dict]) -> List[Column]:
 
 def table_cells(rows: Sequence[Dict], columns: Optional[Sequence[Column]] = None) -> Tuple[List[str], List[List[str]]]:
     cols = list(columns) if columns is not None else default_columns(rows)
-    return [h for _, h, _ in cols], [[format_cell(r.get(k), f) for k, _, f in cols] for r in rows]
+    get = lambda r, k: r.get(k) if isinstance(k, str) else k(r)  # noqa: E731
+    return [h for _, h, _ in cols], [[format_cell(get(r, k), f) for k, _, f in cols] for r in rows]
 
 
 def markdown_table(rows: Sequence[Dict], columns: Optional[Sequence[Column]] = None) -> str:
@@ -80,6 +81,21 @@ def _place(path: Union[str, Path], out_dir: Path) -> str:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, dest)
         return dest.relative_to(out_dir).as_posix()
+
+
+def bench_columns(train: bool = False) -> List[Column]:
+    """Columns for the rows of ``vlprune.bench.run_bench`` (inference, or ``train=True`` for ``--train`` rows)."""
+    from ..bench.runner import compact_tokens
+
+    cols: List[Column] = [("label", "method", ""), ("gflops_image", "GFLOPs image", ".2f"),
+                          ("gflops_total", "GFLOPs total", ".2f"), ("gflops_select", "GFLOPs select", ".3f"),
+                          (lambda r: compact_tokens(r["tokens_per_layer"]), "tokens", ""), ("batch_size", "batch", "")]
+    if train:
+        cols += [("gflops_step", "GFLOPs step", ".2f"), ("step_ms", "step ms", ".1f"), ("max_batch", "max batch", "")]
+    else:
+        cols += [("latency_ms", "latency ms", ".1f")]
+    return cols + [("throughput", "pairs/s", ".2f"), ("peak_mem_mb", "peak MB", ".0f"), ("speedup", "speed-up", ".2f"),
+                   ("ideal_speedup", "FLOPs-ideal", ".2f"), ("speedup_ratio", "measured/ideal", ".2f")]
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
@@ -131,4 +147,4 @@ def write_report(
     return md_path, html_path
 
 
-__all__ = ["Figure", "write_report", "markdown_table", "html_table", "format_cell"]
+__all__ = ["Figure", "write_report", "bench_columns", "markdown_table", "html_table", "format_cell"]
