@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..reduce.state import ReduceContext, TokenState
 from .attention import activation
 from .text import FusionEncoder, TextEncoder
-from .vit import VisionTransformer, _init_weights
+from .vit import ImageEmbeddings, VisionTransformer, _init_weights
 
 
 @dataclass
@@ -60,6 +60,9 @@ class ReductionSlots:
         for layers in self.reduction_slots().values():
             for layer in layers:
                 layer.reducer = None
+        for m in self.modules():  # the "lowres" method's input size
+            if isinstance(m, ImageEmbeddings):
+                m.input_size = None
         self.method_config = None
 
     def reducers(self) -> Dict[str, nn.Module]:
@@ -79,6 +82,7 @@ class ALBEF(nn.Module, ReductionSlots):
             raise ValueError(f"ALBEF needs arch='albef', got {cfg.arch!r}")
         self.cfg = cfg
         self.method_config = None
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
         t, v = cfg.text, cfg.vision
         self.vision = VisionTransformer(v)
         self.text = TextEncoder(t)

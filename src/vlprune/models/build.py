@@ -76,7 +76,9 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], extra: Option
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     rc = getattr(model, "method_config", None)
-    meta = {"model": to_dict(model.cfg), "method": None if rc is None else rc.to_dict(), **(extra or {})}
+    heads = {name: h.net[-1].out_features for name, h in model.task_heads.items()}
+    meta = {"model": to_dict(model.cfg), "method": None if rc is None else rc.to_dict(), "heads": heads,
+            **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic_write_bytes(d / WEIGHTS_NAME, save(tensors))
     _atomic_write_bytes(d / CONFIG_NAME, json.dumps(meta, indent=2).encode())
@@ -118,6 +120,11 @@ def load_pretrained(
     switched = method != "saved"
     chosen = (None if saved is None else ReduceConfig.from_dict(saved)) if not switched else method
     model = build_model(cfg, chosen)
+    if meta.get("heads"):
+        from ..tasks.heads import add_task_head
+
+        for task, n in meta["heads"].items():
+            add_task_head(model, task, n)
     wpath = d / WEIGHTS_NAME
     if not wpath.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}")

@@ -77,6 +77,7 @@ class ViLT(nn.Module, ReductionSlots):
             raise ValueError(f"ViLT needs arch='vilt', got {cfg.arch!r}")
         self.cfg = cfg
         self.method_config = None
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
         v, t = cfg.vision, cfg.text
         D = v.width
         self.text_embeddings = TextEmbeddings(t)
@@ -108,7 +109,7 @@ class ViLT(nn.Module, ReductionSlots):
         text = self.text_embeddings(ids) + self.modality.weight[0]
         img = self.image_embeddings(images, interpolate_pos) + self.modality.weight[1]
         image = TokenState.start(img, trace=trace)
-        ctx = ReduceContext(generator=generator)
+        ctx = ReduceContext(generator=generator, num_patches=image.num_tokens - 1)
         for i, layer in enumerate(self.layers):
             text, image = layer(text, mask, image, ctx.at(i, self))
         text = self.norm(text)

@@ -7,6 +7,7 @@ slot empty it is an ordinary ViT layer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -72,6 +73,9 @@ class ImageEmbeddings(nn.Module):
         self.pre_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        # The "lowres" method sets this: images are resized to input_size x input_size before the patch embedding
+        # (position embeddings interpolated). None = as given. Reset by the model's clear_reducers().
+        self.input_size: Optional[int] = None
 
     def check_images(self, images: Tensor, interpolate_pos: bool = False) -> None:
         """Raise ValueError/TypeError naming what is wrong with an image batch."""
@@ -98,6 +102,9 @@ class ImageEmbeddings(nn.Module):
 
     def forward(self, images: Tensor, interpolate_pos: bool = False) -> Tensor:
         self.check_images(images, interpolate_pos)
+        if self.input_size is not None and images.shape[-1] != self.input_size:
+            s = self.input_size
+            images = F.interpolate(images.float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         pos = self.pos_embed
         if x.shape[1] != pos.shape[1] - 1:
@@ -133,6 +140,7 @@ class VisionTransformer(nn.Module):
         """images (B, C, H, W) -> TokenState with x (B, T, D) after the final LayerNorm (unless final_norm=False)."""
         ctx = ctx or ReduceContext()
         state = TokenState.start(self.embed(images, interpolate_pos), trace=trace)
+        ctx = dataclasses.replace(ctx, num_patches=state.num_tokens - 1)
         for i, layer in enumerate(self.layers):
             state = layer(state, ctx.at(i, self))
         if final_norm:

@@ -163,6 +163,73 @@ def st_gumbel_softmax(
 # ---- selection helpers of the attention-score methods (TRIPS, ELIP, EViT, random) go here ----------------------
 
 
+def text_query_scores(q_text: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """TRIPS's TD-ATT score of each candidate for one external query row (the text [CLS]).
+
+    q_text (B, H, 1, d), k (B, H, 1 + M, d), bias broadcastable to (B, H, 1, 1 + M) or None -> a (B, M), fp32.
+    Per head a softmax over the M candidates only (the image [CLS] key is excluded), then the mean over heads.
+    """
+    b = None if bias is None else bias[..., 1:]
+    return head_mean_attention(q_text, k[:, :, 1:], b)[:, 0]  # eq. 2 (on keys)
+
+
+def cls_attention_scores(q_cls: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The [CLS] attention row over the candidates, as the layer's own attention computes it (EViT, ELIP).
+
+    q_cls (B, H, 1, d), k (B, H, 1 + M, d), bias broadcastable to (B, H, 1, 1 + M) or None -> (B, M), fp32.
+    Per head a softmax over all 1 + M keys ([CLS] included, as in the attention itself), the candidates' part
+    (columns 1..M, so the row sums to at most 1), then the mean over heads.
+    """
+    return head_mean_attention(q_cls, k, bias)[:, 0, 1:]
+
+
+def external_key_bias(size: Tensor, mask: Optional[Tensor], prop_attn: bool, dtype: torch.dtype) -> Optional[Tensor]:
+    """Additive bias (B, 1, 1, T) for a query row from outside the token set, consistent with the state's
+    self-attention: log(size) under proportional attention, finfo(dtype).min on masked-out keys; None if neither."""
+    bias = size.log().to(dtype)[:, None, None, :] if prop_attn else None
+    if mask is not None:
+        m = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask <= 0, torch.finfo(dtype).min)
+        m = m[:, None, None, :]
+        bias = m if bias is None else (bias + m).clamp_min(torch.finfo(dtype).min)
+    return bias
+
+
+def elip_guide(img_cls: Tensor, t_cls: Tensor, lam: float) -> Tensor:
+    """ELIP's guide ``cls' = lam * img_cls + (1 - lam) * t_cls``: (B, D), (B, D) -> (B, D)."""
+    return lam * img_cls + (1.0 - lam) * t_cls
+
+
+def original_keep_count(ratio: float, n: int, m: int) -> int:
+    """ELIP's k_b = floor(ratio * N) of the *original* patch count N, clamped to 1 <= k <= M (M candidates now)."""
+    check_keep(ratio, "ratio")
+    return max(1, min(m, math.floor(ratio * n + 1e-9)))
+
+
+def keep_rate_at(step: float, total: float, keep: float) -> float:
+    """Cosine keep-rate warm-up (EViT): 1 at ``step`` 0, falling to ``keep`` at ``step >= total``.
+
+    ``keep + (1 - keep) * (1 + cos(pi * step / total)) / 2``; ``step`` counts epochs or iterations, as ``total``.
+    """
+    check_keep(keep)
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or math.isnan(total) or total <= 0:
+        raise ValueError(f"total must be > 0, got {total!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or math.isnan(step) or step < 0:
+        raise ValueError(f"step must be >= 0, got {step!r}")
+    if step >= total:
+        return float(keep)
+    return float(keep + (1.0 - keep) * 0.5 * (1.0 + math.cos(math.pi * step / total)))
+
+
+def random_scores(batch: int, m: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Uniform scores (B, M) drawn row by row from ``generator`` (on the generator's device), moved to ``device``.
+
+    Row i is draws i*M .. (i+1)*M - 1 of the stream, so a sample's scores depend only on the generator state and
+    its position in the batch, never on the other samples (nor on the batch size).
+    """
+    return torch.rand(batch, m, generator=generator, device=generator.device).to(device)
+
+
+
 # ---- merging and learned-mask helpers (ToMe, DynamicViT, TiP, LAPS) go here -----------------------------------
 
 
@@ -178,4 +245,11 @@ __all__ = [
     "masked_softmax",
     "gumbel_noise",
     "st_gumbel_softmax",
+    "text_query_scores",
+    "cls_attention_scores",
+    "external_key_bias",
+    "elip_guide",
+    "original_keep_count",
+    "keep_rate_at",
+    "random_scores",
 ]

@@ -14,4 +14,4 @@ def build_none(cfg: ReduceConfig, model) -> None:
 
 
 # Method modules register themselves on import (order = list_methods() order).
-# from . import trips, ...  (each method module is added here when it lands)
+from . import trips, elip, evit, random, lowres  # noqa: E402,F401  (methods-a)

@@ -123,6 +123,8 @@ class ReduceContext:
     generator: randomness for random selection and Gumbel noise.
     layer:     0-based index of the layer calling the reduction (set by the encoder).
     encoder:   the encoder running (for look-ahead methods such as ELIP), set by the encoder.
+    num_patches: N, the number of original image patches of this forward pass (set by the image encoder), for
+               methods whose keep counts are fractions of the original patch count (ELIP).
     """
 
     guide: Optional[Tensor] = None
@@ -131,6 +133,7 @@ class ReduceContext:
     generator: Optional[torch.Generator] = None
     layer: int = 0
     encoder: Optional[torch.nn.Module] = None
+    num_patches: Optional[int] = None
 
     def at(self, layer: int, encoder: torch.nn.Module) -> "ReduceContext":
         return dataclasses.replace(self, layer=layer, encoder=encoder)

@@ -1,0 +1,69 @@
+"""EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (youweiliang/evit; METHODS.md).
+
+At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each), after the attention residual and before the MLP:
+the score is the layer's own [CLS] attention row over the candidates, averaged over heads: the softmax runs over
+all 1 + M keys exactly as in the layer's attention ([CLS] key included, with the state's attention bias, e.g.
+proportional attention), and the candidates' part is taken (as the official ``attn[:, :, 0, 1:]``). Keep
+``k = ceil(keep * M)``; the rest fuse into one token with the **raw** attention weights (not renormalised),
+appended last. Gradients flow through the weights and the tokens.
+
+Keep-rate warm-up for training (EViT's cosine schedule from 1 to ``keep``): ``keep_rate_at(step, total, keep)``
+is the pure schedule; ``set_keep_rate(model, step=s, total=n)`` sets the current rate of every installed EViT
+reducer (each towards its own configured rate); ``set_keep_rate(model, keep=r)`` sets one rate for all.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from torch import Tensor, nn
+
+from . import functional as F
+from .functional import keep_rate_at
+from .registry import ReduceConfig, check_layers, check_options, per_layer, register
+from .select import RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, set_keep_rate
+from .state import ReduceContext, TokenState
+
+DEFAULT_LAYERS = (4, 7, 10)
+DEFAULT_KEEP = 0.7
+
+__all__ = ["EViTReducer", "attentive_select", "keep_rate_at", "set_keep_rate"]
+
+
+def attentive_select(q: Tensor, k: Tensor, state: TokenState, keep: float) -> Tuple[Tensor, int]:
+    """Where EViT picks its tokens: the [CLS] attention row (B, M) over the candidates and the keep count.
+
+    q, k (B, H, 1 + M, d) are the layer's own queries and keys; the row uses the same bias as the attention.
+    """
+    a = F.cls_attention_scores(q[:, :, :1], k, cls_row_bias(state, k.dtype))
+    return a, F.keep_count(keep, a.shape[1])
+
+
+class EViTReducer(RateReducer):
+    where = "mid"
+    method = "evit"
+
+    def forward(self, state: TokenState, q: Tensor, k: Tensor, layer: nn.Module, ctx: ReduceContext) -> TokenState:
+        check_unmasked(state, self.method)
+        M = state.num_tokens - 1
+        if F.keep_count(self.keep, M) >= M:
+            return state.record(ctx.layer, self.method)
+        a, kk = attentive_select(q, k, state, self.keep)
+        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")  # inattentive fusion, raw a
+
+
+@register("evit")
+def build_evit(cfg: ReduceConfig, model: nn.Module) -> None:
+    """Install EViT in the ViT layers (two-stream) or the joint layers (single-stream)."""
+    check_options("evit", cfg.options, {})
+    slots = model.reduction_slots()
+    group = "vision" if "vision" in slots else "joint"
+    if group not in slots:
+        raise ValueError(f"evit needs a 'vision' or 'joint' slot group; this model has {sorted(slots)}")
+    layers_ = slots[group]
+    L = len(layers_)
+    layers = cfg.layers if cfg.layers is not None else default_layers("evit", DEFAULT_LAYERS, L)
+    check_layers(layers, L, "evit")
+    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "evit"), layers, "evit")
+    for l, kp in zip(layers, keeps):
+        layers_[l - 1].reducer = EViTReducer(kp)

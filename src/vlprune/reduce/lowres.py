@@ -1,0 +1,50 @@
+"""Lower resolution: the unpruned model at a smaller input size (METHODS.md baselines).
+
+Images are resized (bilinear, antialiased) to ``image_size x image_size`` before the patch embedding and the
+position embeddings are interpolated (bicubic) to the smaller grid; no layer is changed and no reducer installed.
+It acts on the main image encoder only (ALBEF's momentum teacher keeps the full size, as it stays unpruned).
+
+Option ``image_size``: a multiple of the patch size in [patch, the model's image size]. Default: the largest
+multiple of the patch size with at most half the model's patches, ``floor(grid / sqrt(2)) * patch`` (e.g. 272 for
+a 384 / 16 model: 289 of 576 patches).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .registry import ReduceConfig, check_options, register
+
+
+def lowres_size(grid: int, patch: int) -> int:
+    """The default input size: the largest multiple of ``patch`` with at most half of ``grid**2`` patches."""
+    return max(1, math.floor(grid / math.sqrt(2) + 1e-9)) * patch
+
+
+def image_embeddings(model: nn.Module) -> nn.Module:
+    """The model's main ImageEmbeddings (ALBEF: ``vision.embeddings``; ViLT: ``image_embeddings``)."""
+    if hasattr(model, "vision"):
+        return model.vision.embeddings
+    if hasattr(model, "image_embeddings"):
+        return model.image_embeddings
+    raise ValueError(f"lowres: {type(model).__name__} has no image embeddings")
+
+
+@register("lowres")
+def build_lowres(cfg: ReduceConfig, model: nn.Module) -> None:
+    """Set the main image encoder's input size (reset by ``clear_reducers``)."""
+    if cfg.layers is not None or cfg.keep is not None:
+        raise ValueError("lowres takes no layers or keep; give options={'image_size': S}")
+    opts = check_options("lowres", cfg.options, {"image_size": None})
+    v = model.cfg.vision
+    size = opts["image_size"]
+    if size is None:
+        size = lowres_size(v.grid, v.patch_size)
+    if isinstance(size, bool) or not isinstance(size, int) or size % v.patch_size or not v.patch_size <= size <= v.image_size:
+        raise ValueError(
+            f"lowres: image_size must be a multiple of the patch size {v.patch_size} in "
+            f"[{v.patch_size}, {v.image_size}], got {size!r}"
+        )
+    image_embeddings(model).input_size = size

@@ -1,0 +1,141 @@
+"""Shared plumbing of the score-and-select methods (TRIPS, ELIP, EViT, random): turning scores into a new
+TokenState, the attention bias a score row must use, default-schedule checks and the keep-rate setter.
+
+The maths is in ``functional.py``; this module only moves TokenState fields around.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .registry import Reducer, uniform_layers
+from .state import ReduceContext, TokenState
+
+log = logging.getLogger(__name__)
+
+
+def select_tokens(
+    state: TokenState,
+    scores: Tensor,
+    k: int,
+    layer_index: int,
+    method: str,
+    fuse: Optional[str],
+    fuse_weights: Optional[Tensor] = None,
+) -> TokenState:
+    """Keep [CLS] and the top-``k`` candidates by ``scores`` (B, M); fuse or drop the rest; record the trace.
+
+    When ``k`` equals the number of candidates nothing is removed and the state passes through unchanged (so a
+    keep rate of 1.0 is exactly the unpruned model).
+    """
+    M = state.num_tokens - 1
+    if k >= M:
+        return state.record(layer_index, method)
+    x, size, source, kind = F.keep_and_fuse(state.x, state.size, state.source, scores, k, fuse, fuse_weights)
+    return state.replace(x=x, size=size, source=source).record(layer_index, method, kind)
+
+
+def check_unmasked(state: TokenState, method: str) -> None:
+    """These methods prune physically; a state carrying a training mask of another method cannot be gathered."""
+    if state.mask is not None:
+        raise ValueError(f"{method} prunes tokens physically and cannot run on a masked training state")
+
+
+def cls_row_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
+    """The [CLS] query row of the state's own self-attention bias: (B, 1, 1, T) or None."""
+    bias = state.attn_bias(dtype)
+    if bias is not None and bias.shape[2] > 1:
+        bias = bias[:, :, :1]
+    return bias
+
+
+def key_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
+    """Bias (B, 1, 1, T) for a query row from outside the tokens (a text or guide query), or None."""
+    return F.external_key_bias(state.size, state.mask, state.prop_attn, dtype)
+
+
+def require_guide(ctx: ReduceContext, state: TokenState, method: str) -> Tensor:
+    """The guide (B, D) of a text-guided method; a missing guide or a batch mismatch raises."""
+    g = ctx.guide
+    if g is None:
+        raise ValueError(
+            f"{method} is text-guided but no guide (text [CLS]) was given: run the model with captions "
+            "(model(images, ids, mask) or encode_image(images, text, text_mask)); for text-free image features "
+            "(e.g. retrieval's first stage) use a model without a text-guided method"
+        )
+    if g.dim() != 2 or g.shape[0] != state.x.shape[0]:
+        raise ValueError(f"{method}: guide must have shape (B={state.x.shape[0]}, D), got {tuple(g.shape)}")
+    return g
+
+
+def default_layers(method: str, defaults: Sequence[int], num_layers: int, depth: int = 12) -> Tuple[int, ...]:
+    """The paper's default layers when they fit the model; otherwise a ValueError suggesting ``layers=``.
+
+    We never move a default schedule silently to another depth: the paper's numbers are for a ``depth``-layer
+    encoder, and a shallower model needs an explicit choice (``vlprune.reduce.uniform_layers(t, L)`` helps).
+    """
+    if max(defaults) <= num_layers:
+        return tuple(defaults)
+    hint = ""
+    t = len(defaults)
+    if t < num_layers:
+        hint = f", e.g. layers={uniform_layers(t, num_layers)} (vlprune.reduce.uniform_layers({t}, {num_layers}))"
+    raise ValueError(
+        f"{method}: the default layers {tuple(defaults)} are for a {depth}-layer encoder but this model has "
+        f"{num_layers} layers; pass layers=... (1-based, in [1, {num_layers}]){hint}"
+    )
+
+
+def slot_group(model: nn.Module, method: str, allowed: Sequence[str]) -> Tuple[str, List[nn.Module]]:
+    """The first of ``allowed`` slot groups the model has ("vision" for ALBEF, "joint" for ViLT)."""
+    slots: Dict[str, List[nn.Module]] = model.reduction_slots()
+    for g in allowed:
+        if g in slots:
+            return g, slots[g]
+    raise ValueError(f"{method} runs in the slot group(s) {list(allowed)}; this model has {sorted(slots)}")
+
+
+def check_keeps(values: Sequence[float], layers: Sequence[int], method: str, name: str = "keep") -> List[float]:
+    return [F.check_keep(v, f"{method}: {name} at layer {l}") for v, l in zip(values, layers)]
+
+
+def set_keep_rate(model: nn.Module, keep: Optional[float] = None, step: Optional[float] = None,
+                  total: Optional[float] = None) -> Dict[str, float]:
+    """Set the current keep rate of every installed reducer that has a ``target_keep`` (EViT, TRIPS, random).
+
+    Either ``keep`` (one rate for all of them) or ``step`` and ``total`` (the cosine warm-up of EViT: each
+    reducer's rate is ``keep_rate_at(step, total, its target_keep)``). Returns {slot: rate now}. The target (the
+    configured rate, saved with the model) never changes; ``set_keep_rate(model, step=total, total=total)``
+    restores it.
+    """
+    if (keep is None) == (step is None):
+        raise ValueError("set_keep_rate needs either keep=... or step=... with total=...")
+    out = {}
+    for name, r in model.reducers().items():
+        if not hasattr(r, "target_keep"):
+            continue
+        if keep is not None:
+            r.keep = F.check_keep(keep)
+        else:
+            if total is None:
+                raise ValueError("set_keep_rate(step=...) needs total=... (the warm-up length)")
+            r.keep = F.keep_rate_at(step, total, r.target_keep)
+        out[name] = r.keep
+    return out
+
+
+class RateReducer(Reducer):
+    """A reducer with a keep rate: ``target_keep`` (configured) and ``keep`` (current, set by warm-ups)."""
+
+    def __init__(self, keep: float) -> None:
+        super().__init__()
+        self.target_keep = F.check_keep(keep)
+        self.keep = self.target_keep
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}"

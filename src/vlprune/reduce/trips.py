@@ -1,0 +1,97 @@
+"""TRIPS: Text-Relevant Image Patch Selection (METHODS.md; no official code exists).
+
+At each selection layer of the ViT, after the attention residual and before the MLP:
+
+1. TD-ATT score (eq. 2): ``q_text = W_q(LN1(t_cls))`` with the layer's **own** pre-attention LayerNorm and query
+   projection (no new parameters) and the layer's own keys of the candidates (reused from the attention). Per
+   head ``a = softmax(q_text K^T / sqrt(d))`` over the M candidates (image [CLS] excluded), mean over heads, fp32.
+   The paper writes eq. 2 against the layer's output features; we score against the keys so that ``a`` is a true
+   attention row (METHODS.md).
+2. Keep ``k = ceil(r * M)`` candidates with the largest ``a`` (spatial order kept; ties to the lowest index).
+3. ITF (eq. 3): one fused token ``v_f = sum_{i unselected} a_i v_i`` with the **raw** weights (not renormalised),
+   appended last. Gradients flow through ``a`` (into the text encoder, ``W_q``, ``LN1`` and the keys) and
+   through ``v``; only the top-k choice is not differentiable.
+
+Defaults: layers 5 and 10 of a 12-layer ViT, r = 0.7 at each. A model of another depth needs ``layers=``
+explicitly (``uniform_layers(t, L)`` gives t evenly spread layers); we do not move the defaults silently.
+
+TRIPS-S: in a single-stream (ViLT-style) model the same reducer sits in the joint layers (slot group "joint") and
+the guide is the layer's multimodal [CLS] (the text [CLS] row of the joint sequence after this layer's attention),
+which the joint layer passes as ``ctx.guide``. The method name is the same, "trips"; the slot group is chosen by
+the model (two-stream: "vision", single-stream: "joint").
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor, nn
+
+from . import functional as F
+from .registry import ReduceConfig, check_layers, check_options, per_layer, register
+from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, select_tokens
+from .state import ReduceContext, TokenState
+
+DEFAULT_LAYERS = (5, 10)
+DEFAULT_KEEP = 0.7
+
+
+def text_relevant_scores(layer: nn.Module, k: Tensor, guide: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """TD-ATT: the guide's attention over the candidates with the layer's own LN1 and W_q.
+
+    layer: a ViT/joint layer (``ln1``, ``attn.project_query``); k (B, H, 1 + M, d) its keys; guide (B, D) -> (B, M).
+    """
+    q_text = layer.attn.project_query(layer.ln1(guide[:, None, :]))  # W_q(LN1(t_cls)): (B, H, 1, d)
+    return F.text_query_scores(q_text, k, bias)  # eq. 2 on keys
+
+
+def text_relevant_select(
+    x: Tensor, size: Tensor, source: Optional[Tensor], scores: Tensor, keep: float
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Where TRIPS picks its tokens: keep ceil(r * M) by TD-ATT, fuse the rest with the raw weights (ITF, eq. 3).
+
+    x (B, 1 + M, D), size (B, 1 + M), source or None, scores (B, M) -> (x, size, source, kind) of
+    [cls, kept (spatial order), v_f].
+    """
+    k = F.keep_count(keep, scores.shape[1])
+    return F.keep_and_fuse(x, size, source, scores, k, fuse="raw")  # eq. 3: v_f = sum a_i v_i, raw a
+
+
+class TripsReducer(RateReducer):
+    """TRIPS selection in one layer ("mid": after the attention residual, before the MLP)."""
+
+    where = "mid"
+    method = "trips"
+
+    def forward(self, state: TokenState, q: Tensor, k: Tensor, layer: nn.Module, ctx: ReduceContext) -> TokenState:
+        check_unmasked(state, self.method)
+        guide = require_guide(ctx, state, self.method)
+        M = state.num_tokens - 1
+        kk = F.keep_count(self.keep, M)
+        if kk >= M:
+            return state.record(ctx.layer, self.method)
+        a = text_relevant_scores(layer, k, guide, key_bias(state, k.dtype))
+        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")
+
+
+@register("trips")
+def build_trips(cfg: ReduceConfig, model: nn.Module) -> None:
+    """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
+    check_options("trips", cfg.options, {})
+    slots = model.reduction_slots()
+    group = "vision" if "vision" in slots else "joint"
+    if group not in slots:
+        raise ValueError(f"trips needs a 'vision' or 'joint' slot group; this model has {sorted(slots)}")
+    layers_ = slots[group]
+    L = len(layers_)
+    layers = cfg.layers if cfg.layers is not None else default_layers("trips", DEFAULT_LAYERS, L)
+    check_layers(layers, L, "trips")
+    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "trips"), layers, "trips")
+    tw, vw = model.cfg.text.width, model.cfg.vision.width
+    if tw != vw:
+        raise ValueError(
+            f"trips scores the text [CLS] with the ViT's own query projection, so text and vision widths must "
+            f"match; got text.width={tw}, vision.width={vw}"
+        )
+    for l, kp in zip(layers, keeps):
+        layers_[l - 1].reducer = TripsReducer(kp)
