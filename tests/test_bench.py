@@ -24,7 +24,10 @@ VILT = dict(arch="vilt", vision=dict(image_size=32, patch_size=8, width=32, laye
 
 
 def _cfg(name):
-    return vlprune.ModelConfig(**VILT) if name == "vilt" else vlprune.load_preset(name)
+    """Test configs without momentum copies or queues (never used by a forward pass; cheaper to build)."""
+    if name == "vilt":
+        return vlprune.ModelConfig(**VILT)
+    return vlprune.config.override(vlprune.load_preset(name), use_momentum=False, queue_size=0)
 
 
 def _check_counted_vs_analytic(model, batch_size=2, lengths=None):
@@ -61,16 +64,19 @@ def test_counted_equals_analytic_none(name):
     counted, lt = _check_counted_vs_analytic(vlprune.build_model(_cfg(name)))
     assert counted.select == 0
     n0 = 1 + _cfg(name).vision.num_patches
-    assert all(t.attn == t.mlp == n0 for rows in lt.values() for t in rows)
+    assert lt.patches == n0 - 1 and all(t.attn == t.mlp == n0 for rows in lt.layers.values() for t in rows)
 
 
-@pytest.mark.parametrize("name,group,layers", [("tiny", "vision", (2, 3)), ("small", "vision", (2, 4, 5)),
-                                               ("tiny", "fusion", (1,)), ("vilt", "joint", (2, 4))])
-@pytest.mark.parametrize("keep", [0.7, 0.5, 0.25])
-@pytest.mark.parametrize("where,fuse", [("mid", True), ("mid", False), ("pre", True)])
+TOY_CASES = [(name, group, layers, keep, where, fuse)
+             for name, group, layers in [("tiny", "vision", (2, 3)), ("tiny", "fusion", (1,)), ("vilt", "joint", (2, 4))]
+             for keep in (0.7, 0.5, 0.25)
+             for where, fuse in (("mid", True), ("mid", False), ("pre", True))
+             if where == "mid" or group == "vision"]  # only ViT layers honour where="pre"
+TOY_CASES += [("small", "vision", (2, 4, 5), 0.5, "mid", True), ("small", "vision", (1, 3), 0.7, "pre", False)]
+
+
+@pytest.mark.parametrize("name,group,layers,keep,where,fuse", TOY_CASES)
 def test_counted_equals_analytic_toy_reducer(name, group, layers, keep, where, fuse):
-    if where == "pre" and group != "vision":
-        pytest.skip("only ViT layers honour where='pre'")
     model = install(vlprune.build_model(_cfg(name)), group, layers, keep, fuse, where)
     counted, lt = _check_counted_vs_analytic(model)
     assert counted.select > 0
@@ -84,35 +90,41 @@ def test_tokens_per_layer_follow_the_reductions():
     lt = layer_tokens(model, images, ids, mask)
     # 16 patches -> keep 8 + fused = 10 tokens; then 9 candidates -> keep 5 + fused = 7
     assert tokens_after(lt) == {"vision": [17, 10, 10, 7], "fusion": [7, 7]}
-    assert [(t.attn, t.mlp) for t in lt["vision"]] == [(17, 17), (17, 10), (10, 10), (10, 7)]
+    assert [(t.attn, t.mlp) for t in lt.layers["vision"]] == [(17, 17), (17, 10), (10, 10), (10, 7)]
     pre = install(vlprune.build_model("tiny"), "vision", (2,), keep=0.5, where="pre").eval()
-    assert [(t.attn, t.mlp) for t in layer_tokens(pre, images, ids, mask)["vision"]][1] == (10, 10)
+    assert [(t.attn, t.mlp) for t in layer_tokens(pre, images, ids, mask).layers["vision"]][1] == (10, 10)
 
 
-# Real methods: every registered method other than "none" (they land on other branches). A few configurations
-# that fit the tiny model are tried in turn; a method whose builder accepts none of them is reported as skipped.
-TINY_TRIES = [dict(layers=(2, 3), keep=0.7), dict(layers=(2, 3), keep=0.5), dict(layers=(2,)), dict(), dict(layers=(1,))]
-
-
+# Real methods: every registered method, with its working tiny configuration from tests/method_cases.py (a
+# method missing there is skipped with the reason), at several keep rates where the method has a keep rate, on the
+# tiny model and on the "small" preset.
 def _registered():
     return [m for m in vlprune.list_methods() if m != "none"]
 
 
-def _attach_some(model, name):
-    errors = []
-    for kw in TINY_TRIES:
-        try:
-            return vlprune.attach(model, vlprune.ReduceConfig(name, **kw))
-        except (ValueError, TypeError) as e:
-            errors.append(str(e))
-    pytest.skip(f"{name}: no tiny configuration accepted: {errors}")
+def _method_model(method, preset, keep_scale=1.0):
+    from method_cases import CASES, model_config
+
+    if method not in CASES:
+        pytest.skip(f"{method} has no configuration in tests/method_cases.py")
+    case = CASES[method]
+    cfg = model_config(case["model"]) if preset == "tiny" else _cfg(preset)
+    if preset != "tiny" and case["model"] != "tiny":
+        pytest.skip(f"{method} runs on {case['model']}")
+    keep = case["keep"]
+    if keep is not None and keep_scale != 1.0:
+        keep = tuple(k * keep_scale for k in keep) if isinstance(keep, tuple) else keep * keep_scale
+    rc = vlprune.ReduceConfig(method, layers=case["layers"], keep=keep, options=case["options"])
+    return vlprune.build_model(cfg, method=rc)
 
 
 @pytest.mark.parametrize("method", _registered() or [pytest.param("-", marks=pytest.mark.skip("no methods yet"))])
-@pytest.mark.parametrize("name", ["tiny", "small"])
-def test_counted_equals_analytic_registered_methods(method, name):
-    model = _attach_some(vlprune.build_model(_cfg(name)), method)
-    _check_counted_vs_analytic(model)
+@pytest.mark.parametrize("preset,keep_scale", [("tiny", 1.0), ("tiny", 0.5), ("small", 1.0)])
+def test_counted_equals_analytic_registered_methods(method, preset, keep_scale):
+    model = _method_model(method, preset, keep_scale)
+    counted, lt = _check_counted_vs_analytic(model)
+    if method != "lowres":
+        assert lt.patches == model.cfg.vision.num_patches
 
 
 def test_find_max_batch_bisects():

@@ -3,6 +3,8 @@ PNGs with one panel per reduction, the trade-off plot, the report files, and ``v
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_overlay_from_a_toy_reducer(tmp_path):
 
 
 def test_overlay_grid_wraps_rows(tmp_path):
-    model = install(vlprune.build_model("small"), "vision", (1, 2, 3, 4, 5), keep=0.8).eval()
+    model = install(vlprune.build_model("small", use_momentum=False, queue_size=0), "vision", (1, 2, 3, 4, 5), keep=0.8).eval()
     images, ids, mask = make_batch(model.cfg)
     panels = patch_status(trace_records(model, model(images, ids, mask, trace=True)))
     assert save_overlay(np.zeros((64, 64, 3), np.uint8), panels, tmp_path / "o.png", cols=3) == 6
@@ -82,19 +84,19 @@ def test_overlay_grid_wraps_rows(tmp_path):
         assert h > 0.6 * w  # two rows of three panels
 
 
-def _tiny_method(model, name):
-    for kw in (dict(layers=(2, 3), keep=0.5), dict(layers=(2,)), dict(), dict(layers=(1,))):
-        try:
-            return vlprune.attach(model, vlprune.ReduceConfig(name, **kw))
-        except (ValueError, TypeError):
-            continue
-    pytest.skip(f"{name}: no tiny configuration accepted")
+def _case(name):
+    from method_cases import CASES, model_config, reduce_config
+
+    if name not in CASES:
+        pytest.skip(f"{name} has no configuration in tests/method_cases.py")
+    return model_config(CASES[name]["model"]), reduce_config(name)
 
 
 @pytest.mark.parametrize("method", [m for m in vlprune.list_methods() if m != "none"]
                          or [pytest.param("-", marks=pytest.mark.skip("no methods yet"))])
 def test_overlay_registered_methods(tmp_path, method):
-    model = _tiny_method(vlprune.build_model("tiny"), method).eval()
+    cfg, rc = _case(method)
+    model = vlprune.build_model(cfg, method=rc).eval()
     images, ids, mask = make_batch(model.cfg)
     recs = trace_records(model, model(images, ids, mask, trace=True))
     panels = patch_status(recs, sample=2)
@@ -178,14 +180,23 @@ def test_visualize_cli(run_dir, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("method", [m for m in vlprune.list_methods() if m != "none"]
                          or [pytest.param("-", marks=pytest.mark.skip("no methods yet"))])
 def test_visualize_cli_registered_methods(run_dir, tmp_path, method):
-    for extra in (["--layers", "2,3", "--keep", "0.5"], ["--layers", "2"], []):
-        argv = ["visualize", "--checkpoint", str(run_dir), "--image", str(tmp_path / "img.png"), "--text", "a red cube",
-                "--method", method, *extra, "--out", str(tmp_path / "v.png"), "--overwrite"]
-        if main(argv) == 0:
-            with Image.open(tmp_path / "v.png") as im:
-                assert im.format == "PNG"
-            return
-    pytest.skip(f"{method}: no tiny configuration accepted")
+    cfg, rc = _case(method)
+    if cfg.arch != "albef":
+        pytest.skip(f"{method} runs on {cfg.arch}; the saved test checkpoint is the tiny ALBEF")
+    model = vlprune.build_model(cfg, method=rc)
+    if not model.reducers():
+        pytest.skip(f"{method} installs no reducer (nothing to overlay)")
+    argv = ["visualize", "--checkpoint", str(run_dir), "--image", str(tmp_path / "img.png"), "--text", "a red cube",
+            "--method", method, "--out", str(tmp_path / "v.png")]
+    if rc.layers is not None:
+        argv += ["--layers", ",".join(map(str, rc.layers))]
+    if rc.keep is not None:
+        argv += ["--keep", ",".join(map(str, rc.keep)) if isinstance(rc.keep, tuple) else str(rc.keep)]
+    if rc.options:
+        argv += ["--options", json.dumps(rc.options)]
+    assert main(argv) == 0
+    with Image.open(tmp_path / "v.png") as im:
+        assert im.format == "PNG"
 
 
 @pytest.mark.parametrize("change,match", [

@@ -19,7 +19,7 @@ Letters: B batch, T tokens (incl. [CLS]), N patches, D width, F MLP width, L tex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -113,15 +113,40 @@ def _after_counts(records: Sequence, num_layers: int, start: int) -> List[int]:
     return out
 
 
-def layer_tokens(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor) -> Dict[str, List[LayerTokens]]:
-    """Image tokens per layer and slot group (``vision``/``fusion`` or ``joint``) from one traced no-grad run.
+@dataclass(frozen=True)
+class TokenCounts:
+    """Image tokens of one traced run: ``patches`` N entering the first layer (after any input resizing, e.g.
+    the ``lowres`` method) and per slot group (``vision``/``fusion`` or ``joint``) one ``LayerTokens`` per layer."""
+
+    patches: int
+    layers: Dict[str, List[LayerTokens]]
+
+
+def _embedded_tokens(model: nn.Module, run):
+    """Run ``run()`` and return (its output, tokens (1 + N) out of the first image embedding that ran)."""
+    from ..models.vit import ImageEmbeddings
+
+    seen: List[int] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+             for m in model.modules() if isinstance(m, ImageEmbeddings)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise ValueError(f"{type(model).__name__} ran no image embedding; cannot count image tokens")
+    return out, seen[0]
+
+
+def layer_tokens(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor) -> TokenCounts:
+    """Image tokens per layer and slot group from one traced no-grad run.
 
     A reducer with ``where == "pre"`` (ViT layers only) reduces before the layer's attention; all others after it.
     """
     with torch.no_grad():
-        out = model(images, ids, mask, trace=True)
+        out, n0 = _embedded_tokens(model, lambda: model(images, ids, mask, trace=True))
     cfg: ModelConfig = model.cfg
-    n0 = 1 + cfg.vision.num_patches
     slots = model.reduction_slots()
     if cfg.arch == "albef":
         vis_recs = tuple(out.image.trace)
@@ -141,12 +166,12 @@ def layer_tokens(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor) ->
             before = a
         result[name] = rows
         prev_end = before
-    return result
+    return TokenCounts(patches=n0 - 1, layers=result)
 
 
-def tokens_after(layers: Mapping[str, Sequence[LayerTokens]]) -> Dict[str, List[int]]:
+def tokens_after(counts: TokenCounts) -> Dict[str, List[int]]:
     """Image tokens after each layer, per slot group: {"vision": [...], "fusion": [...]} or {"joint": [...]}."""
-    return {g: [t.mlp for t in rows] for g, rows in layers.items()}
+    return {g: [t.mlp for t in rows] for g, rows in counts.layers.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,16 +192,15 @@ def _fusion_layer(L: int, t_img: int, d: int, dv: int, f: int) -> int:
     return self_attn + cross + 2 * 2 * L * d * f
 
 
-def analytic_flops(
-    cfg: ModelConfig, text_len: int, layers: Mapping[str, Sequence[LayerTokens]], batch: int = 1
-) -> Dict[str, int]:
+def analytic_flops(cfg: ModelConfig, text_len: int, counts: TokenCounts, batch: int = 1) -> Dict[str, int]:
     """FLOPs of one forward ``model(images, ids, mask)`` of the backbone (reducers' own work excluded).
 
-    ``layers``: per-layer image token counts (``layer_tokens``). Returns {"image", "text", "fusion", "heads",
+    ``counts``: the patch count and per-layer image token counts (``layer_tokens``). Returns {"image", "text", "fusion", "heads",
     "total"} (ALBEF) or {"image" (patch embedding only), "joint", "heads", "total"} (ViLT), times ``batch``.
     """
     v, t = cfg.vision, cfg.text
-    patch = 2 * v.num_patches * v.width * v.channels * v.patch_size**2  # conv = a matmul per patch
+    layers = counts.layers
+    patch = 2 * counts.patches * v.width * v.channels * v.patch_size**2  # conv = a matmul per patch
     L = text_len
     if cfg.arch == "albef":
         image = patch + sum(_self_attn_layer(r.attn, r.mlp, v.width, v.mlp_dim) for r in layers["vision"])
@@ -198,6 +222,7 @@ __all__ = [
     "CPU_SDPA_FLOPS",
     "CountedFlops",
     "LayerTokens",
+    "TokenCounts",
     "analytic_flops",
     "count_flops",
     "flop_counter_mode",
