@@ -276,3 +276,23 @@ def test_cli_errors(capsys, argv, match):
     err = capsys.readouterr().err
     assert re.search(match, err), err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("vlprune bench: error:")
+
+
+def test_method_spec_parsing():
+    from vlprune.commands.bench import parse_method_spec
+
+    rc = parse_method_spec("trips:layers=5/10:keep=0.7")
+    assert (rc.name, rc.layers, rc.keep, rc.options) == ("trips", (5, 10), 0.7, {})
+    rc = parse_method_spec("elip:keep=0.9/0.6:lookahead=false:mode=fast:r=8")
+    assert rc.keep == (0.9, 0.6) and rc.options == {"lookahead": False, "mode": "fast", "r": 8}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method_spec("trips:keep")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        parse_method_spec("trips:layers=a/b")
+
+
+def test_cli_methods_with_settings(capsys):
+    rows = _json_rows(capsys, ["bench", "--flops-only", "--json", "--methods", "none,none"])
+    assert [r["method"] for r in rows] == ["none", "none"]
+    assert main(["bench", "--flops-only", "--methods", "none:layers=1"]) == 2
+    assert "takes no layers" in capsys.readouterr().err

@@ -6,12 +6,18 @@ All methods run on the same model (same weights) and the same inputs, one after 
 The FLOPs-ideal speed-up is ``gflops_total(none) / gflops_total(method)`` (forward, one pair; for ``--train`` the
 FLOPs of a whole training step); ``speedup_ratio = speedup / ideal_speedup`` says how much of the ideal the
 measured speed-up reaches (below 1: selection overhead and kernels that do not scale with tokens).
+
+Memory: ``static_mem_mb`` is what the weights and buffers hold (in ``--train`` mode also the optimiser state);
+``peak_mem_mb`` is the peak growth during one call on top of that (activations and temporaries; in ``--train``
+mode also the gradients): the CUDA allocator's peak on GPU, the peak RSS growth on CPU (``bench.memory``). A
+memory budget is compared with ``static_mem_mb + peak_mem_mb``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -98,6 +104,14 @@ def make_inputs(cfg, batch: int, text_len: int, device, generator: torch.Generat
     return images, ids, torch.ones(batch, text_len, dtype=torch.long, device=device)
 
 
+def _load() -> Optional[float]:
+    """The 1-minute load average after a measurement (other processes competing for the CPU), where available."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def _gen(s: BenchSettings, offset: int = 0) -> torch.Generator:
     return torch.Generator(device=s.device).manual_seed(s.seed + offset)
 
@@ -157,7 +171,7 @@ def _inference_fields(model: nn.Module, s: BenchSettings, progress: Callable[[st
     lat = median_time(forward_at(1), dev, s.warmup, s.repeats)
     _, peak = measure_peak(call, dev)
     return {"batch_size": batch, "throughput": batch / t, "latency_ms": lat * 1000.0,
-            "peak_mem_mb": peak, "static_mem_mb": static_mb}
+            "peak_mem_mb": peak, "static_mem_mb": static_mb, "load_avg_1m": _load()}
 
 
 def _train_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], None]) -> Dict:
@@ -190,7 +204,8 @@ def _train_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], 
     t = median_time(call, dev, s.warmup, s.repeats)
     _, peak = measure_peak(call, dev)
     out = {"mode": "train", "batch_size": batch, "throughput": batch / t, "step_ms": t * 1000.0, "latency_ms": None,
-           "peak_mem_mb": peak, "static_mem_mb": static_mb(), "gflops_step": gflops_step, "max_batch": max_fit}
+           "peak_mem_mb": peak, "static_mem_mb": static_mb(), "gflops_step": gflops_step, "max_batch": max_fit,
+           "load_avg_1m": _load()}
     del step
     model.eval()
     return out
@@ -276,6 +291,7 @@ def format_table(rows: Sequence[Dict]) -> str:
                  ("latency ms", lambda r: _f(r["latency_ms"], ".1f"), ">")]
     if timed:
         cols += [("pairs/s", lambda r: _f(r["throughput"], ".2f"), ">"),
+                 ("static MB", lambda r: _f(r.get("static_mem_mb"), ".0f"), ">"),
                  ("peak MB", lambda r: _f(r["peak_mem_mb"], ".0f"), ">"),
                  ("speedup", lambda r: _f(r["speedup"], ".2f"), ">")]
     cols += [("ideal", lambda r: _f(r["ideal_speedup"], ".2f"), ">")]

@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     src.add_argument("--checkpoint", default=None, help="a run directory saved by vlprune (instead of --model)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--method", default=None, help="one method, configured with --layers/--keep/--options")
-    m.add_argument("--methods", default=None, help="comma-separated methods with their defaults (default: none)")
+    m.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: none); each with its defaults or with settings after "
+                        "colons, e.g. none,trips:layers=5/10:keep=0.7,elip:lookahead=false")
     p.add_argument("--layers", default=None, help="1-based layers for --method, e.g. 5,10")
     p.add_argument("--keep", default=None, help="keep rate for --method, or one per layer: 0.7 or 0.9,0.7")
     p.add_argument("--options", default=None, help='method options for --method as JSON, e.g. \'{"r": 8}\'')
@@ -56,6 +58,30 @@ def _floats(text: str, what: str):
     return vals[0] if len(vals) == 1 else vals
 
 
+def parse_method_spec(spec: str):
+    """``name[:key=value]...`` -> ReduceConfig. ``layers=5/10`` and ``keep=0.7`` (or ``keep=0.9/0.7``) set the
+    layers and keep rate; any other key is a method option, its value read as JSON when it parses (``false``,
+    ``8``, ``0.5``) and as a string otherwise."""
+    from vlprune.reduce.registry import ReduceConfig
+
+    name, *parts = spec.split(":")
+    layers, keep, options = None, None, {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"method setting {part!r} in {spec!r} must be key=value (e.g. trips:keep=0.7)")
+        if key == "layers":
+            layers = _ints(value.replace("/", ","), f"layers in {spec!r}")
+        elif key == "keep":
+            keep = _floats(value.replace("/", ","), f"keep in {spec!r}")
+        else:
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+    return ReduceConfig(name.strip(), layers=layers, keep=keep, options=options)
+
+
 def method_configs(args):
     """ReduceConfigs from --method/--layers/--keep/--options or --methods."""
     from vlprune.reduce.registry import ReduceConfig
@@ -67,7 +93,7 @@ def method_configs(args):
         names = [n.strip() for n in (args.methods or "none").split(",") if n.strip()]
         if not names:
             raise ValueError(f"--methods needs at least one method name, got {args.methods!r}")
-        return [ReduceConfig(n) for n in names]
+        return [parse_method_spec(n) for n in names]
     options = {}
     if args.options is not None:
         try:
