@@ -1,0 +1,1 @@
+"""Training objectives (pure loss functions)."""
