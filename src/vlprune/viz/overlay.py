@@ -39,12 +39,13 @@ class Panel:
     method: str
     tokens: int
     status: np.ndarray
+    owner: Optional[np.ndarray] = None  # (grid, grid) index of the token covering each patch, -1 if dropped
 
     @property
     def title(self) -> str:
         counts = {name: int((self.status == s).sum()) for s, name in STATUS_NAMES.items()}
-        return (f"{self.group} layer {self.layer} ({self.method}): {self.tokens} tokens\n"
-                f"kept {counts['kept']}, fused {counts['fused'] + counts['merged']}, dropped {counts['dropped']}")
+        parts = [f"{n} {counts[n]}" for n in ("kept", "fused", "merged", "dropped") if counts[n] or n == "kept"]
+        return f"{self.group} layer {self.layer} ({self.method}): {self.tokens} tokens\n" + ", ".join(parts)
 
 
 def trace_records(model: torch.nn.Module, output) -> List[Tuple[str, LayerTrace]]:
@@ -84,7 +85,8 @@ def patch_status(records: Sequence[Tuple[str, LayerTrace]], sample: int = 0) -> 
         status[fused.numpy()] = FUSED
         status[kept.numpy()] = KEPT
         prev = status
-        panels.append(Panel(group, rec.layer, rec.method, rec.tokens, status.reshape(grid, grid)))
+        owner = torch.where(covered, src.float().argmax(dim=0), torch.full((N,), -1)).numpy()
+        panels.append(Panel(group, rec.layer, rec.method, rec.tokens, status.reshape(grid, grid), owner.reshape(grid, grid)))
     return panels
 
 
@@ -112,6 +114,28 @@ def _tint(img: np.ndarray, status: np.ndarray) -> np.ndarray:
     return out
 
 
+def _grid_lines(ax, p: Panel, H: int, W: int) -> None:
+    """Faint patch grid, plus white borders between patches covered by different surviving tokens (so that
+    merged / fused groups show as regions)."""
+    g = p.status.shape[0]
+    ph, pw = H / g, W / g
+    for i in range(1, g):
+        ax.axhline(i * ph - 0.5, color="white", lw=0.3, alpha=0.3)
+        ax.axvline(i * pw - 0.5, color="white", lw=0.3, alpha=0.3)
+    if p.owner is None:
+        return
+    o = p.owner
+    segs = []
+    for i, j in zip(*np.nonzero(o[1:, :] != o[:-1, :])):  # border below row i
+        segs.append([(j * pw - 0.5, (i + 1) * ph - 0.5), ((j + 1) * pw - 0.5, (i + 1) * ph - 0.5)])
+    for i, j in zip(*np.nonzero(o[:, 1:] != o[:, :-1])):  # border right of column j
+        segs.append([((j + 1) * pw - 0.5, i * ph - 0.5), ((j + 1) * pw - 0.5, (i + 1) * ph - 0.5)])
+    if segs:
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection(segs, colors="white", linewidths=1.0, alpha=0.9))
+
+
 def draw_overlay(image, panels: Sequence[Panel], title: Optional[str] = None, cols: int = 4):
     """A matplotlib Figure (Agg): the input image, then one panel per reduction with the patches marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -122,18 +146,14 @@ def draw_overlay(image, panels: Sequence[Panel], title: Optional[str] = None, co
     n = 1 + len(panels)
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(3.2 * cols, 3.5 * rows + (0.5 if title else 0)))
+    fig = Figure(figsize=(3.2 * cols, 3.7 * rows + (0.5 if title else 0)))
     FigureCanvasAgg(fig)  # the Agg backend, without touching matplotlib's global backend
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
     axes[0].imshow(img)
     axes[0].set_title("input", fontsize=9)
     for ax, p in zip(axes[1:], panels):
         ax.imshow(_tint(img, p.status))
-        g = p.status.shape[0]
-        H, W, _ = img.shape
-        for i in range(1, g):  # patch grid
-            ax.axhline(i * H / g - 0.5, color="white", lw=0.3, alpha=0.4)
-            ax.axvline(i * W / g - 0.5, color="white", lw=0.3, alpha=0.4)
+        _grid_lines(ax, p, img.shape[0], img.shape[1])
         ax.set_title(p.title, fontsize=8)
     for ax in axes:
         ax.set_xticks([])
