@@ -298,8 +298,6 @@ def test_eval_is_deterministic(name, batch):
         (RC("trips", layers=(2, 5)), r"layer 5 out of range.*\[1, 4\]"),
         (RC("evit", layers=(0, 2)), r"layer 0 out of range"),
         (RC("trips", layers=(2, 3), keep=(0.5, 0.5, 0.5)), "3 values but there are 2 layers"),
-        (RC("evit"), r"default layers \(4, 7, 10\).*layers="),
-        (RC("trips"), r"default layers \(5, 10\).*uniform_layers"),
         (RC("elip", layers=(1, 3), options={"lookahead": False}), "no block can start at layer 1"),
         (RC("elip", layers=(2, 3), options={"spans": [2, 1]}), "span 2 ends at layer 3, past the next block start 3"),
         (RC("elip", layers=(2, 4), options={"spans": [1, 2]}), "span 2 ends at layer 5, past the last layer 4"),
@@ -397,3 +395,15 @@ def test_scores_use_the_states_attention_bias():
             want = (row[b, drop[b], None] * state.x[b, 1 + drop[b]]).sum(0)
             torch.testing.assert_close(out.x[b, -1], want, atol=1e-6, rtol=0)
             torch.testing.assert_close(out.size[b, -1], size[b, 1 + drop[b]].sum())
+
+
+def test_default_layers_on_another_depth_are_spread_evenly(caplog):
+    for rc, want in ((RC("trips"), ["vision.2", "vision.3"]), (RC("evit"), ["vision.2", "vision.3", "vision.4"]),
+                     (RC("elip", options={"lookahead": False}), ["vision.1", "vision.2", "vision.3"]),
+                     (RC("random", options={"like": "evit"}), ["vision.2", "vision.3", "vision.4"])):
+        with caplog.at_level("WARNING"):
+            assert sorted(model_with(rc).reducers()) == want
+        assert "uniform_layers" in caplog.text
+    assert [r.span for r in model_with("elip").reducers().values()] == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"default schedule has 2 layers \(5, 10\).*this model has 2 layers"):
+        model_with(RC("trips"), **{"vision.layers": 2})

@@ -1,6 +1,7 @@
 """EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (youweiliang/evit; METHODS.md).
 
-At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each), after the attention residual and before the MLP:
+At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each; on another depth without ``layers=``, the three
+layers of ``uniform_layers(3, L)``, with a logged warning), after the attention residual and before the MLP:
 the score is the layer's own [CLS] attention row over the candidates, averaged over heads: the softmax runs over
 all 1 + M keys exactly as in the layer's attention ([CLS] key included, with the state's attention bias, e.g.
 proportional attention), and the candidates' part is taken (as the official ``attn[:, :, 0, 1:]``). Keep

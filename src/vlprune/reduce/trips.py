@@ -12,8 +12,8 @@ At each selection layer of the ViT, after the attention residual and before the 
    appended last. Gradients flow through ``a`` (into the text encoder, ``W_q``, ``LN1`` and the keys) and
    through ``v``; only the top-k choice is not differentiable.
 
-Defaults: layers 5 and 10 of a 12-layer ViT, r = 0.7 at each. A model of another depth needs ``layers=``
-explicitly (``uniform_layers(t, L)`` gives t evenly spread layers); we do not move the defaults silently.
+Defaults: layers 5 and 10 of a 12-layer ViT, r = 0.7 at each. On a model of another depth without ``layers=``,
+the two layers are spread evenly, ``uniform_layers(2, L)`` (the paper's ``uniform(t)``), with a logged warning.
 
 TRIPS-S: in a single-stream (ViLT-style) model the same reducer sits in the joint layers (slot group "joint") and
 the guide is the layer's multimodal [CLS] (the text [CLS] row of the joint sequence after this layer's attention),
