@@ -230,3 +230,18 @@ def test_report_of_bench_rows(tmp_path):
     md, _ = write_report(tmp_path, "bench", rows, bench_columns())
     line = [ln for ln in md.read_text().splitlines() if ln.startswith("| none")][0]
     assert "| 17 |" in line and "| n/a |" in line and "| 1.00 |" in line  # tokens, untimed, ideal speed-up
+
+
+def test_comparison_of_texts_on_one_image(tmp_path):
+    from vlprune.viz import save_comparison
+
+    model = install(vlprune.build_model("tiny"), "vision", (2, 3), keep=0.5).eval()
+    images, ids, mask = make_batch(model.cfg)
+    same = images[:1].expand(3, -1, -1, -1)  # one image, three captions
+    panels = [patch_status(trace_records(model, model(same, ids, mask, trace=True)), sample=i) for i in range(3)]
+    shape = save_comparison(np.zeros((32, 32, 3)), [(f"q{i}", p) for i, p in enumerate(panels)], tmp_path / "c.png")
+    assert shape == (3, 3)
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.format == "PNG" and im.size[1] > im.size[0] * 0.8
+    with pytest.raises(ValueError, match="at least one"):
+        save_comparison(np.zeros((32, 32, 3)), [], tmp_path / "e.png")

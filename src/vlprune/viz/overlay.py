@@ -176,4 +176,37 @@ def save_overlay(image, panels: Sequence[Panel], out: Union[str, Path], title: O
     return 1 + len(panels)
 
 
-__all__ = ["Panel", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
+def save_comparison(image, rows: Sequence[Tuple[str, Sequence[Panel]]], out: Union[str, Path],
+                    title: Optional[str] = None) -> Tuple[int, int]:
+    """One image under several texts: a row per (text, panels) with the input and each reduction, so that the
+    patches different questions keep can be compared. Writes a PNG; returns (rows, columns) of the grid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("save_comparison needs at least one (text, panels) row")
+    img = _image_array(image)
+    cols = 1 + max(len(p) for _, p in rows)
+    fig = Figure(figsize=(2.8 * cols, 3.0 * len(rows) + (0.5 if title else 0)))
+    FigureCanvasAgg(fig)
+    for r, (text, panels) in enumerate(rows):
+        ax = fig.add_subplot(len(rows), cols, r * cols + 1)
+        ax.imshow(img)
+        ax.set_title(text if len(text) <= 40 else text[:37] + "...", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        for c, p in enumerate(panels):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 2)
+            ax.imshow(_tint(img, p.status))
+            _grid_lines(ax, p, img.shape[0], img.shape[1])
+            ax.set_title(p.title, fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, format="png")
+    return len(rows), cols
+
+
+__all__ = ["Panel", "save_comparison", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
