@@ -23,6 +23,11 @@ CASES = {
     "random": dict(model="tiny", layers=(2, 3), keep=0.5, options={"seed": 1}, noop=dict(layers=(2, 3), keep=1.0)),
     "lowres": dict(model="tiny", layers=None, keep=None, options={"image_size": 16},
                    noop=dict(options={"image_size": 32})),
+    "tome": dict(model="tiny", layers=None, keep=None, options={"r": 3}, noop=dict(options={"r": 0})),
+    "dynamicvit": dict(model="tiny", layers=(2, 3), keep=0.6, options={}, noop=dict(layers=(2, 3), keep=1.0)),
+    "tip": dict(model="tiny_vilt", layers=(1, 3), keep=0.5, options={}, noop=dict(layers=(1, 3), keep=1.0)),
+    "laps": dict(model="tiny", layers=None, keep=0.5, options={}, noop=dict(keep=1.0),
+                 skip={"counts": "LAPS reduces in its head after the encoders (tests/test_methods_b_losses.py)"}),
 }
 
 

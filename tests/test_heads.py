@@ -4,7 +4,7 @@ import torch
 import vlprune
 from vlprune.tasks.heads import add_task_head, classify, nlvr2_logits
 
-from .conftest import make_batch
+from conftest import make_batch
 
 
 @pytest.mark.parametrize("arch", ["albef", "vilt"])

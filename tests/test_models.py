@@ -8,7 +8,7 @@ from vlprune.models import full_attention_map, load_pretrained, save_pretrained
 from vlprune.models.vit import interpolate_pos_embed
 from vlprune.reduce.functional import attention_probs
 
-from .conftest import make_batch
+from conftest import make_batch
 
 
 def test_albef_shapes(tiny_cfg, batch):

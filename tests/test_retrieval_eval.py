@@ -5,7 +5,7 @@ import vlprune
 from vlprune.tasks.metrics import retrieval_metrics
 from vlprune.tasks.retrieval import evaluate_retrieval, reducers_disabled
 
-from .conftest import make_batch
+from conftest import make_batch
 
 
 def _data(cfg, n_img=4, per=2):

@@ -63,6 +63,8 @@ class ReductionSlots:
         for m in self.modules():  # the "lowres" method's input size
             if isinstance(m, ImageEmbeddings):
                 m.input_size = None
+        if "laps" in self._modules:  # LAPS's head after both encoders (reduce/laps.py)
+            del self._modules["laps"]
         self.method_config = None
 
     def reducers(self) -> Dict[str, nn.Module]:

@@ -52,6 +52,7 @@ def attach(model: nn.Module, method: MethodLike) -> nn.Module:
         p = next(model.parameters())
         for r in model.reducers().values():
             r.to(device=p.device, dtype=p.dtype)
+            r.train(model.training)  # a reducer attached to a model in eval mode runs its inference path
     return model
 
 
@@ -133,7 +134,7 @@ def load_pretrained(
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"cannot read weights {wpath}: {e}") from None
     if switched:
-        dropped = [k for k in state if ".reducer." in k]
+        dropped = [k for k in state if ".reducer." in k or k.startswith("laps.")]
         for k in dropped:
             del state[k]
         if dropped:

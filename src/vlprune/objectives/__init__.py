@@ -1,4 +1,5 @@
-"""Training objectives: ITC (momentum distillation, queues), ITM (hard negatives), MLM, KL distillation."""
+"""Training objectives: ITC (momentum distillation, queues), ITM (hard negatives), MLM, KL distillation; the
+method-specific losses (DynamicViT, TiP, LAPS) live in their own modules (pure loss functions)."""
 
 from .distill import kl_distill
 from .itc import enqueue, itc, itc_loss

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .state import CLS, FUSED, KEPT
+from .state import CLS, FUSED, KEPT, MERGED
 
 
 def check_keep(keep: float, name: str = "keep") -> float:
@@ -233,6 +233,115 @@ def random_scores(batch: int, m: int, generator: torch.Generator, device: torch.
 # ---- merging and learned-mask helpers (ToMe, DynamicViT, TiP, LAPS) go here -----------------------------------
 
 
+def check_merge_count(r: int, m: int) -> int:
+    """ToMe's merge count: an int with 0 <= r <= (M - 1) // 2 for M candidates; larger raises (never clamped)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"tome: r must be an integer >= 0, got {r!r}")
+    if r > (m - 1) // 2:
+        raise ValueError(f"tome: r={r} is too large for {m} candidate tokens; r must be in [0, {(m - 1) // 2}]")
+    return r
+
+
+def bipartite_soft_matching(metric: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching with the image [CLS] protected.
+
+    metric (B, T, C) (keys averaged over heads). The sequence alternates into set A (even positions, [CLS] first)
+    and set B (odd positions); each A token's most similar B token (cosine) is its edge; the ``r`` A tokens with
+    the most similar edges merge into their B partners. [CLS] gets similarity -inf, so it is never merged.
+    Returns unm (B, |A| - r) unmerged A positions sorted ascending (so [CLS] stays first), src (B, r) merged A
+    positions and dst (B, r) the B positions they merge into (indices within A and B). Ties: lowest index first.
+    """
+    check_merge_count(r, metric.shape[1] - 1)
+    m = F.normalize(metric.float(), dim=-1)
+    a, b = m[:, ::2], m[:, 1::2]
+    scores = a @ b.transpose(-1, -2)  # cosine similarity, (B, |A|, |B|)
+    scores[:, 0, :] = -math.inf  # [CLS] protected
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+    src, unm = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
+    dst = node_idx.gather(1, src)
+    return unm, src, dst
+
+
+def merge_tokens(x: Tensor, unm: Tensor, src: Tensor, dst: Tensor, reduce: str = "sum") -> Tensor:
+    """Apply a matching to x (B, T, ...): -> (B, T - r, ...) = [unmerged A tokens, B tokens with their A
+    partners reduced in] ("sum" or "amax"). This is ToMe's token order: [CLS] first, then A, then B."""
+    a, b = x[:, ::2], x[:, 1::2]
+    unm_x, src_x = gather_tokens(a, unm), gather_tokens(a, src)
+    index = dst.reshape(dst.shape + (1,) * (x.dim() - 2)).expand(src_x.shape)
+    b = b.scatter_reduce(1, index, src_x, reduce=reduce, include_self=True)
+    return torch.cat([unm_x, b], dim=1)
+
+
+def merge_wavg(
+    x: Tensor, size: Tensor, unm: Tensor, src: Tensor, dst: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Size-weighted average merge: x (B, T, D), size (B, T) -> x (B, T - r, D), size (B, T - r).
+
+    A merged token is sum_i size_i x_i / sum_i size_i over its members; sizes add up.
+    """
+    w = size.unsqueeze(-1).to(x.dtype)
+    xs = merge_tokens(x * w, unm, src, dst, "sum")
+    new_size = merge_tokens(size.unsqueeze(-1), unm, src, dst, "sum")
+    return xs / new_size.to(x.dtype), new_size.squeeze(-1)
+
+
+def merge_source(source: Tensor, unm: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """Provenance (B, T, 1 + N) bool merged with logical OR -> (B, T - r, 1 + N)."""
+    return merge_tokens(source.to(torch.uint8), unm, src, dst, "amax").bool()
+
+
+def merge_kind(B: int, t_a: int, t_b: int, unm: Tensor, dst: Tensor, device) -> Tensor:
+    """Token kinds after a merge: (B, |A| - r + |B|) with CLS first, KEPT, and MERGED for B tokens that absorbed."""
+    absorbed = torch.zeros(B, t_b, dtype=torch.long, device=device).scatter_add_(1, dst, torch.ones_like(dst))
+    kind_b = torch.where(absorbed > 0, MERGED, KEPT)
+    kind_a = torch.full((B, unm.shape[1]), KEPT, dtype=torch.long, device=device)
+    kind_a[:, 0] = CLS
+    return torch.cat([kind_a, kind_b], dim=1)
+
+
+def st_keep_mask(
+    log_probs: Tensor, generator: Optional[torch.Generator], prev: Optional[Tensor] = None, tau: float = 1.0
+) -> Tensor:
+    """Straight-through Gumbel hard keep mask: log_probs (B, M, 2) (channel 0 = keep) -> (B, M) in {0, 1},
+    multiplied by the previous mask ``prev`` (B, M) when given. Forward exactly 0/1; soft gradients backward."""
+    hard = st_gumbel_softmax(log_probs, tau=tau, generator=generator)[..., 0]
+    return hard if prev is None else hard * prev
+
+
+def policy_softmax(logits: Tensor, policy: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """Softmax restricted to entries with policy 1, differentiable in the policy (DynamicViT's masked softmax):
+    exp(l_i) p_i / sum_j exp(l_j) p_j. For a 0/1 policy the forward equals a softmax over the kept entries; an
+    all-zero row gives zeros. logits and policy broadcast together; computed in fp32."""
+    ft = torch.promote_types(logits.dtype, torch.float32)
+    l = logits.to(ft)
+    e = (l - l.amax(dim=dim, keepdim=True).detach()).exp() * policy.to(ft)
+    return (e / e.sum(dim=dim, keepdim=True).clamp_min(eps)).to(logits.dtype)
+
+
+def minmax_norm(x: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
+    """(x - min) / (max - min + eps) along ``dim``: values in [0, 1] (LAPS's norm)."""
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    return (x - lo) / (hi - lo + eps)
+
+
+def grid_positions(source: Optional[Tensor], batch: int, m: int, num_patches: int, device) -> Tensor:
+    """Grid index (0-based over the N patches) of each of the M candidate tokens, or -1 where a token covers not
+    exactly one patch: (B, M) long. From provenance when traced; without it only when nothing was removed before
+    (M = N: the tokens are the patches in order); otherwise a ValueError asks for trace=True."""
+    if source is not None:
+        cand = source[:, 1:, 1:]
+        single = cand.sum(-1) == 1
+        return torch.where(single, cand.float().argmax(-1), torch.full(single.shape, -1, device=device))
+    if m == num_patches:
+        return torch.arange(m, device=device).expand(batch, m)
+    raise ValueError(
+        f"grid positions of {m} candidate tokens are unknown ({num_patches} patches originally): run with trace=True"
+        " so that provenance is kept"
+    )
+
+
 __all__ = [
     "check_keep",
     "keep_count",
@@ -252,4 +361,14 @@ __all__ = [
     "original_keep_count",
     "keep_rate_at",
     "random_scores",
+    "check_merge_count",
+    "bipartite_soft_matching",
+    "merge_tokens",
+    "merge_wavg",
+    "merge_source",
+    "merge_kind",
+    "st_keep_mask",
+    "policy_softmax",
+    "minmax_norm",
+    "grid_positions",
 ]

@@ -13,5 +13,8 @@ def build_none(cfg: ReduceConfig, model) -> None:
     model.clear_reducers()
 
 
-# Method modules register themselves on import (order = list_methods() order).
-from . import trips, elip, evit, random, lowres  # noqa: E402,F401  (methods-a)
+# The order of list_methods().
+ORDER = ("none", "trips", "elip", "tip", "laps", "evit", "tome", "dynamicvit", "random", "lowres")
+
+# Method modules register themselves on import.
+from . import trips, elip, tip, laps, evit, tome, dynamicvit, random, lowres  # noqa: E402,F401

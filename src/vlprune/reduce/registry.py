@@ -31,9 +31,13 @@ def register(name: str) -> Callable:
 
 
 def list_methods() -> List[str]:
-    """Names of the registered reduction methods, ``"none"`` first, in registration order."""
+    """Names of the registered reduction methods: the built-in ones in a fixed order ("none" first, the
+    text-guided methods, then the baselines), then any registered by the user, in registration order."""
+    from .methods import ORDER
+
     _load_builtin()
-    return list(_REGISTRY)
+    builtin = [n for n in ORDER if n in _REGISTRY]
+    return builtin + [n for n in _REGISTRY if n not in ORDER]
 
 
 def get_method(name: str) -> Callable:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,31 @@ class LayerTrace:
 
 
 @dataclass(frozen=True)
+class AuxRecord:
+    """Training signals one learned reduction hands to its losses (DynamicViT, TiP), recorded per reduction.
+
+    ``layer`` is 1-based; ``values`` maps names to tensors (e.g. ``{"keep_prob": (B, M), "mask": (B, M)}``); what
+    each method records is documented in its module. Records travel inside the TokenState (no shared state).
+    """
+
+    layer: int
+    method: str
+    values: Mapping[str, Any]
+
+
+# On a masked training path whose mask carries gradients (straight-through), masked keys get the additive bias
+# log(POLICY_FLOOR) instead of finfo.min: the bias is log(p (1 - floor) + floor) of the keep policy p, so that the
+# gradient reaching p is DynamicViT's (attention multiplied by the policy and renormalised), finite for p = 0 and
+# p = 1 alike. A masked key's forward weight is then 1e-20 of a kept one's, i.e. zero at fp32/bf16 precision.
+POLICY_FLOOR = 1e-20
+
+
+def _policy_bias(policy: Tensor, dtype: torch.dtype) -> Tensor:
+    p = policy.to(torch.promote_types(policy.dtype, torch.float32))
+    return torch.log(p * (1.0 - POLICY_FLOOR) + POLICY_FLOOR).to(dtype)
+
+
+@dataclass(frozen=True)
 class TokenState:
     """Image tokens between layers.
 
@@ -45,6 +70,7 @@ class TokenState:
     mask:   (B, T) keep mask of masked training paths (1 keep, 0 masked out of attention), or None.
     prop_attn: add log(size) to attention logits (ToMe's proportional attention) in the layers that follow.
     trace:  LayerTrace records so far; None when not tracing.
+    aux:    AuxRecord training signals of learned reductions (always recorded; cheap references).
     """
 
     x: Tensor
@@ -53,6 +79,7 @@ class TokenState:
     mask: Optional[Tensor] = None
     prop_attn: bool = False
     trace: Optional[Tuple[LayerTrace, ...]] = None
+    aux: Tuple[AuxRecord, ...] = ()
 
     @staticmethod
     def start(x: Tensor, trace: bool = False) -> "TokenState":
@@ -86,6 +113,10 @@ class TokenState:
         rec = LayerTrace(layer_index + 1, method, self.num_tokens, self.source, kind, mask)
         return self.replace(trace=self.trace + (rec,))
 
+    def add_aux(self, layer_index: int, method: str, **values: Any) -> "TokenState":
+        """Append an AuxRecord for 0-based ``layer_index`` holding ``values``."""
+        return self.replace(aux=self.aux + (AuxRecord(layer_index + 1, method, dict(values)),))
+
     def attn_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
         """Additive float attention mask for self-attention over these tokens, or None.
 
@@ -100,8 +131,12 @@ class TokenState:
             neg = torch.finfo(dtype).min
             T = self.num_tokens
             eye = torch.eye(T, device=self.x.device, dtype=torch.bool)
-            allowed = (self.mask[:, None, None, :] > 0) | eye
-            m = torch.zeros(allowed.shape, device=self.x.device, dtype=dtype).masked_fill(~allowed, neg)
+            if self.mask.requires_grad:  # differentiable policy (see POLICY_FLOOR)
+                p = self.mask[:, None, None, :]
+                m = _policy_bias(p + (1 - p) * eye, dtype)
+            else:
+                allowed = (self.mask[:, None, None, :] > 0) | eye
+                m = torch.zeros(allowed.shape, device=self.x.device, dtype=dtype).masked_fill(~allowed, neg)
             bias = m if bias is None else (bias + m).clamp_min(neg)
         return bias
 
@@ -109,6 +144,8 @@ class TokenState:
         """Additive mask (B, 1, 1, T) for queries from elsewhere (text cross-attention) over these tokens."""
         if self.mask is None:
             return None
+        if self.mask.requires_grad:  # differentiable policy (see POLICY_FLOOR)
+            return _policy_bias(self.mask[:, None, None, :], dtype)
         neg = torch.finfo(dtype).min
         keep = self.mask[:, None, None, :] > 0
         return torch.zeros(keep.shape, device=self.x.device, dtype=dtype).masked_fill(~keep, neg)

@@ -1,0 +1,144 @@
+"""DynamicViT (Rao et al., NeurIPS 2021; official code raoyongming/DynamicViT) in the ViT of ALBEF-style models.
+
+Where: ``where = "pre"``: the predictor runs **before** the attention of each pruning layer (default layers
+4, 7, 10, 1-based), as in the paper, whose predictors sit before blocks 3, 6, 9 (0-based) of a 12-block ViT; the
+first attention affected is the pruning layer's own. Pruning layer j (1-based within the schedule) keeps the
+cumulative ratio rho_j = rho^j of the original patches (``keep`` = rho, default 0.7; or one cumulative ratio per
+layer, non-increasing).
+
+Predictor (per pruning layer, DynamicViT's local + global MLP): h = GELU(Linear(LN(x))) over the candidates;
+local = h[:, :, :D/2]; global = the policy-weighted mean of h[:, :, D/2:] over the tokens still kept; the
+concatenation goes through Linear(D, D/2) -> GELU -> Linear(D/2, D/4) -> GELU -> Linear(D/4, 2) -> LogSoftmax.
+Channel 0 is "keep".
+
+Training (``model.train()``): hard mask = straight-through Gumbel-softmax (tau 1, ``ctx.generator``) channel 0,
+multiplied by the previous mask. Tokens stay in the tensor; ``state.mask`` removes masked tokens as keys from
+every later attention (a token always attends to itself; the fusion encoder's cross-attention masks them too).
+The mask carries straight-through gradients into the attention (``state.POLICY_FLOOR``), as DynamicViT's
+policy-multiplied softmax does.
+Default layers: ``uniform_layers(3, L)`` = 4, 7, 10 for L = 12 (fewer for shallow models).
+Inference: keep physically the top ``k_j = floor(rho_j * N)`` candidates by keep log-probability (clamped to
+[1, M]; N = the configured patch count), in spatial order, as the official ``int(N * ratio)``.
+
+Each reduction appends ``AuxRecord(layer, "dynamicvit", {"mask": (B, M) hard mask, "keep_prob": (B, M),
+"target": rho_j})`` to ``state.aux`` for the losses in ``vlprune.objectives.dynamicvit`` (training: over all N
+candidates; inference records only ``keep_prob`` and ``target`` over the candidates present).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as Fn
+from .registry import ReduceConfig, Reducer, check_layers, check_options, register, uniform_layers
+from .state import ReduceContext, TokenState
+
+DEFAULT_KEEP = 0.7
+
+
+def default_layers(num_layers: int) -> tuple:
+    """Three pruning layers spread evenly (``uniform_layers``): 4, 7, 10 of 12, as the papers; fewer in shallow
+    models (at least 2 layers are needed)."""
+    if num_layers < 2:
+        raise ValueError(f"a pruning schedule needs at least 2 layers, the model has {num_layers}")
+    return uniform_layers(min(3, num_layers - 1), num_layers)
+
+
+class ScorePredictor(nn.Module):
+    """DynamicViT's predictor: tokens (B, M, D) and policy (B, M) -> log-probabilities (B, M, 2), 0 = keep."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim < 4:
+            raise ValueError(f"the predictor needs a width >= 4, got {dim}")
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+        h = self.in_conv(x)
+        half = h.shape[-1] // 2
+        w = policy.unsqueeze(-1).to(h.dtype)
+        glob = (h[..., half:] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-6)
+        return self.out_conv(torch.cat([h[..., :half], glob.expand(-1, h.shape[1], -1)], dim=-1))
+
+
+def keep_targets(keep, n: int) -> list:
+    """Cumulative keep ratio per pruning layer: rho^j for a scalar rho, or the given non-increasing list."""
+    if isinstance(keep, (list, tuple)):
+        if len(keep) != n:
+            raise ValueError(f"dynamicvit: keep schedule has {len(keep)} values but there are {n} layers")
+        ts = [Fn.check_keep(v, "dynamicvit: keep") for v in keep]
+        if any(b > a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"dynamicvit: cumulative keep ratios must be non-increasing, got {ts}")
+        return ts
+    rho = Fn.check_keep(keep, "dynamicvit: keep")
+    return [rho ** (j + 1) for j in range(n)]
+
+
+class DynamicViTReducer(Reducer):
+    where = "pre"
+    method = "dynamicvit"
+
+    def __init__(self, dim: int, target: float, num_patches: int) -> None:
+        super().__init__()
+        self.predictor = ScorePredictor(dim)
+        self.target = target
+        self.num_patches = num_patches
+
+    def extra_repr(self) -> str:
+        return f"target={self.target:.4g}, num_patches={self.num_patches}"
+
+    def keep_count(self, m: int) -> int:
+        return max(1, min(m, math.floor(self.target * self.num_patches + 1e-9)))
+
+    def forward(
+        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
+    ) -> TokenState:
+        x = state.x
+        B, T, _ = x.shape
+        prev = state.mask[:, 1:] if state.mask is not None else x.new_ones(B, T - 1)
+        log_p = self.predictor(x[:, 1:], prev)  # (B, M, 2)
+        if self.training:
+            hard = Fn.st_keep_mask(log_p, ctx.generator, prev)  # (B, M) in {0, 1}
+            mask = torch.cat([hard.new_ones(B, 1), hard], dim=1)
+            new = state.replace(mask=mask).add_aux(
+                ctx.layer, self.method, mask=hard, keep_prob=log_p[..., 0].exp(), target=self.target
+            )
+            return new.record(ctx.layer, self.method)
+        if state.mask is not None:
+            raise ValueError("dynamicvit inference got a masked state; run the whole model in eval mode")
+        score = log_p[..., 0].float()
+        x2, size, source, kind = Fn.keep_and_fuse(x, state.size, state.source, score, self.keep_count(T - 1), fuse=None)
+        new = state.replace(x=x2, size=size, source=source).add_aux(
+            ctx.layer, self.method, keep_prob=score.exp(), target=self.target
+        )
+        return new.record(ctx.layer, self.method, kind)
+
+
+@register("dynamicvit")
+def build(cfg: ReduceConfig, model) -> None:
+    check_options("dynamicvit", cfg.options, {})
+    slots = model.reduction_slots()
+    if "vision" not in slots:
+        raise ValueError("dynamicvit prunes a ViT image encoder (ALBEF-style models); this model has none")
+    layers = cfg.layers if cfg.layers is not None else default_layers(len(slots["vision"]))
+    check_layers(layers, len(slots["vision"]), "dynamicvit")
+    targets = keep_targets(DEFAULT_KEEP if cfg.keep is None else cfg.keep, len(layers))
+    v = model.cfg.vision
+    for layer, t in zip(layers, targets):
+        slots["vision"][layer - 1].reducer = DynamicViTReducer(v.width, t, v.num_patches)
+
+
+def collect(state: TokenState, method: str = "dynamicvit") -> Sequence:
+    """The AuxRecords of ``method`` in ``state`` (in layer order)."""
+    return [a for a in state.aux if a.method == method]
+
+
+__all__ = ["ScorePredictor", "DynamicViTReducer", "keep_targets", "collect", "build"]
