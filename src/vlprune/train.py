@@ -54,7 +54,9 @@ class TrainConfig:
     task: str = "pretrain"
     train: Optional[str] = None  # annotation file; None = built-in scenes data generated into out/data
     images: Optional[str] = None  # image root; default: the annotation file's folder
-    model: str = "small"  # preset name or config JSON
+    model: str = "small"  # preset name or config JSON (ignored with init: the checkpoint's config is used)
+    init: Optional[str] = None  # pre-trained run or save_pretrained directory to start from (weights + tokenizer)
+    val: Optional[str] = None  # annotation file evaluated after training (the task's test format)
     method: Optional[Mapping[str, Any]] = None  # ReduceConfig.to_dict(), None = no reduction
     steps: Optional[int] = None  # optimiser steps; or
     epochs: Optional[int] = None  # passes over the data (default 1 when neither is given)
@@ -173,8 +175,15 @@ def _data(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world: 
 
 def _tokenizer(cfg: TrainConfig, task, entries, out: Path, text_cfg, rank: int, world: int) -> TextTokenizer:
     d = out / "tokenizer"
+    source = cfg.tokenizer
+    if source is None and cfg.init is not None:
+        from .tasks.finetune import tokenizer_dir
+
+        source = tokenizer_dir(cfg.init)
+        if source is None:
+            raise FileNotFoundError(f"no tokenizer found with the init checkpoint {cfg.init}; give --tokenizer")
     if rank == 0 and not (d / "tokenizer.json").is_file():
-        tok = TextTokenizer.from_dir(cfg.tokenizer) if cfg.tokenizer else TextTokenizer.train(task.texts(entries), text_cfg.vocab_size)
+        tok = TextTokenizer.from_dir(source) if source else TextTokenizer.train(task.texts(entries), text_cfg.vocab_size)
         tok.save(d)
     _barrier(world)
     tok = TextTokenizer.from_dir(d)
@@ -217,7 +226,14 @@ def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwri
 
 def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[str, Any]:
     task = get_task(cfg.task, **cfg.task_options)
-    mcfg = load_preset(cfg.model)
+    init_meta = None
+    if cfg.init is not None:
+        from .models.build import read_config
+        from .tasks.finetune import checkpoint_dir, model_config
+
+        mcfg, init_meta = model_config(cfg.init), read_config(checkpoint_dir(cfg.init))
+    else:
+        mcfg = load_preset(cfg.model)
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, cfg.method).to(device).train()  # a bad method fails before the run dir is touched
     task.check_model(model)
@@ -234,6 +250,13 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
         raise ValueError(f"one epoch has {per_epoch} micro-batches, fewer than accum={cfg.accum}: no optimiser step")
     warmup = cfg.warmup if cfg.warmup >= 0 else max(1, total // 20)
 
+    if init_meta is not None:
+        task.restore(init_meta, model)  # e.g. the VQA answer vocabulary of a fine-tuned init
+    task.prepare(model, entries, out, device)  # task heads, vocabularies, teacher, frozen parts
+    if cfg.init is not None and not resume:
+        from .tasks.finetune import load_init
+
+        load_init(model, cfg.init)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
     cuda = device.type == "cuda"
@@ -263,7 +286,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
                              "scaler": scaler.state_dict() if scaler else {}, "step": step, "micro": micro,
                              "skipped": skipped, "rng": rng_state()}, out)
             if final:
-                save_pretrained(model, out / "model", extra={"task": cfg.task, "tokenizer": "../tokenizer"})
+                save_pretrained(model, out / "model", extra={"task": cfg.task, "tokenizer": "../tokenizer", **task.save_extra()})
         _barrier(world)
 
     from tqdm import tqdm
@@ -330,8 +353,26 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
     checkpoint(True)
     if skipped:
         log.warning("skipped %d sample(s) with bad images", skipped)
+    val = None
+    if cfg.val is not None and not interrupted:
+        val = _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
     return {"steps": step, "total_steps": total, "interrupted": interrupted, "first": first, "last": last,
-            "skipped": skipped, "out": str(out)}
+            "skipped": skipped, "out": str(out), "val": val}
+
+
+def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step) -> Dict[str, float]:
+    """Evaluate the final model on ``cfg.val`` (images under the training image root); logged to metrics.jsonl."""
+    from .tasks.evaluation import evaluate
+
+    images = root  # the training image root
+    entries = task.load_test(cfg.val)
+    metrics, info = evaluate(task, model, entries, ImageLoader.for_model(mcfg.vision, images), tok, cfg.batch_size,
+                             device, rank, world, cfg.progress)
+    model.train()
+    if rank == 0:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "val": metrics, "val_examples": info["examples"]}) + "\n")
+    return metrics
 
 
 def _log(out, sums, n, step, epoch, opt, cfg, world, t0, skipped, rank) -> Dict[str, Any]:

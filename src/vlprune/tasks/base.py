@@ -38,7 +38,7 @@ def register_task(name: str):
 
 
 def list_tasks() -> List[str]:
-    from . import pretrain  # noqa: F401
+    from . import classify, pretrain, retrieval_task  # noqa: F401
 
     return list(_TASKS)
 
@@ -79,6 +79,21 @@ class Task:
 
     def build_dataset(self, entries, loader: ImageLoader, skip_bad_images: bool = False) -> Dataset:  # pragma: no cover
         raise NotImplementedError
+
+    def prepare(self, model, entries: List[Dict[str, Any]], out, device: torch.device) -> None:
+        """Called once by the trainer after the model is built (and before weights are restored on resume): add
+        task heads, build vocabularies (written under the run directory ``out``), load teachers, freeze."""
+
+    def save_extra(self) -> Dict[str, Any]:
+        """Extra entries for the saved model's config.json (e.g. the VQA answer vocabulary)."""
+        return {}
+
+    def restore(self, meta: Dict[str, Any], model) -> None:
+        """Evaluation: take back what ``save_extra`` wrote (``meta`` = the checkpoint's config.json)."""
+
+    def load_test(self, path) -> List[Dict[str, Any]]:
+        """Annotation entries of an evaluation file (default: the training format)."""
+        return self.load(path)
 
     def step(self, model, batch: Dict[str, Any], ctx: StepContext, update: bool = True) -> Dict[str, Tensor]:
         """Losses of one batch; ``update=False`` (evaluation) leaves queues and momentum copies unchanged."""
