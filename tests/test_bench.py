@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import vlprune
 from vlprune.bench.flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from vlprune.bench.memory import measure_peak, tensor_bytes
-from vlprune.bench.throughput import find_max_batch, fits_budget, time_call
+from vlprune.bench.throughput import find_max_batch, fits_budget, time_call, time_interleaved
 from vlprune.bench.train_step import mask_tokens, pretrain_loss
 from vlprune.cli import main
 
@@ -296,3 +296,14 @@ def test_cli_methods_with_settings(capsys):
     assert [r["method"] for r in rows] == ["none", "none"]
     assert main(["bench", "--flops-only", "--methods", "none:layers=1"]) == 2
     assert "takes no layers" in capsys.readouterr().err
+
+
+def test_time_interleaved_rotates_and_sets_up_each_call():
+    log = []
+    calls = [(lambda n=n: log.append(("setup", n)), lambda n=n: log.append(("run", n))) for n in "abc"]
+    times = time_interleaved(calls, torch.device("cpu"), warmup=1, repeats=3)
+    assert [len(t) for t in times] == [3, 3, 3]
+    runs = [n for kind, n in log if kind == "run"]
+    assert runs[:3] == ["a", "b", "c"]  # warm-up
+    assert runs[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating rounds
+    assert all(log[i - 1] == ("setup", n) for i, (kind, n) in enumerate(log) if kind == "run")  # setup before each
