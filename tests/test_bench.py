@@ -252,6 +252,14 @@ def test_cli_table_and_progress(capsys):
     assert "timing" in cap.err and "[1/1] none" in cap.err
 
 
+def test_cli_max_batch_within_a_budget(capsys):
+    rows = _json_rows(capsys, ["bench", "--json", "--max-batch", "--mem-budget", "0.02", "--repeats", "1", "--warmup", "0"])
+    r = rows[0]
+    if r["peak_mem_mb"] is None:
+        pytest.skip("peak memory is not measurable on this platform")
+    assert r["batch_size"] >= 1 and r["static_mem_mb"] < 20
+
+
 def test_cli_train_mode(capsys):
     rows = _json_rows(capsys, ["bench", "--model", "tiny", "--train", "--json", "--repeats", "1", "--warmup", "0",
                                "--batch-size", "3"])
@@ -265,7 +273,7 @@ def test_cli_train_mode(capsys):
     (["--image-size", "30"], "not divisible by vision.patch_size=8"),
     (["--methods", "none", "--keep", "0.5"], "configure a single --method"),
     (["--text-len", "41"], "exceeds the model's max_len 40"),
-    (["--max-batch"], "needs a memory budget"),
+    (["--mem-budget", "-1"], "memory budget must be a positive number of GB"),
     (["--device", "tpu"], "device must be"),
     (["--method", "none", "--layers", "1"], "takes no layers"),
 ])

@@ -44,7 +44,7 @@ _MIB = 1024.0 * 1024.0
 class BenchSettings:
     """What to measure. ``model``: preset name or config JSON (random weights), or ``checkpoint``: a run dir.
     ``batch_size`` None = 8 on CPU / 32 on GPU unless ``max_batch``; ``mem_budget_gb`` caps the largest-batch
-    search (required for it on CPU)."""
+    search (on CPU without it: half of the available memory)."""
 
     model: str = "tiny"
     checkpoint: Optional[str] = None
@@ -116,6 +116,20 @@ def _load() -> Optional[float]:
         return None
 
 
+def _budget_mb(s: BenchSettings, progress: Callable[[str], None]) -> Optional[float]:
+    """The memory budget of a largest-batch search: ``--mem-budget``, else on CPU half of the memory the kernel
+    reports available (MemAvailable), else None (GPU: the search stops at the first out-of-memory error)."""
+    if s.budget_mb is not None or s.device != "cpu":
+        return s.budget_mb
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None  # fits_budget then asks for --mem-budget
+    progress(f"  no --mem-budget given: using half of the available memory, {kb / 2 / 1024 / 1024:.1f} GB")
+    return kb / 2 / 1024
+
+
 def _gen(s: BenchSettings, offset: int = 0) -> torch.Generator:
     return torch.Generator(device=s.device).manual_seed(s.seed + offset)
 
@@ -177,7 +191,7 @@ def _inference_batch(model: nn.Module, s: BenchSettings, fwd: _Forward, progress
         return None if peak is None else static_mb + peak
 
     progress("  searching the largest batch that fits")
-    return find_max_batch(fits_budget(used, s.budget_mb, dev), cap=s.max_batch_cap)
+    return find_max_batch(fits_budget(used, _budget_mb(s, progress), dev), cap=s.max_batch_cap)
 
 
 def _time_inference(model: nn.Module, s: BenchSettings, methods: Sequence[ReduceConfig], rows: List[Dict],
@@ -225,7 +239,7 @@ def _train_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], 
     max_fit = None
     if s.mem_budget_gb is not None or s.max_batch:
         progress("  searching the largest batch that fits" + (f" in {s.mem_budget_gb} GB" if s.mem_budget_gb else ""))
-        max_fit = find_max_batch(fits_budget(used, s.budget_mb, dev), start=2, cap=s.max_batch_cap)
+        max_fit = find_max_batch(fits_budget(used, _budget_mb(s, progress), dev), start=2, cap=s.max_batch_cap)
     batch = s.batch_size or max_fit or (32 if dev.type == "cuda" else 8)
     call = step_at(batch)
     progress(f"  timing training steps at batch {batch} ({s.warmup} warm-up + {s.repeats} runs)")
