@@ -97,8 +97,13 @@ def evaluate_retrieval(
     k: int = 128,
     batch_size: int = 64,
     progress=None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Tuple[Dict[str, float], RetrievalCost]:
-    """Recall@K of the two-stage protocol. images (n_img, 3, S, S); ids/mask (n_txt, L)."""
+    """Recall@K of the two-stage protocol. images (n_img, 3, S, S); ids/mask (n_txt, L).
+
+    Under DDP (``world`` > 1, every rank holding all images and captions) each rank re-ranks every
+    ``world``-th query and the score matrices are combined on all ranks (max over ranks: unscored pairs are -100)."""
     if getattr(model.cfg, "arch", None) != "albef":
         raise ValueError("two-stage retrieval needs a two-stream model (arch='albef') with ITC and ITM heads")
     if k < 1:
@@ -110,10 +115,11 @@ def evaluate_retrieval(
     cost.itc_seconds = time.perf_counter() - t0
     n_img, n_txt = sim.shape
     t0 = time.perf_counter()
-    scores_i2t = torch.full((n_img, n_txt), -100.0)
-    scores_t2i = torch.full((n_img, n_txt), -100.0)
+    scores_i2t = torch.full((n_img, n_txt), -100.0, device=sim.device)
+    scores_t2i = torch.full((n_img, n_txt), -100.0, device=sim.device)
     ki, kt = min(k, n_txt), min(k, n_img)
     queries: List[Tuple[str, int]] = [("i", i) for i in range(n_img)] + [("t", t) for t in range(n_txt)]
+    queries = queries[rank::world]
     it = progress(queries) if progress is not None else queries
     for kind, q in it:
         if kind == "i":
@@ -127,7 +133,10 @@ def evaluate_retrieval(
                              mask[q : q + 1].expand(len(cand), -1), batch_size)
             scores_t2i[cand, q] = s
         cost.itm_pairs += len(cand)
+    if world > 1:
+        scores_i2t, scores_t2i = _max_over_ranks(scores_i2t, images.device), _max_over_ranks(scores_t2i, images.device)
     cost.itm_seconds = time.perf_counter() - t0
+    scores_i2t, scores_t2i, sim = scores_i2t.cpu(), scores_t2i.cpu(), sim.cpu()
     i2t = retrieval_metrics(scores_i2t, img2txt, txt2img)
     t2i = retrieval_metrics(scores_t2i, img2txt, txt2img)
     metrics = {k_: v for k_, v in i2t.items() if k_.startswith("txt_")}
@@ -137,6 +146,14 @@ def evaluate_retrieval(
     itc = retrieval_metrics(sim, img2txt, txt2img)
     metrics["itc_r_mean"] = itc["r_mean"]
     return metrics, cost
+
+
+def _max_over_ranks(t: Tensor, device) -> Tensor:
+    import torch.distributed as dist
+
+    x = t.to(device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.to(t.device)
 
 
 def _pair_scores(model, images, text_states, mask, batch_size) -> Tensor:

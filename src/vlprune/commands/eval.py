@@ -1,0 +1,117 @@
+"""``vlprune eval TASK``: evaluate a fine-tuned run on a test file, optionally with another method than it was
+trained with (e.g. EViT or TRIPS applied at inference to an unpruned model). The checkpoint is only read.
+
+    vlprune eval vqa --checkpoint runs/vqa --test data/vqa_test.json --images data --method trips --layers 3,5 --keep 0.7 --json
+    torchrun --nproc_per_node=2 -m vlprune eval retrieval --checkpoint runs/ret --json   # scenes test split of the run
+
+With ``--json`` the last line of stdout is one JSON object: the task's metrics plus "method", "examples",
+"gflops" (image-encoder GFLOPs per example) and "image_tokens" (mean image tokens after the image encoder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .train import _floats, _ints, _pairs, _value
+
+TASKS = ("retrieval", "vqa", "nlvr2", "ve")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a fine-tuned run on a downstream task (any method at inference)")
+    p.add_argument("task", choices=TASKS, help="the downstream task")
+    p.add_argument("--checkpoint", required=True, help="run directory (or a saved model directory)")
+    p.add_argument("--test", default=None, help="test annotation JSON (default: the run's scenes test split)")
+    p.add_argument("--images", default=None, help="image root (default: the test file's folder)")
+    p.add_argument("--method", default=None, help="reduction method at inference (default: the trained one; none = off)")
+    p.add_argument("--layers", type=_ints, default=None, help="1-based layers of the method, e.g. 5,10")
+    p.add_argument("--keep", type=_floats, default=None, help="keep rate, or one per layer")
+    p.add_argument("--option", action="append", default=[], help="method option NAME=VALUE (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
+    p.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranking candidates (default 128)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _method(args):
+    from vlprune.reduce.registry import ReduceConfig
+
+    if args.method is None:
+        if args.layers is not None or args.keep is not None or args.option:
+            raise ValueError("--layers, --keep and --option need --method")
+        return "saved"
+    if args.method == "none":
+        return None
+    options = {k: _value(v) for k, v in (_pairs(o, str).popitem() for o in args.option)}
+    return ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options)
+
+
+def _test_file(args, ckpt_run: Path, task) -> Path:
+    if args.test is not None:
+        path = Path(args.test)
+        if not path.is_file():
+            raise FileNotFoundError(f"test annotation file not found: {path}")
+        return path
+    path = ckpt_run / "data" / task.scenes_test
+    if not path.is_file():
+        raise FileNotFoundError(f"no --test given and {path} does not exist (the run was not trained on scenes data)")
+    return path
+
+
+def run(args) -> int:
+    import torch
+
+    from vlprune.data.images import ImageLoader
+    from vlprune.data.tokenizer import TextTokenizer
+    from vlprune.models.build import load_pretrained, read_config
+    from vlprune.tasks.base import get_task
+    from vlprune.tasks.evaluation import evaluate
+    from vlprune.tasks.finetune import checkpoint_dir, tokenizer_dir
+    from vlprune.train import setup_distributed
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    ckpt = checkpoint_dir(args.checkpoint)
+    meta = read_config(ckpt)
+    task = get_task(args.task, **({"k": args.k} if args.task == "retrieval" else {}))
+    test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)
+    if args.images is not None and not Path(args.images).is_dir():
+        raise FileNotFoundError(f"image root directory not found: {args.images}")
+    entries = task.load_test(test)
+    tdir = tokenizer_dir(ckpt)
+    if tdir is None:
+        raise FileNotFoundError(f"no tokenizer found with the checkpoint {ckpt}")
+    method = _method(args)
+    rank, world, device, started = setup_distributed()
+    try:
+        model = load_pretrained(ckpt, method=method).to(device).eval()
+        if args.task != "retrieval" and args.task not in model.task_heads:
+            raise ValueError(f"the checkpoint {ckpt} has no {args.task!r} head (heads: {list(model.task_heads)}); "
+                             f"fine-tune it with 'vlprune train {args.task}' first")
+        task.restore(meta, model)
+        tok = TextTokenizer.from_dir(tdir)
+        tok.check_model(model.cfg.text)
+        loader = ImageLoader.for_model(model.cfg.vision, Path(args.images) if args.images else test.parent)
+        with torch.inference_mode():
+            metrics, info = evaluate(task, model, entries, loader, tok, args.batch_size, device, rank, world,
+                                     progress=not args.quiet)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    rc = model.method_config
+    name = "none" if rc is None else rc.name
+    print(f"{args.task} on {test} ({info['examples']} examples), method {name if rc is None else rc.to_dict()}")
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"  image-encoder GFLOPs per example {info['gflops']:.4f}, image tokens after the encoder {info['image_tokens']:.1f}")
+    if args.json:
+        out = {**metrics, "method": name, "method_config": None if rc is None else rc.to_dict(),
+               "examples": info["examples"], "gflops": info["gflops"], "image_tokens": info["image_tokens"],
+               **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
+        print(json.dumps(out))
+    return 0

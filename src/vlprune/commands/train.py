@@ -1,0 +1,170 @@
+"""``vlprune train TASK``: train on the field's annotation files or, with no --train, on the built-in scenes data.
+
+    vlprune train pretrain --model small --method trips --layers 5 --keep 0.7 --steps 300 --out runs/pt
+    torchrun --nproc_per_node=2 -m vlprune train pretrain --model small --steps 300 --out runs/pt-ddp
+    vlprune train vqa --init runs/pt --steps 300 --out runs/vqa            # fine-tune a pre-trained run
+    vlprune train vqa --init runs/vqa --method tip --teacher runs/vqa --stage 1 --out runs/vqa-tip1
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _floats(text: str):
+    vals = [float(v) for v in text.split(",")]
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def _ints(text: str):
+    return tuple(int(v) for v in text.split(","))
+
+
+def _pairs(text: str, cast=float) -> dict:
+    out = {}
+    for part in filter(None, (text or "").split(",")):
+        if "=" not in part:
+            raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = cast(v)
+    return out
+
+
+def _value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def add_parser(sub) -> None:
+    from vlprune.tasks.base import list_tasks
+
+    p = sub.add_parser("train", help="train a model (pretrain, retrieval, vqa, nlvr2, ve) with checkpoints, resume and DDP")
+    p.add_argument("task", choices=list_tasks(), help="what to train")
+    p.add_argument("--train", default=None, help="annotation JSON (default: built-in scenes data in RUN_DIR/data)")
+    p.add_argument("--val", default=None, help="annotation JSON (test format) evaluated after training")
+    p.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
+    p.add_argument("--model", default="small", help="preset name or config JSON (default small; ignored with --init)")
+    p.add_argument("--init", default=None, help="start from this pre-trained run or saved model (and its tokenizer)")
+    p.add_argument("--teacher", default=None, help="TiP / DynamicViT: the same task fine-tuned without pruning (run dir)")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                   help="TiP stage: 1 = frozen backbone, pruners + head, lam 0; 2 = + cross-modal layers, lam 1")
+    p.add_argument("--answers", default=None, help="VQA: answer_list.json for the answer vocabulary (default: training answers)")
+    p.add_argument("--k", type=int, default=None, help="retrieval: ITM re-ranking candidates for --val (default 128)")
+    p.add_argument("--method", default=None, help="reduction method (default none)")
+    p.add_argument("--layers", type=_ints, default=None, help="1-based layers of the method, e.g. 5,10")
+    p.add_argument("--keep", type=_floats, default=None, help="keep rate, or one per layer (0.9,0.65,0.4)")
+    p.add_argument("--option", action="append", default=[], help="method option NAME=VALUE (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-mult", default="", help="per-module lr multipliers, e.g. vision=0.5,reducers=10")
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default 5%% of the steps)")
+    p.add_argument("--grad-clip", type=float, default=0.0)
+    p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--tokenizer", default=None, help="directory with a checkpoint's tokenizer.json or vocab.txt")
+    p.add_argument("--loss", default="", help="task options, e.g. itc=1,itm=1,mlm=1,alpha=0.4")
+    p.add_argument("--scenes-images", type=int, default=2000, help="size of the built-in data (default 2000)")
+    p.add_argument("--scenes-seed", type=int, default=0)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def build_config(args):
+    from vlprune.config import from_dict
+    from vlprune.reduce.registry import ReduceConfig
+    from vlprune.train import CONFIG_FILE, TrainConfig
+
+    out = Path(args.out)
+    if args.resume and (out / CONFIG_FILE).is_file():
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        if args.steps is not None or args.epochs is not None:
+            saved["steps"], saved["epochs"] = args.steps, args.epochs
+        saved["progress"] = not args.quiet
+        saved["num_workers"] = args.workers
+        return from_dict(TrainConfig, saved, str(out / CONFIG_FILE))
+    method = None
+    if args.method is not None:
+        options = {k: _value(v) for k, v in (_pairs(o, str).popitem() for o in args.option)}
+        method = ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options).to_dict()
+    elif args.layers is not None or args.keep is not None or args.option:
+        raise ValueError("--layers, --keep and --option need --method")
+    return TrainConfig(
+        task=args.task, train=args.train, val=args.val, images=args.images, model=args.model, init=args.init, method=method, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr, lr_mult=_pairs(args.lr_mult),
+        weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, amp=not args.no_amp,
+        seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,
+        tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
+        scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
+    )
+
+
+def _task_options(args) -> dict:
+    opts = _pairs(args.loss)
+    for name, key in (("teacher", "teacher"), ("stage", "stage"), ("answers", "answers"), ("k", "k")):
+        v = getattr(args, name, None)
+        if v is not None:
+            if name in ("teacher", "answers"):
+                v = str(Path(v).resolve())
+            opts[key] = v
+    allowed = {"teacher", "stage", "answers"} if args.task in ("vqa", "nlvr2", "ve") else set()
+    allowed |= {"k"} if args.task == "retrieval" else set()
+    bad = [k for k in ("teacher", "stage", "answers", "k") if k in opts and k not in allowed]
+    if bad or (args.task != "vqa" and "answers" in opts):
+        raise ValueError(f"--{(bad or ['answers'])[0]} does not apply to task {args.task!r}")
+    return opts
+
+
+def run(args) -> int:
+    from vlprune.objectives.dist import rank
+    from vlprune.train import train
+
+    if args.train is not None and not Path(args.train).is_file():
+        raise FileNotFoundError(f"annotation file not found: {args.train}")
+    if args.images is not None and not Path(args.images).is_dir():
+        raise FileNotFoundError(f"image root directory not found: {args.images}")
+    for flag, path in (("--val", args.val), ("--answers", args.answers)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} file not found: {path}")
+    for flag, path in (("--init", args.init), ("--teacher", args.teacher)):
+        if path is not None:
+            from vlprune.tasks.finetune import checkpoint_dir
+
+            checkpoint_dir(path)
+    cfg = build_config(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    res = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    if rank() == 0:
+        first, last = res["first"] or {}, res["last"] or {}
+        skip = {"step", "epoch", "lr", "samples_per_s", "skipped", "time"}
+        parts = [f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k not in skip and k in last]
+        print(f"{'interrupted' if res['interrupted'] else 'trained'} {res['steps']}/{res['total_steps']} steps; "
+              + "; ".join(parts))
+        if res.get("val"):
+            print("validation: " + ", ".join(f"{k} {v:.2f}" for k, v in res["val"].items()))
+        if res["skipped"]:
+            print(f"skipped {res['skipped']} sample(s) with bad images")
+        print(f"run directory: {res['out']} (metrics.jsonl, checkpoint.pt, model/, tokenizer/)")
+        if res["interrupted"]:
+            print(f"resume with: vlprune train {cfg.task} --out {args.out} --resume")
+    return 130 if res["interrupted"] else 0

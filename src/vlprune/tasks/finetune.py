@@ -1,0 +1,146 @@
+"""What the fine-tuning tasks share: starting from a pre-trained run (``--init``), the teacher of TiP's and
+DynamicViT's distillation (``--teacher``), TiP's two training stages, and the losses of the learned methods.
+
+Checkpoints are given as a run directory (``RUN/model/config.json``, ``RUN/tokenizer/``) or as a
+``save_pretrained`` directory (``config.json`` + ``model.safetensors``; its tokenizer is found through the
+config's ``"tokenizer"`` entry, a ``tokenizer/`` folder inside it, or one beside it).
+
+TiP's stages (METHODS.md): stage 1 freezes the backbone and trains the pruners and the task head with lam = 0
+(no continuity loss); stage 2 also trains the cross-modal layers (ViLT: the joint encoder, its final norm and
+pooler; ALBEF: the fusion encoder) with lam = 1. Without a stage everything trains with lam = 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, from_dict
+from ..models.build import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_state_strict, read_config
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+LEARNED = ("tip", "dynamicvit")
+
+
+def _new_part(key: str) -> bool:
+    """Parameters a fine-tuning run may add to (or drop from) a pre-trained checkpoint."""
+    return ".reducer." in key or key.startswith(("laps.", "task_heads."))
+
+
+def checkpoint_dir(path: PathLike) -> Path:
+    """The ``save_pretrained`` directory of a run directory or of itself."""
+    p = Path(path)
+    if (p / "model" / CONFIG_NAME).is_file():
+        return p / "model"
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    raise FileNotFoundError(f"{p} is neither a vlprune run directory (with model/{CONFIG_NAME}) nor a saved model "
+                            f"directory (with {CONFIG_NAME})")
+
+
+def tokenizer_dir(path: PathLike) -> Optional[Path]:
+    """The tokenizer that belongs to a checkpoint, or None."""
+    ckpt = checkpoint_dir(path)
+    meta = read_config(ckpt)
+    cands = ([ckpt / meta["tokenizer"]] if meta.get("tokenizer") else []) + [ckpt / "tokenizer", ckpt.parent / "tokenizer"]
+    for c in cands:
+        if (c / "tokenizer.json").is_file() or (c / "vocab.txt").is_file():
+            return c.resolve()
+    return None
+
+
+def model_config(path: PathLike) -> ModelConfig:
+    ckpt = checkpoint_dir(path)
+    return from_dict(ModelConfig, read_config(ckpt)["model"], str(ckpt / CONFIG_NAME))
+
+
+def load_init(model: nn.Module, path: PathLike) -> List[str]:
+    """Copy a pre-trained checkpoint's weights into ``model`` (built with this run's method and task heads).
+
+    Reducers, the LAPS head and task heads that the checkpoint lacks keep their fresh initialisation; those the
+    checkpoint has but the model does not (another method's, another task's) are skipped; a task head of another
+    size (another answer vocabulary) is re-initialised. Anything else missing, unexpected or of another shape
+    raises. Returns the keys that kept their fresh values."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoint_dir(path)
+    state = load_file(str(ckpt / WEIGHTS_NAME))
+    own = model.state_dict()
+    for k in [k for k in state if k not in own and _new_part(k)]:
+        del state[k]
+    fresh = [k for k in own if _new_part(k) and (k not in state or state[k].shape != own[k].shape)]
+    for k in fresh:
+        state[k] = own[k]
+    load_state_strict(model, state, str(ckpt / WEIGHTS_NAME))
+    if fresh:
+        log.info("init %s: %d new parameters keep their initialisation (%s ...)", ckpt, len(fresh), fresh[0])
+    return fresh
+
+
+def load_teacher(path: PathLike, device: torch.device) -> nn.Module:
+    """The distillation teacher: the same task fine-tuned without pruning, frozen, in eval mode."""
+    teacher = load_pretrained(checkpoint_dir(path), method=None).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def cross_modal(model: nn.Module) -> List[nn.Module]:
+    if model.cfg.arch == "vilt":
+        return [model.layers, model.norm, model.pooler]
+    return [model.fusion]
+
+
+def set_stage(model: nn.Module, stage: Optional[int]) -> None:
+    """Freeze for TiP's stage 1 (reducers + task heads train) or stage 2 (also the cross-modal layers)."""
+    if stage is None:
+        return
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    rc = getattr(model, "method_config", None)
+    if rc is None or rc.name not in LEARNED:
+        raise ValueError(f"training stages need a learned method ({', '.join(LEARNED)}), got {rc.name if rc else 'none'}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train: List[nn.Module] = list(model.reducers().values()) + [model.task_heads]
+    if stage == 2:
+        train += cross_modal(model)
+    for m in train:
+        for name, p in m.named_parameters():
+            p.requires_grad_(True)
+
+
+def learned_method(model: nn.Module) -> Optional[str]:
+    rc = getattr(model, "method_config", None)
+    return rc.name if rc is not None and rc.name in LEARNED else None
+
+
+def method_losses(
+    model: nn.Module, task_loss: Tensor, aux: Sequence, logits: Tensor, teacher_logits: Optional[Tensor],
+    student_tokens: Optional[Tensor] = None, teacher_tokens: Optional[Tensor] = None, lam: float = 1.0,
+    weights: Optional[Dict[str, float]] = None,
+) -> Dict[str, Tensor]:
+    """{"loss": total, parts...} of a training pass: the task loss plus TiP's or DynamicViT's losses (from the
+    AuxRecords ``aux`` of the pass); just the task loss for other methods."""
+    name = learned_method(model) if model.training else None
+    if name == "tip":
+        from ..objectives.tip import grid_side, tip_loss
+
+        res = tip_loss(task_loss, aux, grid_side(model.cfg.vision.num_patches), logits, teacher_logits, weights, lam)
+    elif name == "dynamicvit":
+        from ..objectives.dynamicvit import dynamicvit_loss
+
+        w = {"ratio_weight": 2.0, "cls_weight": 0.5, "token_weight": 0.5, **(weights or {})}
+        res = dynamicvit_loss(task_loss, aux, logits, teacher_logits, student_tokens, teacher_tokens, **w)
+    else:
+        return {"loss": task_loss}
+    out: Dict[str, Any] = {"loss": res["total"]}
+    out.update({k: v.detach() for k, v in res.items() if k not in ("total", "task")})
+    return out

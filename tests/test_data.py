@@ -1,0 +1,189 @@
+"""Annotation formats, image loading (conversion, bad files, skip mode), datasets + collate, tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlprune.data import formats
+from vlprune.data.datasets import CaptionDataset, Collate, NLVR2Dataset, ResumableSampler, VEDataset, VQADataset
+from vlprune.data.images import BadImageError, ImageLoader, open_image, pil_to_tensor
+from vlprune.data.tokenizer import TextTokenizer
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def write(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+GOOD = {
+    "pretrain": [{"image": "a.png", "caption": "a red circle"}],
+    "retrieval_train": [{"image": "a.png", "caption": "a red circle", "image_id": 3}],
+    "retrieval_test": [{"image": "a.png", "caption": ["a red circle", "a circle"]}],
+    "vqa": [{"question_id": 1, "image": "a.png", "question": "what colour?", "answer": ["red", "red"]}],
+    "nlvr2": [{"images": ["a.png", "b.png"], "sentence": "both red", "label": "True"}],
+    "ve": [{"image": "a.png", "sentence": "red", "label": "neutral"}],
+}
+
+
+@pytest.mark.parametrize("kind", list(GOOD))
+def test_formats_accept_good_and_name_missing_field(tmp_path, kind):
+    good = GOOD[kind]
+    assert formats.load_annotations(write(tmp_path / "a.json", good), kind) == good
+    for field in good[0]:
+        if kind == "vqa" and field == "answer":
+            continue  # optional (test files)
+        bad = [dict(good[0]), {k: v for k, v in good[0].items() if k != field}]
+        p = write(tmp_path / "bad.json", bad)
+        with pytest.raises(ValueError, match=rf"bad.json: entry 1 has no field '{field}'"):
+            formats.load_annotations(p, kind)
+
+
+def test_formats_errors(tmp_path):
+    p = tmp_path / "broken.json"
+    p.write_text('[{"image": "a.png", "caption": "x"},')
+    with pytest.raises(ValueError, match="broken.json: malformed JSON at line 1"):
+        formats.load_pretrain(p)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        formats.load_pretrain(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="entry 0 field 'label' must be one of"):
+        formats.load_ve(write(tmp_path / "v.json", [{"image": "a", "sentence": "s", "label": "yes"}]))
+    with pytest.raises(ValueError, match="entry 0 field 'caption' must be a non-empty string"):
+        formats.load_pretrain(write(tmp_path / "c.json", [{"image": "a", "caption": "   "}]))
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        formats.load_pretrain(write(tmp_path / "d.json", {"image": "a"}))
+    with pytest.raises(ValueError, match="entry 0 has no field 'answer'"):
+        formats.load_vqa(write(tmp_path / "q.json", [{"question_id": 1, "image": "a", "question": "q"}]), True)
+    vqa = formats.load_vqa(write(tmp_path / "q2.json", [{"question_id": 1, "image": "a", "question": "q", "answer": "x"}]))
+    assert vqa[0]["answer"] == ["x"]
+    with pytest.raises(ValueError, match="answers must be unique"):
+        formats.load_answer_list(write(tmp_path / "al.json", ["a", "a"]))
+
+
+def _png(path, mode, color):
+    Image.new(mode, (10, 6), color).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mode,color,fmt,rgb",
+    [("L", 128, "png", (128, 128, 128)), ("RGBA", (255, 0, 0, 0), "png", (255, 255, 255)),
+     ("RGBA", (10, 20, 30, 255), "png", (10, 20, 30)), ("CMYK", (0, 255, 255, 0), "jpg", (255, 0, 0)),
+     ("P", 0, "png", (0, 0, 0)), ("1", 1, "png", (255, 255, 255))],
+)
+def test_image_modes_become_rgb(tmp_path, mode, color, fmt, rgb):
+    p = tmp_path / f"x.{fmt}"
+    Image.new(mode, (10, 6), color).save(p)
+    img = open_image(p)
+    assert img.mode == "RGB" and img.size == (10, 6)
+    got = np.asarray(img)[3, 5].astype(int)
+    assert np.abs(got - np.array(rgb)).max() <= (3 if fmt == "jpg" else 0)
+
+
+def test_image_tensor_resize_and_normalise(tmp_path):
+    p = _png(tmp_path / "a.png", "RGB", (255, 0, 51))
+    x = ImageLoader(tmp_path, 8, MEAN, STD)("a.png")
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    want = (torch.tensor([1.0, 0.0, 0.2]) - torch.tensor(MEAN)) / torch.tensor(STD)
+    torch.testing.assert_close(x[:, 4, 4], want)
+    # bicubic resize equals PIL's own bicubic resize
+    g = np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    im = Image.fromarray(g)
+    ref = np.asarray(im.resize((8, 8), Image.BICUBIC)).astype(np.float32) / 255
+    t = pil_to_tensor(im, 8, (0, 0, 0), (1, 1, 1))
+    torch.testing.assert_close(t, torch.from_numpy(ref).permute(2, 0, 1))
+
+
+def _bad_images(root):
+    _png(root / "good.png", "RGB", (1, 2, 3))
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("hello, not an image")
+    full = root / "full.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(full)
+    (root / "trunc.png").write_bytes(full.read_bytes()[:200])
+
+
+def test_bad_images_raise_naming_path(tmp_path):
+    _bad_images(tmp_path)
+    load = ImageLoader(tmp_path, 8, MEAN, STD)
+    load("good.png")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load("missing.png")
+    for name, msg in (("empty.png", "empty"), ("text.png", "not an image"), ("trunc.png", "truncated")):
+        with pytest.raises(BadImageError, match=f"{msg}.*{name}"):
+            load(name)
+
+
+def test_skip_bad_images_counts(tmp_path):
+    _bad_images(tmp_path)
+    entries = [{"image": n, "caption": f"cap {n}"} for n in ("good.png", "empty.png", "missing.png", "trunc.png", "good.png")]
+    tok = TextTokenizer.train([e["caption"] for e in entries], 40)
+    loader = ImageLoader(tmp_path, 8, MEAN, STD)
+    with pytest.raises((BadImageError, FileNotFoundError)):
+        Collate(tok, 10)([CaptionDataset(entries, loader)[i] for i in range(5)])
+    ds = CaptionDataset(entries, loader, skip_bad_images=True)
+    batch = Collate(tok, 10)([ds[i] for i in range(5)])
+    assert batch["skipped"] == 3 and batch["size"] == 2
+    assert batch["images"].shape == (2, 3, 8, 8) and batch["index"].tolist() == [0, 4]
+    assert batch["image_id"].tolist() == [0, 0]  # the same image twice -> the same image id
+
+
+def test_task_datasets(tmp_path):
+    _png(tmp_path / "a.png", "RGB", (1, 2, 3))
+    _png(tmp_path / "b.png", "L", 7)
+    loader = ImageLoader(tmp_path, 8, MEAN, STD)
+    tok = TextTokenizer.train(["both red", "what colour", "red"], 40)
+    col = Collate(tok, 12)
+    b = col([NLVR2Dataset(GOOD["nlvr2"], loader)[0]])
+    assert b["images"].shape == (1, 2, 3, 8, 8) and b["label"].tolist() == [1]
+    b = col([VEDataset(GOOD["ve"], loader)[0]])
+    assert b["label"].tolist() == [1]
+    b = col([VQADataset(GOOD["vqa"], loader)[0]])
+    assert b["answers"] == [["red", "red"]] and b["question_id"].tolist() == [1]
+
+
+def test_sampler_resume_position_and_ranks():
+    data = list(range(23))
+    full = list(ResumableSampler(data, seed=3))
+    assert sorted(full) == sorted(data)[: len(full)] or len(set(full)) == len(full)
+    s = ResumableSampler(data, seed=3)
+    s.set_position(0, 5)
+    assert list(s) == full[5:]
+    s.set_epoch(1)
+    assert list(s) != full[5:]
+    r0, r1 = (list(ResumableSampler(data, 2, r, seed=3)) for r in (0, 1))
+    assert not set(r0) & set(r1) and len(r0) == len(r1) == 11
+
+
+def test_tokenizer_round_trip_pad_and_errors(tmp_path, caplog):
+    texts = ["a large red circle left of a blue square", "three shapes on a striped background"]
+    tok = TextTokenizer.train(texts, 120)
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    ids, mask = tok.encode(["a red circle", "three shapes on a striped background"], 40)
+    assert ids.shape == mask.shape and ids[0, 0] == tok.cls_id and mask[0].sum() < mask[1].sum()
+    n = int(mask[0].sum())
+    assert ids[0, n - 1] == tok.sep_id and (ids[0, n:] == 0).all() and (mask[0, n:] == 0).all()
+    assert tok.decode(ids[1]) == "three shapes on a striped background"
+    tok.save(tmp_path / "tok")
+    again = TextTokenizer.from_dir(tmp_path / "tok")
+    assert torch.equal(again.encode(["a red circle"], 40)[0], tok.encode(["a red circle"], 40)[0])
+    (tmp_path / "tok" / "tokenizer.json").unlink()  # a BERT checkpoint's vocab.txt alone
+    v = TextTokenizer.from_dir(tmp_path / "tok")
+    assert v.encode(["A RED circle"], 40)[0].tolist() == tok.encode(["a red circle"], 40)[0].tolist()
+    for bad in ([""], ["ok", "   "]):
+        with pytest.raises(ValueError, match="empty or whitespace"):
+            tok.encode(bad, 40)
+    with caplog.at_level("WARNING"):
+        ids, mask = tok.encode([" ".join(["red"] * 50)], 10)
+    assert ids.shape == (1, 10) and ids[0, -1] == tok.sep_id and "truncated" in caplog.text
+    import vlprune
+
+    tok.check_model(vlprune.load_preset("small").text)
+    with pytest.raises(ValueError, match="vocab_size"):
+        tok.check_model(vlprune.TextConfig(vocab_size=10))
