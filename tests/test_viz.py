@@ -245,3 +245,18 @@ def test_comparison_of_texts_on_one_image(tmp_path):
         assert im.format == "PNG" and im.size[1] > im.size[0] * 0.8
     with pytest.raises(ValueError, match="at least one"):
         save_comparison(np.zeros((32, 32, 3)), [], tmp_path / "e.png")
+
+
+def test_visualize_a_training_run_directory(run_dir, tmp_path, monkeypatch, capsys):
+    """A ``vlprune train`` run directory: weights in run/model, the tokenizer in run/tokenizer."""
+    import shutil
+
+    monkeypatch.setitem(registry._REGISTRY, "toy", _toy_builder)
+    run = tmp_path / "trainrun"
+    shutil.copytree(run_dir, run / "model")
+    (run / "tokenizer").mkdir()
+    shutil.move(str(run / "model" / "tokenizer.json"), run / "tokenizer" / "tokenizer.json")
+    argv = ["visualize", "--checkpoint", str(run), "--image", str(tmp_path / "img.png"), "--text", "a red cube",
+            "--method", "toy", "--out", str(tmp_path / "r.png")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "r.png").is_file()

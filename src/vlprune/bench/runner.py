@@ -3,6 +3,9 @@
 ``run_bench(settings, methods)`` returns one row (a dict) per method; ``format_table`` prints them aligned.
 All methods run on the same model (same weights) and the same inputs, one after the other, in one process, and
 ``none`` is always measured too, so that every speed-up is relative to a baseline measured in the same run.
+Inference timings are interleaved: each round times every method once (in a rotating order), and the median over
+rounds is taken, so that other load on the machine slows all methods alike instead of whichever ran at the time.
+``--train`` runs one method after the other (each keeps its own optimiser state).
 The FLOPs-ideal speed-up is ``gflops_total(none) / gflops_total(method)`` (forward, one pair; for ``--train`` the
 FLOPs of a whole training step); ``speedup_ratio = speedup / ideal_speedup`` says how much of the ideal the
 measured speed-up reaches (below 1: selection overhead and kernels that do not scale with tokens).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -29,7 +33,7 @@ from ..models.build import attach, build_model, load_pretrained
 from ..reduce.registry import ReduceConfig, get_method
 from .flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from .memory import measure_peak, tensor_bytes
-from .throughput import find_max_batch, fits_budget, median_time
+from .throughput import find_max_batch, fits_budget, median_time, time_interleaved
 from .train_step import PretrainStep
 
 log = logging.getLogger(__name__)
@@ -40,7 +44,7 @@ _MIB = 1024.0 * 1024.0
 class BenchSettings:
     """What to measure. ``model``: preset name or config JSON (random weights), or ``checkpoint``: a run dir.
     ``batch_size`` None = 8 on CPU / 32 on GPU unless ``max_batch``; ``mem_budget_gb`` caps the largest-batch
-    search (required for it on CPU)."""
+    search (on CPU without it: half of the available memory)."""
 
     model: str = "tiny"
     checkpoint: Optional[str] = None
@@ -112,6 +116,20 @@ def _load() -> Optional[float]:
         return None
 
 
+def _budget_mb(s: BenchSettings, progress: Callable[[str], None]) -> Optional[float]:
+    """The memory budget of a largest-batch search: ``--mem-budget``, else on CPU half of the memory the kernel
+    reports available (MemAvailable), else None (GPU: the search stops at the first out-of-memory error)."""
+    if s.budget_mb is not None or s.device != "cpu":
+        return s.budget_mb
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None  # fits_budget then asks for --mem-budget
+    progress(f"  no --mem-budget given: using half of the available memory, {kb / 2 / 1024 / 1024:.1f} GB")
+    return kb / 2 / 1024
+
+
 def _gen(s: BenchSettings, offset: int = 0) -> torch.Generator:
     return torch.Generator(device=s.device).manual_seed(s.seed + offset)
 
@@ -142,36 +160,60 @@ def _flop_fields(model: nn.Module, s: BenchSettings) -> Dict:
     }
 
 
-def _inference_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], None]) -> Dict:
-    model.eval()
-    dev = torch.device(s.device)
-    static_mb = tensor_bytes(model) / _MIB
+class _Forward:
+    """Forward calls of the model at a batch size, on inputs made once per batch size (shared by all methods)."""
 
-    def forward_at(b: int):
-        images, ids, mask = make_inputs(model.cfg, b, s.text_len, s.device, _gen(s))
+    def __init__(self, model: nn.Module, s: BenchSettings):
+        self.model, self.s, self.inputs = model, s, {}
+
+    def __call__(self, b: int) -> Callable[[], object]:
+        if b not in self.inputs:
+            self.inputs[b] = make_inputs(self.model.cfg, b, self.s.text_len, self.s.device, _gen(self.s))
+        images, ids, mask = self.inputs[b]
 
         def call():
             with torch.inference_mode():
-                return model(images, ids, mask)
+                return self.model(images, ids, mask)
 
         return call
 
+
+def _inference_batch(model: nn.Module, s: BenchSettings, fwd: _Forward, progress: Callable[[str], None]) -> int:
+    """The batch to time: ``s.batch_size``, the largest that fits (``s.max_batch``), or 8 on CPU / 32 on GPU."""
+    dev = torch.device(s.device)
+    if not s.max_batch:
+        return s.batch_size or (32 if dev.type == "cuda" else 8)
+    static_mb = tensor_bytes(model) / _MIB
+
     def used(b: int) -> Optional[float]:
-        _, peak = measure_peak(forward_at(b), dev)
+        _, peak = measure_peak(fwd(b), dev)
+        fwd.inputs.pop(b, None)
         return None if peak is None else static_mb + peak
 
-    batch = s.batch_size or (32 if dev.type == "cuda" else 8)
-    if s.max_batch:
-        progress("  searching the largest batch that fits")
-        batch = find_max_batch(fits_budget(used, s.budget_mb, dev), cap=s.max_batch_cap)
-    call = forward_at(batch)
-    progress(f"  timing batch {batch} ({s.warmup} warm-up + {s.repeats} runs)")
-    t = median_time(call, dev, s.warmup, s.repeats)
-    progress(f"  timing batch 1 (latency)")
-    lat = median_time(forward_at(1), dev, s.warmup, s.repeats)
-    _, peak = measure_peak(call, dev)
-    return {"batch_size": batch, "throughput": batch / t, "latency_ms": lat * 1000.0,
-            "peak_mem_mb": peak, "static_mem_mb": static_mb, "load_avg_1m": _load()}
+    progress("  searching the largest batch that fits")
+    return find_max_batch(fits_budget(used, _budget_mb(s, progress), dev), cap=s.max_batch_cap)
+
+
+def _time_inference(model: nn.Module, s: BenchSettings, methods: Sequence[ReduceConfig], rows: List[Dict],
+                    fwd: _Forward, progress: Callable[[str], None]) -> None:
+    """Throughput, latency and memory of every method, timed interleaved (round-robin) so that a busy machine
+    slows every method alike; fills the rows in place."""
+    dev = torch.device(s.device)
+    model.eval()
+    setups = [lambda rc=rc: attach(model, rc) for rc in methods]
+    n = len(methods)
+    progress(f"timing {n} method(s) interleaved: {s.warmup} warm-up + {s.repeats} rounds at each method's batch")
+    thr = time_interleaved([(st, fwd(r["batch_size"])) for st, r in zip(setups, rows)], dev, s.warmup, s.repeats)
+    load_thr = _load()
+    progress(f"timing latency at batch 1: {s.warmup} warm-up + {s.repeats} rounds")
+    lat = time_interleaved([(st, fwd(1)) for st in setups], dev, s.warmup, s.repeats)
+    for st, rc, r, t_b, t_1 in zip(setups, methods, rows, thr, lat):
+        st()
+        _, peak = measure_peak(fwd(r["batch_size"]), dev)
+        tb = statistics.median(t_b)
+        r.update({"throughput": r["batch_size"] / tb, "latency_ms": statistics.median(t_1) * 1000.0,
+                  "peak_mem_mb": peak, "static_mem_mb": tensor_bytes(model) / _MIB, "load_avg_1m": load_thr,
+                  "times_s": [round(t, 6) for t in t_b]})
 
 
 def _train_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], None]) -> Dict:
@@ -197,7 +239,7 @@ def _train_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], 
     max_fit = None
     if s.mem_budget_gb is not None or s.max_batch:
         progress("  searching the largest batch that fits" + (f" in {s.mem_budget_gb} GB" if s.mem_budget_gb else ""))
-        max_fit = find_max_batch(fits_budget(used, s.budget_mb, dev), start=2, cap=s.max_batch_cap)
+        max_fit = find_max_batch(fits_budget(used, _budget_mb(s, progress), dev), start=2, cap=s.max_batch_cap)
     batch = s.batch_size or max_fit or (32 if dev.type == "cuda" else 8)
     call = step_at(batch)
     progress(f"  timing training steps at batch {batch} ({s.warmup} warm-up + {s.repeats} runs)")
@@ -231,6 +273,7 @@ def run_bench(
         get_method(rc.name)(rc, model)  # validates layers / keep / options against this model ("none" too)
         model.clear_reducers()
     rows = []
+    fwd = _Forward(model, s)
     for i, rc in enumerate(methods):
         progress(f"[{i + 1}/{len(methods)}] {_label(rc)}")
         attach(model, rc)
@@ -243,8 +286,11 @@ def run_bench(
         elif s.train:
             row.update(_train_fields(model, s, progress))
         else:
-            row.update(_inference_fields(model, s, progress))
+            row["batch_size"] = _inference_batch(model, s, fwd, progress)
         rows.append(row)
+    if not s.flops_only and not s.train:
+        _time_inference(model, s, methods, rows, fwd, progress)
+    model.clear_reducers()
     add_speedups(rows)
     return rows
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +37,36 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_interleaved(
+    calls: Sequence[Tuple[Callable[[], object], Callable[[], object]]], device: torch.device, warmup: int = 1,
+    repeats: int = 5,
+) -> List[List[float]]:
+    """Seconds per call for several workloads timed round-robin: ``calls`` are (setup, fn) pairs; ``setup()``
+    (untimed, e.g. installing a method) runs before each timed ``fn()``. Every workload gets ``warmup`` untimed
+    calls, then ``repeats`` rounds each time every workload once, in an order rotated by one each round.
+    Returns one list of ``repeats`` times per workload."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    n = len(calls)
+    for setup, fn in calls:
+        setup()
+        for _ in range(warmup):
+            fn()
+    times: List[List[float]] = [[] for _ in range(n)]
+    for r in range(repeats):
+        for i in [(r + j) % n for j in range(n)]:
+            setup, fn = calls[i]
+            setup()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
     return times
 
 
@@ -108,4 +138,4 @@ def fits_budget(run: Callable[[int], Optional[float]], budget_mb: Optional[float
     return fits
 
 
-__all__ = ["time_call", "median_time", "find_max_batch", "fits_budget", "is_oom"]
+__all__ = ["time_call", "time_interleaved", "median_time", "find_max_batch", "fits_budget", "is_oom"]

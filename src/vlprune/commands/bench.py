@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--text-len", type=int, default=40, help="caption length in tokens (random ids; default 40)")
     b = p.add_mutually_exclusive_group()
     b.add_argument("--batch-size", type=int, default=None, help="batch for throughput (default 8 CPU / 32 GPU)")
-    b.add_argument("--max-batch", action="store_true", help="use the largest batch that fits (CPU: needs --mem-budget)")
+    b.add_argument("--max-batch", action="store_true", help="use the largest batch that fits (CPU: within --mem-budget, default half the free memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs and tokens only, no timing")
     p.add_argument("--train", action="store_true", help="measure a pre-training step (ITC+ITM+MLM, backward, momentum)")

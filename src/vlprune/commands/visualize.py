@@ -3,8 +3,8 @@
     vlprune visualize --checkpoint runs/demo/pretrain --image cat.jpg --text "what colour is the cat?" \\
         --method trips --layers 2,4 --keep 0.5 --out overlay.png
 
-The checkpoint directory is one written by ``vlprune.save_pretrained`` (a training run directory); its tokenizer
-(``tokenizer.json``) encodes the text. Without ``--method`` the method the model was saved with is used.
+The checkpoint is a ``vlprune train`` run directory or a directory written by ``vlprune.save_pretrained``; the
+run's tokenizer encodes the text. Without ``--method`` the method the model was saved with is used.
 """
 
 from __future__ import annotations
@@ -30,44 +30,22 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _load_tokenizer(run_dir) -> Callable[[str, int], Tuple]:
-    """``encode(text, max_len) -> (ids (1, L), mask (1, L))`` with the run directory's tokenizer.
+def _load_tokenizer(ckpt: Path, text_cfg) -> Callable[[str, int], Tuple]:
+    """``encode(text, max_len) -> (ids (1, L), mask (1, L))`` with the checkpoint's tokenizer: the one its run
+    saved (``vlprune.tasks.finetune.tokenizer_dir``) or a ``tokenizer.json`` / ``vocab.txt`` next to the weights."""
+    from vlprune.data.tokenizer import TextTokenizer
+    from vlprune.tasks.finetune import tokenizer_dir
 
-    Uses ``vlprune.data.tokenizer.TextTokenizer`` when it is available; until then a ``tokenizer.json`` written by
-    the ``tokenizers`` library is read directly, with [CLS]/[SEP] added when the vocabulary has them.
-    """
-    d = Path(run_dir)
-    try:
-        from vlprune.data.tokenizer import TextTokenizer  # type: ignore[import-not-found]
-    except ImportError:
-        TextTokenizer = None
-    if TextTokenizer is not None:
-        tok = TextTokenizer.from_dir(d)
-        return lambda text, max_len: tok.encode([text], max_len)
-    path = d / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {d}: visualize needs the run's tokenizer to encode --text")
-    import torch
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises its own exception type
-        raise ValueError(f"cannot read tokenizer {path}: {e}") from None
-
-    def encode(text: str, max_len: int):
-        if not text.strip():
-            raise ValueError("--text is empty or whitespace")
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        body = tok.encode(text, add_special_tokens=False).ids
-        room = max_len - (cls is not None) - (sep is not None)
-        if len(body) > room:
-            log.warning("text of %d tokens truncated to %d", len(body), room)
-        ids = ([cls] if cls is not None else []) + body[:room] + ([sep] if sep is not None else [])
-        t = torch.tensor([ids], dtype=torch.long)
-        return t, torch.ones_like(t)
-
-    return encode
+    d = tokenizer_dir(ckpt)
+    if d is None and ((ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.txt").is_file()):
+        d = ckpt
+    if d is None:
+        raise FileNotFoundError(
+            f"no tokenizer for {ckpt}: visualize needs the run's tokenizer (tokenizer.json or vocab.txt in "
+            f"{ckpt}, {ckpt / 'tokenizer'} or {ckpt.parent / 'tokenizer'}) to encode --text")
+    tok = TextTokenizer.from_dir(d)
+    tok.check_model(text_cfg)
+    return lambda text, max_len: tok.encode([text], max_len)
 
 
 def _load_image(path: Path, cfg):
@@ -105,9 +83,9 @@ def run(args) -> int:
         raise ValueError(f"--out must be a .png file, got {out}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+    from vlprune.tasks.finetune import checkpoint_dir
+
+    ckpt = checkpoint_dir(args.checkpoint)  # a run directory (its model/) or a saved model directory
     if args.method is None and any(v is not None for v in (args.layers, args.keep, args.options)):
         raise ValueError("--layers/--keep/--options configure --method; give --method too")
     if args.method is not None:
@@ -118,7 +96,7 @@ def run(args) -> int:
     model.eval()
     if not model.reducers():
         raise CLIError("the model has no reduction method installed, so there is nothing to show; pass --method")
-    encode = _load_tokenizer(ckpt)
+    encode = _load_tokenizer(ckpt, model.cfg.text)
     ids, mask = encode(args.text, model.cfg.text.max_len)
     images, disp = _load_image(Path(args.image), model.cfg.vision)
     with torch.no_grad():
