@@ -9,7 +9,11 @@ import signal
 import pytest
 import torch
 
+import vlprune
+from method_cases import CASES, reduce_config
 from vlprune import checkpoint as ckpt_mod
+from vlprune.data.tokenizer import TextTokenizer
+from vlprune.tasks.base import StepContext, StepModule, get_task
 from vlprune.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from vlprune.cli import main
 from vlprune.data.scenes import generate
@@ -85,6 +89,45 @@ def test_kill_then_resume_equals_uninterrupted(scenes, tmp_path):
     assert first["steps"] == 5
 
 
+@pytest.mark.parametrize("method", [m for m, c in CASES.items() if c["model"] == "tiny"])
+def test_pretrain_step_with_every_method(method, batch):
+    """One pre-training step (ITC + ITM + MLM) through the step module with each two-stream method installed:
+    finite losses, and gradients reach the vision encoder, the fusion encoder and the heads."""
+    torch.manual_seed(0)
+    model = vlprune.build_model("tiny", method=reduce_config(method)).train()
+    images, ids, mask = batch
+    tok = TextTokenizer.train(["a red circle left of a blue square"], 60)
+    ids = ids.clamp_max(tok.vocab_size - 1).masked_fill(mask == 0, 0)
+    b = {"images": images, "ids": ids, "mask": mask, "image_id": torch.tensor([0, 1, 2]), "size": 3}
+    ctx = StepContext(torch.Generator().manual_seed(0), tok, 0, 10, 0)
+    out = StepModule(model, get_task("pretrain"))(b, ctx)
+    assert set(out) >= {"loss", "itc", "itm", "mlm", "itm_acc", "itc_acc"}
+    out["loss"].backward()
+    assert all(torch.isfinite(v) for v in out.values())
+    for name in ("vision.layers.0.attn.qkv.weight", "fusion.layers.0.cross.kv.weight", "itm_head.weight", "temp"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_evaluate_leaves_queues_and_momentum_alone(batch):
+    torch.manual_seed(0)
+    model = vlprune.build_model("tiny")
+    tok = TextTokenizer.train(["a red circle"], 60)
+    images, ids, mask = batch
+    ids = ids.clamp_max(tok.vocab_size - 1).masked_fill(mask == 0, 0)
+    b = {"images": images, "ids": ids, "mask": mask, "image_id": torch.tensor([0, 1, 2]), "size": 3}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = StepContext(torch.Generator().manual_seed(0), tok, 5, 10, 0)
+    res = get_task("pretrain").evaluate(model, [b, b], ctx)
+    assert set(res) >= {"loss", "itc", "itm", "mlm"} and all(isinstance(v, float) for v in res.values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+
+
+def test_pretrain_rejects_vilt(tiny_vilt_cfg):
+    with pytest.raises(ValueError, match="arch='albef'"):
+        get_task("pretrain").check_model(vlprune.build_model(tiny_vilt_cfg))
+
+
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path)
 
@@ -126,6 +169,8 @@ def test_cli_train_and_resume(scenes, tmp_path, capsys):
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["train", "pretrain", "--out", out, "--resume", "--steps", "3", "--quiet"]) == 0
+    assert "trained 3/3 steps" in capsys.readouterr().out
+    assert main(["train", "pretrain", "--out", out, "--resume", "--quiet"]) == 0  # the new end was recorded
     assert "trained 3/3 steps" in capsys.readouterr().out
     assert main(["train", "pretrain", "--train", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
     assert "none.json" in capsys.readouterr().err

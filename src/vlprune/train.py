@@ -144,6 +144,9 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
                 and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
             raise ValueError(f"cannot resume {out} with a different config: {diff} differ from {out / CONFIG_FILE}")
+        _barrier(world)
+        if rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
+            (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
         return cfg
     if exists and not overwrite:
         raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
@@ -222,7 +225,6 @@ def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwri
 
 
 def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[str, Any]:
-    cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
     task = get_task(cfg.task, **cfg.task_options)
     init_meta = None
     if cfg.init is not None:
@@ -232,6 +234,10 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
         mcfg, init_meta = model_config(cfg.init), read_config(checkpoint_dir(cfg.init))
     else:
         mcfg = load_preset(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg, cfg.method).to(device).train()  # a bad method fails before the run dir is touched
+    task.check_model(model)
+    cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
     entries, root = _data(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
     dataset = task.build_dataset(entries, ImageLoader.for_model(mcfg.vision, root), cfg.skip_bad_images)
@@ -244,8 +250,6 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
         raise ValueError(f"one epoch has {per_epoch} micro-batches, fewer than accum={cfg.accum}: no optimiser step")
     warmup = cfg.warmup if cfg.warmup >= 0 else max(1, total // 20)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg, cfg.method).to(device).train()
     if init_meta is not None:
         task.restore(init_meta, model)  # e.g. the VQA answer vocabulary of a fine-tuned init
     task.prepare(model, entries, out, device)  # task heads, vocabularies, teacher, frozen parts

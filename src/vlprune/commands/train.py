@@ -80,6 +80,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -149,6 +150,12 @@ def run(args) -> int:
 
             checkpoint_dir(path)
     cfg = build_config(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     res = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if rank() == 0:
         first, last = res["first"] or {}, res["last"] or {}

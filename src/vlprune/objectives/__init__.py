@@ -1,5 +1,5 @@
-"""Training objectives: ITC (momentum distillation, queues), ITM (hard negatives), MLM, KL distillation; the
-method-specific losses (DynamicViT, TiP, LAPS) live in their own modules (pure loss functions)."""
+"""Training objectives (pure loss functions): ITC (momentum distillation, queues), ITM (hard negatives), MLM,
+KL distillation; TiP's, LAPS's and DynamicViT's losses live in their own modules."""
 
 from .distill import kl_distill
 from .itc import enqueue, itc, itc_loss

@@ -68,6 +68,9 @@ class Task:
     #: the default annotation file name inside the built-in scenes directory
     scenes_file = ""
 
+    def check_model(self, model) -> None:
+        """Raise when the task cannot train ``model`` (e.g. the wrong architecture). Default: any model."""
+
     def load(self, path) -> List[Dict[str, Any]]:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -43,6 +43,10 @@ class PretrainTask(Task):
         self.w = {"itc": float(itc), "itm": float(itm), "mlm": float(mlm)}
         self.alpha, self.mlm_prob, self.mlm_distill = float(alpha), float(mlm_prob), bool(mlm_distill)
 
+    def check_model(self, model) -> None:
+        if model.cfg.arch != "albef":
+            raise ValueError(f"the pretrain task trains two-stream models (arch='albef'), got arch={model.cfg.arch!r}")
+
     def load(self, path) -> List[Dict[str, Any]]:
         """Pre-training pairs; a retrieval-train file (which has the same fields plus image_id) works too."""
         return load_annotations(path, "pretrain")
@@ -81,6 +85,9 @@ class PretrainTask(Task):
         r = itc(model, img, txt, idx, alpha, img_m, txt_m, update_queue=update)
         total = self.w["itc"] * r.loss
         out["itc"] = r.loss.detach()
+        with torch.no_grad():  # in-batch image->text top-1 (a caption of the same image counts): chance ~ 1/B
+            hit = idx[r.sim_i2t.argmax(1)] == idx
+            out["itc_acc"] = hit.float().mean()
         if self.w["itm"] > 0:
             neg_txt, neg_img = sample_negatives(r.sim_i2t, r.sim_t2i, g, idx)
             loss, acc = itm_loss(model, image, text, mask, neg_txt, neg_img, g)
