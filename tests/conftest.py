@@ -8,6 +8,9 @@ import torch
 
 import vlprune
 
+# tiny tensors: one intra-op thread per test process avoids oversubscribing 2 cores under pytest-xdist
+torch.set_num_threads(1)
+
 LENGTHS = (7, 3, 12)  # real tokens per caption; the batch is padded to the longest
 
 

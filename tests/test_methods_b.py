@@ -23,7 +23,7 @@ from vlprune.objectives import tip as tipl
 from vlprune.reduce import functional as Fn
 from vlprune.reduce.laps import laps_similarity
 from vlprune.reduce.registry import Reducer
-from vlprune.reduce.state import KEPT, MERGED, TokenState, _policy_bias
+from vlprune.reduce.state import KEPT, MERGED, TokenState, policy_bias
 from vlprune.reduce.tome import ToMeReducer
 
 SETTINGS = settings(deadline=None, max_examples=50, derandomize=True)
@@ -354,7 +354,7 @@ def test_gradcheck_policy_masked_attention_and_softmax():
 
     def attn(q, k, v, p):
         pp = p[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_policy_bias(pp + (1 - pp) * eye, torch.float64))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=policy_bias(pp + (1 - pp) * eye, torch.float64))
 
     assert torch.autograd.gradcheck(attn, (q, k, v, p))
     logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)

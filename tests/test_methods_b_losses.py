@@ -34,7 +34,8 @@ def _features(model, batch):
 def test_laps_similarity_matches_naive(official, tiny_cfg, batch):
     m = vlprune.build_model(tiny_cfg, method=RC("laps", keep=0.5, options={"official": official})).eval()
     image, text, mask = _features(m, batch)
-    S = laps_similarity(m, image, text, mask)
+    with torch.no_grad():
+        S = laps_similarity(m, image, text, mask)
     S_chunked = laps_similarity(m, image, text, mask, chunk=2)
     torch.testing.assert_close(S, S_chunked)
     assert S.shape == (3, 3)
@@ -181,3 +182,54 @@ def test_tip_aux_records_and_positions(tiny_cfg, batch):
     out3 = m2(*batch, generator=gen(0))
     with pytest.raises(ValueError, match="trace=True"):
         tipl.tip_loss(out3.itm_logits.sum(), out3.fused_image.aux, grid=4)
+
+
+def test_tip_training_stages(tiny_cfg):
+    from vlprune.reduce.tip import training_stage
+
+    m = vlprune.build_model(tiny_cfg, method=RC("tip", layers=(1, 2)))
+    assert training_stage(m, 1) == 0.0
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".reducer." in n or n.startswith("itm_head.") for n in trainable)
+    assert training_stage(m, 2) == 1.0
+    trainable2 = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "fusion.layers.0.cross.q.weight" in trainable2 and not any(n.startswith("vision.") for n in trainable2)
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        training_stage(m, 3)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(deadline=None, max_examples=50, derandomize=True)
+@given(B=st.integers(1, 3), g=st.integers(2, 5), seed=st.integers(0, 10**6), drop=st.floats(0.0, 0.7))
+def test_continuity_matches_naive_on_random_layouts(B, g, seed, drop):
+    gen_ = gen(seed)
+    N = g * g
+    M = N + 1  # one extra non-patch token (e.g. a fused one)
+    pos = torch.stack([torch.cat([torch.randperm(N, generator=gen_), torch.tensor([-1])]) for _ in range(B)])
+    gone = torch.rand(B, M, generator=gen_) < drop
+    pos = pos.masked_fill(gone, -1)
+    p = torch.rand(B, M, generator=gen_)
+    if not any(naive_has_pair(pos[b], g) for b in range(B)):
+        assert float(tipl.continuity_loss_layer(p, pos, g)) == 0.0
+        return
+    assert abs(float(tipl.continuity_loss_layer(p, pos, g)) - naive_b.continuity_one_layer(p, pos, g)) < 1e-6
+
+
+def naive_has_pair(pos, g):
+    cells = {int(c) for c in pos if int(c) >= 0}
+    return any(abs(a // g - b // g) <= 1 and abs(a % g - b % g) <= 1 and a != b for a in cells for b in cells)
+
+
+@settings(deadline=None, max_examples=50, derandomize=True)
+@given(B=st.integers(1, 4), M=st.integers(1, 20), seed=st.integers(0, 10**6))
+def test_st_keep_mask_is_hard_and_nested(B, M, seed):
+    gen_ = gen(seed)
+    logp = torch.randn(B, M, 2, generator=gen_).log_softmax(-1)
+    prev = (torch.rand(B, M, generator=gen_) < 0.5).float()
+    hard = Fn.st_keep_mask(logp, gen(seed), prev)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    assert (hard <= prev).all()
+    assert torch.equal(hard, Fn.st_keep_mask(logp, gen(seed), prev))

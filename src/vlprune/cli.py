@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 # sub-command modules under vlprune.commands, in help order
-COMMANDS = ["info", "demo", "data", "train", "eval"]
+COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..reduce.state import ReduceContext, TokenState, _policy_bias
+from ..reduce.state import ReduceContext, TokenState, policy_bias
 from .albef import MLMHead, ReductionSlots
 from .attention import Attention, Mlp
 from .text import TextEmbeddings, check_text
@@ -44,7 +44,7 @@ def joint_bias(text_mask: Tensor, image: TokenState, dtype: torch.dtype) -> Tens
         p = torch.cat([torch.ones(B, L, dtype=image.mask.dtype, device=text_mask.device), image.mask], dim=1)
         p = p[:, None, None, :]
         eye = torch.eye(L + T, dtype=p.dtype, device=p.device)
-        return (bias + _policy_bias(p + (1 - p) * eye, dtype)).clamp_min(neg)
+        return (bias + policy_bias(p + (1 - p) * eye, dtype)).clamp_min(neg)
     keep = torch.cat([torch.ones(B, L, dtype=torch.bool, device=text_mask.device), image.mask > 0], dim=1)
     allowed = keep[:, None, None, :] | torch.eye(L + T, dtype=torch.bool, device=text_mask.device)
     return (bias + torch.zeros(allowed.shape, dtype=dtype, device=bias.device).masked_fill(~allowed, neg)).clamp_min(neg)

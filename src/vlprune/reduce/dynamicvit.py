@@ -1,7 +1,7 @@
 """DynamicViT (Rao et al., NeurIPS 2021; official code raoyongming/DynamicViT) in the ViT of ALBEF-style models.
 
 Where: ``where = "pre"``: the predictor runs **before** the attention of each pruning layer (default layers
-4, 7, 10, 1-based), as in the paper, whose predictors sit before blocks 3, 6, 9 (0-based) of a 12-block ViT; the
+``uniform_layers(3, L)`` = 4, 7, 10 of 12, 1-based; fewer in shallow models), as in the paper, whose predictors sit before blocks 3, 6, 9 (0-based) of a 12-block ViT; the
 first attention affected is the pruning layer's own. Pruning layer j (1-based within the schedule) keeps the
 cumulative ratio rho_j = rho^j of the original patches (``keep`` = rho, default 0.7; or one cumulative ratio per
 layer, non-increasing).
@@ -16,7 +16,6 @@ multiplied by the previous mask. Tokens stay in the tensor; ``state.mask`` remov
 every later attention (a token always attends to itself; the fusion encoder's cross-attention masks them too).
 The mask carries straight-through gradients into the attention (``state.POLICY_FLOOR``), as DynamicViT's
 policy-multiplied softmax does.
-Default layers: ``uniform_layers(3, L)`` = 4, 7, 10 for L = 12 (fewer for shallow models).
 Inference: keep physically the top ``k_j = floor(rho_j * N)`` candidates by keep log-probability (clamped to
 [1, M]; N = the configured patch count), in spatial order, as the official ``int(N * ratio)``.
 

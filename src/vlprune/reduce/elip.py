@@ -10,7 +10,8 @@ first block are untouched. At block b, keep ``k_b = floor(ratio_b * N)`` of the 
 
 Configuration: ``layers`` are the 1-based block **starts**, ``keep`` the block ratios (of N, non-increasing),
 option ``spans`` the number of layers of each block (default: each block runs up to the next start, the last to
-the end, which gives (2, 6, 2) for starts (3, 5, 11) of 12 layers); options ``lam`` and ``lookahead``.
+the end, which gives (2, 6, 2) for starts (3, 5, 11) of 12 layers); options ``lam`` and ``lookahead``. On a
+model of another depth without ``layers=``, the starts are ``uniform_layers(3, L)`` (logged as a warning).
 
 ``lookahead=True`` (official): a "pre" reducer at the start of each block runs, under ``no_grad``, a detached copy
 of the block's input whose [CLS] is replaced by cls' through all layers of the block (``ctx.encoder.layers``),
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, Reducer, check_layers, check_options, register
-from .select import check_unmasked, cls_row_bias, default_layers, key_bias, require_guide, select_tokens
+from .select import check_unmasked, default_layers, key_bias, require_guide, select_tokens
 from .state import ReduceContext, TokenState
 
 DEFAULT_STARTS = (3, 5, 11)

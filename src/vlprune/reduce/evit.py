@@ -1,11 +1,13 @@
 """EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (youweiliang/evit; METHODS.md).
 
-At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each), after the attention residual and before the MLP:
+At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each; on another depth without ``layers=``, the three
+layers of ``uniform_layers(3, L)``, with a logged warning), after the attention residual and before the MLP:
 the score is the layer's own [CLS] attention row over the candidates, averaged over heads: the softmax runs over
 all 1 + M keys exactly as in the layer's attention ([CLS] key included, with the state's attention bias, e.g.
 proportional attention), and the candidates' part is taken (as the official ``attn[:, :, 0, 1:]``). Keep
 ``k = ceil(keep * M)``; the rest fuse into one token with the **raw** attention weights (not renormalised),
-appended last. Gradients flow through the weights and the tokens.
+appended last. Gradients flow through the weights and the tokens. In a single-stream model's joint layers the
+reducer sees only the image part of the keys, so there the row is the [CLS] softmax over the image keys.
 
 Keep-rate warm-up for training (EViT's cosine schedule from 1 to ``keep``): ``keep_rate_at(step, total, keep)``
 is the pure schedule; ``set_keep_rate(model, step=s, total=n)`` sets the current rate of every installed EViT

@@ -252,14 +252,15 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> Tuple[Tensor, Tensor, Ten
     positions and dst (B, r) the B positions they merge into (indices within A and B). Ties: lowest index first.
     """
     check_merge_count(r, metric.shape[1] - 1)
-    m = F.normalize(metric.float(), dim=-1)
-    a, b = m[:, ::2], m[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # cosine similarity, (B, |A|, |B|)
-    scores[:, 0, :] = -math.inf  # [CLS] protected
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
-    src, unm = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
-    dst = node_idx.gather(1, src)
+    with torch.no_grad():  # only indices come out: no graph
+        m = F.normalize(metric.float(), dim=-1)
+        a, b = m[:, ::2], m[:, 1::2]
+        scores = a @ b.transpose(-1, -2)  # cosine similarity, (B, |A|, |B|)
+        scores[:, 0, :] = -math.inf  # [CLS] protected
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+        src, unm = edge_idx[:, :r], edge_idx[:, r:].sort(dim=-1).values
+        dst = node_idx.gather(1, src)
     return unm, src, dst
 
 

@@ -5,8 +5,8 @@ position embeddings are interpolated (bicubic) to the smaller grid; no layer is 
 It acts on the main image encoder only (ALBEF's momentum teacher keeps the full size, as it stays unpruned).
 
 Option ``image_size``: a multiple of the patch size in [patch, the model's image size]. Default: the largest
-multiple of the patch size with at most half the model's patches, ``floor(grid / sqrt(2)) * patch`` (e.g. 272 for
-a 384 / 16 model: 289 of 576 patches).
+multiple of the patch size with at most half the model's patches, ``floor(grid / sqrt(2)) * patch`` (e.g. 256 for
+a 384 / 16 model: 256 of 576 patches).
 """
 
 from __future__ import annotations

@@ -74,21 +74,25 @@ def require_guide(ctx: ReduceContext, state: TokenState, method: str) -> Tensor:
 
 
 def default_layers(method: str, defaults: Sequence[int], num_layers: int, depth: int = 12) -> Tuple[int, ...]:
-    """The paper's default layers when they fit the model; otherwise a ValueError suggesting ``layers=``.
+    """The paper's default layers for a ``depth``-layer encoder; for another depth, ``uniform_layers(t, L)``.
 
-    We never move a default schedule silently to another depth: the paper's numbers are for a ``depth``-layer
-    encoder, and a shallower model needs an explicit choice (``vlprune.reduce.uniform_layers(t, L)`` helps).
+    The papers' numbers are for 12-layer encoders. On a model of another depth (e.g. the 4- and 6-layer test and
+    demo presets) we spread the same number of layers evenly (``s = L / (t + 1)``, layer ``i*s + 1``, the TRIPS
+    paper's ``uniform(t)``) and log a warning naming them; pass ``layers=`` to choose. A model too shallow for
+    ``t`` layers raises.
     """
-    if max(defaults) <= num_layers:
+    if num_layers == depth:
         return tuple(defaults)
-    hint = ""
     t = len(defaults)
-    if t < num_layers:
-        hint = f", e.g. layers={uniform_layers(t, num_layers)} (vlprune.reduce.uniform_layers({t}, {num_layers}))"
-    raise ValueError(
-        f"{method}: the default layers {tuple(defaults)} are for a {depth}-layer encoder but this model has "
-        f"{num_layers} layers; pass layers=... (1-based, in [1, {num_layers}]){hint}"
-    )
+    if t >= num_layers:
+        raise ValueError(
+            f"{method}: the default schedule has {t} layers {tuple(defaults)} (for a {depth}-layer encoder) but this "
+            f"model has {num_layers} layers; pass layers=... (1-based, in [1, {num_layers}])"
+        )
+    layers = uniform_layers(t, num_layers)
+    log.warning("%s: default layers %s are for a %d-layer encoder; this model has %d layers, using uniform_layers(%d, "
+                "%d) = %s (pass layers=... to choose)", method, tuple(defaults), depth, num_layers, t, num_layers, layers)
+    return layers
 
 
 def slot_group(model: nn.Module, method: str, allowed: Sequence[str]) -> Tuple[str, List[nn.Module]]:

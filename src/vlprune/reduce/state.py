@@ -55,7 +55,8 @@ class AuxRecord:
 POLICY_FLOOR = 1e-20
 
 
-def _policy_bias(policy: Tensor, dtype: torch.dtype) -> Tensor:
+def policy_bias(policy: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive attention bias log(p (1 - floor) + floor) of a 0/1 keep policy p that carries gradients."""
     p = policy.to(torch.promote_types(policy.dtype, torch.float32))
     return torch.log(p * (1.0 - POLICY_FLOOR) + POLICY_FLOOR).to(dtype)
 
@@ -133,7 +134,7 @@ class TokenState:
             eye = torch.eye(T, device=self.x.device, dtype=torch.bool)
             if self.mask.requires_grad:  # differentiable policy (see POLICY_FLOOR)
                 p = self.mask[:, None, None, :]
-                m = _policy_bias(p + (1 - p) * eye, dtype)
+                m = policy_bias(p + (1 - p) * eye, dtype)
             else:
                 allowed = (self.mask[:, None, None, :] > 0) | eye
                 m = torch.zeros(allowed.shape, device=self.x.device, dtype=dtype).masked_fill(~allowed, neg)
@@ -145,7 +146,7 @@ class TokenState:
         if self.mask is None:
             return None
         if self.mask.requires_grad:  # differentiable policy (see POLICY_FLOOR)
-            return _policy_bias(self.mask[:, None, None, :], dtype)
+            return policy_bias(self.mask[:, None, None, :], dtype)
         neg = torch.finfo(dtype).min
         keep = self.mask[:, None, None, :] > 0
         return torch.zeros(keep.shape, device=self.x.device, dtype=dtype).masked_fill(~keep, neg)

@@ -12,8 +12,8 @@ At each selection layer of the ViT, after the attention residual and before the 
    appended last. Gradients flow through ``a`` (into the text encoder, ``W_q``, ``LN1`` and the keys) and
    through ``v``; only the top-k choice is not differentiable.
 
-Defaults: layers 5 and 10 of a 12-layer ViT, r = 0.7 at each. A model of another depth needs ``layers=``
-explicitly (``uniform_layers(t, L)`` gives t evenly spread layers); we do not move the defaults silently.
+Defaults: layers 5 and 10 of a 12-layer ViT, r = 0.7 at each. On a model of another depth without ``layers=``,
+the two layers are spread evenly, ``uniform_layers(2, L)`` (the paper's ``uniform(t)``), with a logged warning.
 
 TRIPS-S: in a single-stream (ViLT-style) model the same reducer sits in the joint layers (slot group "joint") and
 the guide is the layer's multimodal [CLS] (the text [CLS] row of the joint sequence after this layer's attention),
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, select_tokens
+from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (5, 10)
@@ -71,7 +71,8 @@ class TripsReducer(RateReducer):
         if kk >= M:
             return state.record(ctx.layer, self.method)
         a = text_relevant_scores(layer, k, guide, key_bias(state, k.dtype))
-        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")
+        x, size, source, kind = text_relevant_select(state.x, state.size, state.source, a, self.keep)
+        return state.replace(x=x, size=size, source=source).record(ctx.layer, self.method, kind)
 
 
 @register("trips")

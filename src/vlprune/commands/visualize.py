@@ -1,0 +1,131 @@
+"""``vlprune visualize``: which patches a method keeps for one image and one text, at every reduction layer.
+
+    vlprune visualize --checkpoint runs/demo/pretrain --image cat.jpg --text "what colour is the cat?" \\
+        --method trips --layers 2,4 --keep 0.5 --out overlay.png
+
+The checkpoint directory is one written by ``vlprune.save_pretrained`` (a training run directory); its tokenizer
+(``tokenizer.json``) encodes the text. Without ``--method`` the method the model was saved with is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Tuple
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("visualize", help="draw the kept / fused / dropped patches of an image at every reduction")
+    p.add_argument("--checkpoint", required=True, help="run directory (config.json + model.safetensors + tokenizer)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--text", required=True, help="the caption or question that guides the selection")
+    p.add_argument("--method", default=None, help="method to apply instead of the saved one")
+    p.add_argument("--layers", default=None, help="1-based layers for --method, e.g. 5,10")
+    p.add_argument("--keep", default=None, help="keep rate for --method (or one per layer)")
+    p.add_argument("--options", default=None, help="method options for --method as JSON")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(run=run)
+
+
+def _load_tokenizer(run_dir) -> Callable[[str, int], Tuple]:
+    """``encode(text, max_len) -> (ids (1, L), mask (1, L))`` with the run directory's tokenizer.
+
+    Uses ``vlprune.data.tokenizer.TextTokenizer`` when it is available; until then a ``tokenizer.json`` written by
+    the ``tokenizers`` library is read directly, with [CLS]/[SEP] added when the vocabulary has them.
+    """
+    d = Path(run_dir)
+    try:
+        from vlprune.data.tokenizer import TextTokenizer  # type: ignore[import-not-found]
+    except ImportError:
+        TextTokenizer = None
+    if TextTokenizer is not None:
+        tok = TextTokenizer.from_dir(d)
+        return lambda text, max_len: tok.encode([text], max_len)
+    path = d / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {d}: visualize needs the run's tokenizer to encode --text")
+    import torch
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type
+        raise ValueError(f"cannot read tokenizer {path}: {e}") from None
+
+    def encode(text: str, max_len: int):
+        if not text.strip():
+            raise ValueError("--text is empty or whitespace")
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        body = tok.encode(text, add_special_tokens=False).ids
+        room = max_len - (cls is not None) - (sep is not None)
+        if len(body) > room:
+            log.warning("text of %d tokens truncated to %d", len(body), room)
+        ids = ([cls] if cls is not None else []) + body[:room] + ([sep] if sep is not None else [])
+        t = torch.tensor([ids], dtype=torch.long)
+        return t, torch.ones_like(t)
+
+    return encode
+
+
+def _load_image(path: Path, cfg):
+    """(1, C, S, S) normalised model input and the (S, S, 3) display image in [0, 1]."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    disp = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(disp).permute(2, 0, 1)
+    mean = torch.tensor(cfg.image_mean)[:, None, None]
+    std = torch.tensor(cfg.image_std)[:, None, None]
+    return ((x - mean) / std)[None], disp
+
+
+def run(args) -> int:
+    import torch
+
+    import vlprune
+    from vlprune.cli import CLIError
+    from vlprune.commands.bench import method_configs
+    from vlprune.viz.overlay import patch_status, save_overlay, trace_records
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {out}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+    if args.method is None and any(v is not None for v in (args.layers, args.keep, args.options)):
+        raise ValueError("--layers/--keep/--options configure --method; give --method too")
+    if args.method is not None:
+        args.methods = None
+        model = vlprune.load_pretrained(ckpt, method=method_configs(args)[0])
+    else:
+        model = vlprune.load_pretrained(ckpt)
+    model.eval()
+    if not model.reducers():
+        raise CLIError("the model has no reduction method installed, so there is nothing to show; pass --method")
+    encode = _load_tokenizer(ckpt)
+    ids, mask = encode(args.text, model.cfg.text.max_len)
+    images, disp = _load_image(Path(args.image), model.cfg.vision)
+    with torch.no_grad():
+        output = model(images, ids, mask, trace=True)
+    panels = patch_status(trace_records(model, output))
+    rc = model.method_config
+    title = f"{rc.name if rc else 'method'}: \"{args.text}\""
+    n = save_overlay(disp, panels, out, title=title)
+    print(f"wrote {out} ({n - 1} reduction layer(s))")
+    return 0

@@ -1,0 +1,212 @@
+"""Which patches a method keeps: the image with kept, fused/merged and dropped patches marked at every reduction.
+
+The input is the trace of a traced forward pass (``model(images, ids, mask, trace=True)``): one ``LayerTrace``
+per reduction, whose ``source`` (B, T, 1 + N) says which original patches each surviving token covers and whose
+``kind`` (B, T) says what the token is (CLS / KEPT / FUSED / MERGED, ``vlprune.reduce.state``).
+
+A patch's status after a reduction (``patch_status``):
+  kept    - a surviving token covers this patch alone;
+  fused   - it is inside a token that stands for several patches and was made by fusion (TRIPS, EViT, ELIP);
+  merged  - the same, made by merging (ToMe);
+  dropped - no surviving token covers it (or its token is masked out on a masked training path).
+A token covering several patches that an earlier reduction made, and that is kept again, keeps the label its
+patches had (a fused token that survives stays "fused").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..reduce.state import FUSED, KEPT, MERGED, LayerTrace
+
+DROPPED = -1
+STATUS_NAMES = {KEPT: "kept", FUSED: "fused", MERGED: "merged", DROPPED: "dropped"}
+# RGBA tints drawn over the patches: dropped dark, fused blue, merged orange, kept untouched
+TINTS = {DROPPED: (0.0, 0.0, 0.0, 0.72), FUSED: (0.12, 0.35, 0.95, 0.5), MERGED: (1.0, 0.55, 0.0, 0.5)}
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One reduction: where it ran and each patch's status as a (grid, grid) int array (KEPT/FUSED/MERGED/DROPPED)."""
+
+    group: str
+    layer: int
+    method: str
+    tokens: int
+    status: np.ndarray
+    owner: Optional[np.ndarray] = None  # (grid, grid) index of the token covering each patch, -1 if dropped
+
+    @property
+    def title(self) -> str:
+        counts = {name: int((self.status == s).sum()) for s, name in STATUS_NAMES.items()}
+        parts = [f"{n} {counts[n]}" for n in ("kept", "fused", "merged", "dropped") if counts[n] or n == "kept"]
+        return f"{self.group} layer {self.layer} ({self.method}): {self.tokens} tokens\n" + ", ".join(parts)
+
+
+def trace_records(model: torch.nn.Module, output) -> List[Tuple[str, LayerTrace]]:
+    """(slot group, record) pairs of a traced forward pass of an ALBEF or ViLT model, in order."""
+    if model.cfg.arch == "albef":
+        vis = tuple(output.image.trace or ())
+        fus = tuple(output.fused_image.trace or ())[len(vis):]
+        return [("vision", r) for r in vis] + [("fusion", r) for r in fus]
+    return [("joint", r) for r in (output.image.trace or ())]
+
+
+def patch_status(records: Sequence[Tuple[str, LayerTrace]], sample: int = 0) -> List[Panel]:
+    """The status of every patch of one sample after each reduction (see the module docstring)."""
+    panels: List[Panel] = []
+    prev: Optional[np.ndarray] = None
+    for group, rec in records:
+        if rec.source is None or rec.kind is None:
+            raise ValueError(f"trace record of {group} layer {rec.layer} has no provenance; run with trace=True")
+        src = rec.source[sample, :, 1:].bool().cpu()  # (T, N)
+        kind = rec.kind[sample].cpu()  # (T,)
+        alive = torch.ones_like(kind, dtype=torch.bool) if rec.mask is None else rec.mask[sample].bool().cpu()
+        N = src.shape[1]
+        grid = int(round(N**0.5))
+        if grid * grid != N:
+            raise ValueError(f"{N} patches do not form a square grid")
+        src = src & alive[:, None]
+        single = src.sum(dim=1) == 1
+        covered = src.any(dim=0)
+        status = np.full(N, DROPPED, dtype=np.int64)
+        kept = (src & (single & (kind == KEPT))[:, None]).any(dim=0)
+        fused = (src & (kind == FUSED)[:, None]).any(dim=0)
+        merged = (src & (kind == MERGED)[:, None]).any(dim=0)
+        carried = covered & ~kept & ~fused & ~merged  # multi-patch tokens from an earlier reduction, kept again
+        c = carried.numpy()
+        status[c] = MERGED if prev is None else np.where(np.isin(prev[c], (FUSED, MERGED)), prev[c], MERGED)
+        status[merged.numpy()] = MERGED
+        status[fused.numpy()] = FUSED
+        status[kept.numpy()] = KEPT
+        prev = status
+        owner = torch.where(covered, src.float().argmax(dim=0), torch.full((N,), -1)).numpy()
+        panels.append(Panel(group, rec.layer, rec.method, rec.tokens, status.reshape(grid, grid), owner.reshape(grid, grid)))
+    return panels
+
+
+def _image_array(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """(H, W, 3) float in [0, 1] from an (H, W, 3) / (3, H, W) array or tensor (uint8 or float in [0, 1])."""
+    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim != 3 or a.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be (H, W, 3) or (3, H, W), got shape {a.shape}")
+    a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+    return np.clip(np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a, 0.0, 1.0)
+
+
+def _tint(img: np.ndarray, status: np.ndarray) -> np.ndarray:
+    H, W, _ = img.shape
+    g = status.shape[0]
+    if H % g or W % g:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the {g}x{g} patch grid")
+    per = np.kron(status, np.ones((H // g, W // g), dtype=status.dtype))
+    out = img.copy()
+    for s, (r, gr, b, a) in TINTS.items():
+        m = per == s
+        out[m] = (1 - a) * out[m] + a * np.array([r, gr, b], dtype=np.float32)
+    return out
+
+
+def _grid_lines(ax, p: Panel, H: int, W: int) -> None:
+    """Faint patch grid, plus white borders between patches covered by different surviving tokens (so that
+    merged / fused groups show as regions)."""
+    g = p.status.shape[0]
+    ph, pw = H / g, W / g
+    for i in range(1, g):
+        ax.axhline(i * ph - 0.5, color="white", lw=0.3, alpha=0.3)
+        ax.axvline(i * pw - 0.5, color="white", lw=0.3, alpha=0.3)
+    if p.owner is None:
+        return
+    o = p.owner
+    segs = []
+    for i, j in zip(*np.nonzero(o[1:, :] != o[:-1, :])):  # border below row i
+        segs.append([(j * pw - 0.5, (i + 1) * ph - 0.5), ((j + 1) * pw - 0.5, (i + 1) * ph - 0.5)])
+    for i, j in zip(*np.nonzero(o[:, 1:] != o[:, :-1])):  # border right of column j
+        segs.append([((j + 1) * pw - 0.5, i * ph - 0.5), ((j + 1) * pw - 0.5, (i + 1) * ph - 0.5)])
+    if segs:
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection(segs, colors="white", linewidths=1.0, alpha=0.9))
+
+
+def draw_overlay(image, panels: Sequence[Panel], title: Optional[str] = None, cols: int = 4):
+    """A matplotlib Figure (Agg): the input image, then one panel per reduction with the patches marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    img = _image_array(image)
+    n = 1 + len(panels)
+    cols = max(1, min(cols, n))
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 3.7 * rows + (0.5 if title else 0)))
+    FigureCanvasAgg(fig)  # the Agg backend, without touching matplotlib's global backend
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    axes[0].imshow(img)
+    axes[0].set_title("input", fontsize=9)
+    for ax, p in zip(axes[1:], panels):
+        ax.imshow(_tint(img, p.status))
+        _grid_lines(ax, p, img.shape[0], img.shape[1])
+        ax.set_title(p.title, fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    legend = [Patch(facecolor="none", edgecolor="grey", label="kept")] + [
+        Patch(color=TINTS[s][:3], alpha=TINTS[s][3], label=STATUS_NAMES[s]) for s in (FUSED, MERGED, DROPPED)]
+    fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def save_overlay(image, panels: Sequence[Panel], out: Union[str, Path], title: Optional[str] = None, cols: int = 4) -> int:
+    """Write the overlay figure as a PNG; returns the number of panels (1 input + one per reduction)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = draw_overlay(image, panels, title, cols)
+    fig.savefig(out, dpi=110, format="png")
+    return 1 + len(panels)
+
+
+def save_comparison(image, rows: Sequence[Tuple[str, Sequence[Panel]]], out: Union[str, Path],
+                    title: Optional[str] = None) -> Tuple[int, int]:
+    """One image under several texts: a row per (text, panels) with the input and each reduction, so that the
+    patches different questions keep can be compared. Writes a PNG; returns (rows, columns) of the grid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("save_comparison needs at least one (text, panels) row")
+    img = _image_array(image)
+    cols = 1 + max(len(p) for _, p in rows)
+    fig = Figure(figsize=(2.8 * cols, 3.0 * len(rows) + (0.5 if title else 0)))
+    FigureCanvasAgg(fig)
+    for r, (text, panels) in enumerate(rows):
+        ax = fig.add_subplot(len(rows), cols, r * cols + 1)
+        ax.imshow(img)
+        ax.set_title(text if len(text) <= 40 else text[:37] + "...", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        for c, p in enumerate(panels):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 2)
+            ax.imshow(_tint(img, p.status))
+            _grid_lines(ax, p, img.shape[0], img.shape[1])
+            ax.set_title(p.title, fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, format="png")
+    return len(rows), cols
+
+
+__all__ = ["Panel", "save_comparison", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
