@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from vlprune.cli import main
 from vlprune.data.scenes import generate
+from vlprune.tasks.classify import VQATask
+from vlprune.tasks.metrics import normalize_answer
 from vlprune.train import TrainConfig, train
 
 VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "heads": 4, "mlp_dim": 37}
@@ -82,6 +84,7 @@ def run_of(scenes, capsys, runs, task):
     if task not in runs:
         out = runs["dir"] / task
         extra = ["--val", scenes / f"{task}_test.json"] if task in ("vqa", "ve") else []
+        extra += ["--answers", scenes / "answer_list.json"] if task == "vqa" else []
         finetune(scenes, capsys, task, out, *extra)
         runs[task] = out
     return runs[task]
@@ -102,6 +105,7 @@ def test_every_task_trains_and_evaluates(scenes, capsys, runs, task):
     assert res["image_tokens"] == TOKENS and res["gflops"] > 0
     if task == "vqa":
         assert meta["answers"] == json.loads((run / "answer_vocab.json").read_text())
+        assert meta["answers"] == [normalize_answer(a) for a in json.loads((scenes / "answer_list.json").read_text())]
         assert len(model_head_rows(run, "vqa")) == len(meta["answers"])
     if task in ("vqa", "ve"):  # --val: evaluated after training, logged
         val = rows(run)[-1]
@@ -256,3 +260,18 @@ def test_ddp_eval_equals_one_process(scenes, capsys, runs, tmp_path):
         assert {k: got[k] for k in keys} == pytest.approx({k: single[task][k] for k in keys})
         rc1, *rest = (tmp_path / f"{task}.1").read_text().splitlines()
         assert rc1 == "0" and rest == []  # only rank 0 prints
+
+
+def test_vqa_soft_score_loss_against_naive():
+    task = VQATask()
+    task.vocab = {"red": 0, "blue": 1, "2": 2}
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
+    answers = [["red"] * 2 + ["blue"] * 7 + ["green"], ["two"]]  # 10 annotators; one answer ("two" -> "2")
+    want_t = [[2 / 3, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    naive = 0.0
+    for i in range(2):
+        for j in range(3):
+            p, t = torch.sigmoid(logits[i, j]).item(), want_t[i][j]
+            naive -= t * math.log(p) + (1 - t) * math.log(1 - p)
+    got = task.task_loss(logits, {"answers": answers})
+    assert got.item() == pytest.approx(naive / 6 * 3, rel=1e-5)  # mean BCE x vocabulary size
