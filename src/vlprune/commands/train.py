@@ -31,6 +31,14 @@ def _pairs(text: str, cast=float) -> dict:
     return out
 
 
+def _option(text: str):
+    """One method option NAME=VALUE; VALUE is JSON when it parses (r=[19,12], lookahead=false) else a string."""
+    if "=" not in text:
+        raise ValueError(f"--option expects NAME=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), _value(v)
+
+
 def _value(v: str):
     try:
         return json.loads(v)
@@ -100,7 +108,7 @@ def build_config(args):
         return from_dict(TrainConfig, saved, str(out / CONFIG_FILE))
     method = None
     if args.method is not None:
-        options = {k: _value(v) for k, v in (_pairs(o, str).popitem() for o in args.option)}
+        options = dict(_option(o) for o in args.option)
         method = ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options).to_dict()
     elif args.layers is not None or args.keep is not None or args.option:
         raise ValueError("--layers, --keep and --option need --method")
