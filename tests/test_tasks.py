@@ -107,6 +107,10 @@ def test_every_task_trains_and_evaluates(scenes, capsys, runs, task):
         assert meta["answers"] == json.loads((run / "answer_vocab.json").read_text())
         assert meta["answers"] == [normalize_answer(a) for a in json.loads((scenes / "answer_list.json").read_text())]
         assert len(model_head_rows(run, "vqa")) == len(meta["answers"])
+        evaluate(scenes, capsys, task, run, "--predictions", run.parent / "pred.json")
+        pred = json.loads((run.parent / "pred.json").read_text())
+        qids = [e["question_id"] for e in json.loads((scenes / "vqa_test.json").read_text())]
+        assert [p["question_id"] for p in pred] == qids and all(p["answer"] in meta["answers"] for p in pred)
     if task in ("vqa", "ve"):  # --val: evaluated after training, logged
         val = rows(run)[-1]
         assert val["val"]["accuracy"] == pytest.approx(res["accuracy"]) and val["val_examples"] == n_test
@@ -212,6 +216,7 @@ def test_bad_inputs(scenes, capsys, runs, tmp_path):
         (["eval", "vqa", "--checkpoint", ve, "--test", scenes / "vqa_test.json"], "no 'vqa' head"),
         (["eval", "ve", "--checkpoint", ve, "--test", scenes / "ve_test.json", "--keep", "0.5"], "need --method"),
         (["eval", "ve", "--checkpoint", ve, "--test", scenes / "ve_test.json", "--method", "evit", "--layers", "2", "--keep", "1.5"], "1.5"),
+        (["eval", "retrieval", "--checkpoint", ve, "--predictions", tmp_path / "p.json"], "--predictions is for"),
         (["train", "ve", "--init", ve, "--stage", "1", "--steps", "1", "--out", tmp_path / "x"], "learned method"),
         (["train", "retrieval", "--init", ve, "--teacher", ve, "--out", tmp_path / "y"], "--teacher does not apply"),
         (["train", "ve", "--init", ve, "--model", "tiny", "--out", tmp_path / "z"], "not both"),

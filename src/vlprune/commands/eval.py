@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     p.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranking candidates (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--predictions", default=None,
+                   help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -73,6 +75,8 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.predictions is not None and args.task == "retrieval":
+        raise ValueError("--predictions is for vqa, nlvr2 and ve")
     ckpt = checkpoint_dir(args.checkpoint)
     meta = read_config(ckpt)
     task = get_task(args.task, **({"k": args.k} if args.task == "retrieval" else {}))
@@ -104,6 +108,9 @@ def run(args) -> int:
             dist.destroy_process_group()
     if rank != 0:
         return 0
+    preds = info.pop("predictions", None)
+    if args.predictions is not None:
+        Path(args.predictions).write_text(json.dumps(task.prediction_records(entries, preds)))
     rc = model.method_config
     name = "none" if rc is None else rc.name
     print(f"{args.task} on {test} ({info['examples']} examples), method {name if rc is None else rc.to_dict()}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.datasets import NLVR2Dataset, VEDataset, VQADataset
-from ..data.formats import load_annotations, load_answer_list
+from ..data.formats import VE_LABELS, load_annotations, load_answer_list
 from ..reduce.state import TokenState
 from .base import StepContext, Task, register_task
 from .finetune import learned_method, load_teacher, method_losses, set_stage
@@ -115,6 +115,13 @@ class ClassificationTask(Task):
         target = torch.tensor([self.label_of(e) for e in entries])
         return {"accuracy": accuracy(torch.tensor(list(preds)), target)}
 
+    def prediction_records(self, entries, preds) -> List[Dict[str, Any]]:
+        """Per-example predictions in the annotation file's terms (label strings, or VQA answers)."""
+        return [{"index": i, "prediction": self.label_name(p)} for i, p in enumerate(preds)]
+
+    def label_name(self, p) -> Any:
+        return p
+
     def label_of(self, e) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -178,6 +185,9 @@ class VQATask(ClassificationTask):
         names = self.answer_list()
         return [names[i] for i in idx], n
 
+    def prediction_records(self, entries, preds):
+        return [{"question_id": e["question_id"], "answer": p} for e, p in zip(entries, preds)]
+
     def score(self, entries, preds):
         missing = [i for i, e in enumerate(entries) if "answer" not in e]
         if missing:
@@ -198,9 +208,10 @@ class VETask(ClassificationTask):
         return VEDataset(entries, loader, skip_bad_images)
 
     def label_of(self, e) -> int:
-        from ..data.formats import VE_LABELS
-
         return VE_LABELS.index(e["label"])
+
+    def label_name(self, p) -> str:
+        return VE_LABELS[p]
 
 
 @register_task("nlvr2")
@@ -229,3 +240,6 @@ class NLVR2Task(ClassificationTask):
 
     def label_of(self, e) -> int:
         return int(e["label"] == "True")
+
+    def label_name(self, p) -> str:
+        return "True" if p == 1 else "False"

@@ -105,7 +105,8 @@ def _probe(task, model, entries, loader, tok, device) -> Tuple[Tensor, Tensor, T
 def evaluate(task, model, entries, loader, tok, batch_size: int = 32, device=None, rank: int = 0, world: int = 1,
              progress: bool = False) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """(metrics, info) of ``model`` (put in eval mode) on test ``entries``; info has "examples", "gflops",
-    "image_tokens" (and task-specific figures)."""
+    "image_tokens", for the classification tasks "predictions" (one per entry, in order), and task-specific
+    figures."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     device = device or next(model.parameters()).device
@@ -117,7 +118,8 @@ def evaluate(task, model, entries, loader, tok, batch_size: int = 32, device=Non
         else:
             preds, tokens = predict_all(task, model, task.build_dataset(entries, loader), tok, batch_size, device,
                                         rank, world, progress)
-            metrics, info = task.score(entries, preds), {"examples": len(entries), "image_tokens": tokens}
+            metrics = task.score(entries, preds)
+            info = {"examples": len(entries), "image_tokens": tokens, "predictions": preds}
     info["gflops"] = image_encoder_gflops(model, *_probe(task, model, entries, loader, tok, device))
     return metrics, info
 
