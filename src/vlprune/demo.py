@@ -57,8 +57,11 @@ QUICK = Plan(images=120, pretrain_steps=12, finetune_steps=6, batch_size=16, ret
              bench_batch=8, test_fraction=0.1)
 
 
+_T0 = [time.perf_counter()]
+
+
 def _say(msg: str) -> None:
-    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+    print(f"[demo {time.perf_counter() - _T0[0]:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _method_args(name: str) -> List[str]:
@@ -133,7 +136,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, methods: O
             raise FileExistsError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start = _T0[0] = time.perf_counter()
     times: Dict[str, float] = {}
 
     def stage(name: str):

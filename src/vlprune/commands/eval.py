@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .train import _floats, _ints, _pairs, _value
+from .train import _floats, _ints, _option
 
 TASKS = ("retrieval", "vqa", "nlvr2", "ve")
 
@@ -44,7 +44,7 @@ def _method(args):
         return "saved"
     if args.method == "none":
         return None
-    options = {k: _value(v) for k, v in (_pairs(o, str).popitem() for o in args.option)}
+    options = dict(_option(o) for o in args.option)
     return ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options)
 
 

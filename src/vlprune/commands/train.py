@@ -31,6 +31,14 @@ def _pairs(text: str, cast=float) -> dict:
     return out
 
 
+def _option(text: str):
+    """One method option NAME=VALUE; VALUE is JSON when it parses (r=[19,12], lookahead=false) else a string."""
+    if "=" not in text:
+        raise ValueError(f"--option expects NAME=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), _value(v)
+
+
 def _value(v: str):
     try:
         return json.loads(v)
@@ -46,7 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train", default=None, help="annotation JSON (default: built-in scenes data in RUN_DIR/data)")
     p.add_argument("--val", default=None, help="annotation JSON (test format) evaluated after training")
     p.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
-    p.add_argument("--model", default="small", help="preset name or config JSON (default small; ignored with --init)")
+    p.add_argument("--model", default=None, help="preset name or config JSON (default small; with --init: the init's)")
     p.add_argument("--init", default=None, help="start from this pre-trained run or saved model (and its tokenizer)")
     p.add_argument("--teacher", default=None, help="TiP / DynamicViT: the same task fine-tuned without pruning (run dir)")
     p.add_argument("--stage", type=int, choices=(1, 2), default=None,
@@ -100,12 +108,15 @@ def build_config(args):
         return from_dict(TrainConfig, saved, str(out / CONFIG_FILE))
     method = None
     if args.method is not None:
-        options = {k: _value(v) for k, v in (_pairs(o, str).popitem() for o in args.option)}
+        options = dict(_option(o) for o in args.option)
         method = ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options).to_dict()
     elif args.layers is not None or args.keep is not None or args.option:
         raise ValueError("--layers, --keep and --option need --method")
+    if args.model is not None and args.init is not None:
+        raise ValueError("give --model or --init, not both (a fine-tuning run takes the init checkpoint's model config)")
     return TrainConfig(
-        task=args.task, train=args.train, val=args.val, images=args.images, model=args.model, init=args.init, method=method, steps=args.steps,
+        task=args.task, train=args.train, val=args.val, images=args.images, model=args.model or "small",
+        init=args.init, method=method, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr, lr_mult=_pairs(args.lr_mult),
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, amp=not args.no_amp,
         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,

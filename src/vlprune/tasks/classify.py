@@ -145,7 +145,8 @@ class VQATask(ClassificationTask):
             if missing:
                 raise ValueError(f"VQA training entries need answers; entry {missing[0]} has none")
             if self.answers_path:
-                self.vocab = {normalize_answer(a): i for i, a in enumerate(load_answer_list(self.answers_path))}
+                names = dict.fromkeys(n for n in map(normalize_answer, load_answer_list(self.answers_path)) if n)
+                self.vocab = {a: i for i, a in enumerate(names)}
             else:
                 self.vocab = build_answer_vocab([e["answer"] for e in entries], self.max_answers)
         if out.is_dir():

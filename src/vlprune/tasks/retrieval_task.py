@@ -43,6 +43,10 @@ class RetrievalTask(PretrainTask):
             raise ValueError(f"k (ITM re-ranking candidates) must be >= 1, got {k}")
         self.k, self.margin, self.ratio, self.hardest, self.chunk = int(k), float(margin), float(ratio), bool(hardest), int(chunk)
 
+    def check_model(self, model) -> None:
+        if model.cfg.arch != "albef":
+            raise ValueError(f"the retrieval task needs a two-stream model (arch='albef'), got arch={model.cfg.arch!r}")
+
     def load(self, path) -> List[Dict[str, Any]]:
         return load_annotations(path, "retrieval_train")
 
