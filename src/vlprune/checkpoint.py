@@ -5,12 +5,12 @@ micro-batch counters and the torch RNG states: only tensors and plain Python val
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
+
+from .fileio import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -18,19 +18,7 @@ CHECKPOINT = "checkpoint.pt"
 def save_checkpoint(state: Dict[str, Any], directory: Union[str, Path]) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{CHECKPOINT}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(d / CHECKPOINT, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(directory: Union[str, Path]) -> Dict[str, Any]:

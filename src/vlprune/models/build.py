@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_write
 from ..config import ModelConfig, from_dict, load_preset, override, to_dict
 from ..reduce.registry import ReduceConfig, as_reduce_config, get_method
 from .albef import ALBEF
@@ -57,17 +57,7 @@ def attach(model: nn.Module, method: MethodLike) -> nn.Module:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, Path], extra: Optional[Dict[str, Any]] = None) -> Path:

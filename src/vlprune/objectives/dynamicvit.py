@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distill import kl_distill
 
 def ratio_loss(masks: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
     """mean_l mean_b (mean_i D^l_bi - rho_l)^2: masks (B, N) hard keep masks per pruning layer over all N
@@ -23,12 +24,7 @@ def ratio_loss(masks: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
 
 def cls_distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(teacher || student) of the softmax outputs at ``temperature`` (batch mean, times T^2)."""
-    T = float(temperature)
-    if not T > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    s = F.log_softmax(student_logits.float() / T, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * T * T
+    return kl_distill(student_logits, teacher_logits, temperature)
 
 
 def token_distill_loss(student_tokens: Tensor, teacher_tokens: Tensor, mask: Tensor) -> Tensor:

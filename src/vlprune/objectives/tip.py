@@ -12,18 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distill import kl_distill
+
 NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Knowledge distillation: KL(p_teacher || p_student) of the softmax outputs (batch mean, times T^2), the usual
     ``kl_div(log p_student, p_teacher)`` reading of "KL(student logits || teacher logits)"."""
-    T = float(temperature)
-    if not T > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    s = F.log_softmax(student_logits.float() / T, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * T * T
+    return kl_distill(student_logits, teacher_logits, temperature)
 
 
 def sparsity_loss(probs: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
