@@ -107,6 +107,36 @@ def test_itm_negatives_never_positive():
         negative_weights(torch.zeros(1, 1))
 
 
+def test_itm_negative_hard_share():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([0, 1, 0, 2, 3])
+    sim = torch.randn(5, 5, generator=g) * 5
+    valid = (idx[:, None] != idx[None, :]).float()
+    hard, uniform = negative_weights(sim, idx, 1.0), negative_weights(sim, idx, 0.0)
+    # uniform: equal weight on every other-image sample, none on the same image
+    norm = lambda w: w / w.sum(1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(norm(uniform), norm(valid), atol=1e-5, rtol=0)
+    # the mix is the naive per-row formula hard * softmax + (1 - hard) / B, zeroed on same-image pairs
+    mix = negative_weights(sim, idx, 0.3)
+    ref = (0.3 * torch.softmax(sim, 1) + 0.7 / 5) * valid + valid * 1e-6
+    torch.testing.assert_close(mix, ref)
+    assert torch.equal(hard, negative_weights(sim, idx))  # default = ALBEF
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        negative_weights(sim, idx, 1.5)
+
+
+def test_pretrain_hard_negative_ramp():
+    from vlprune.tasks.base import StepContext
+    from vlprune.tasks.pretrain import PretrainTask
+
+    at = lambda t, step: t.hard_at(StepContext(torch.Generator(), None, step, 100, 5))  # noqa: E731
+    t = PretrainTask(hard_ramp=0.5)
+    assert [at(t, s) for s in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert at(PretrainTask(hard_ramp=0.0), 0) == 1.0  # ALBEF: hard from the first step
+    with pytest.raises(ValueError, match="hard_ramp"):
+        PretrainTask(hard_ramp=2)
+
+
 def test_mlm_masking_rate_and_specials():
     g = torch.Generator().manual_seed(0)
     V, B, L = 50, 400, 30

@@ -8,6 +8,11 @@ caption a negative image's tokens) and MLM (the masked caption cross-attends to 
 
 ``alpha`` (momentum distillation weight) ramps linearly from 0 over the learning-rate warm-up, as ALBEF ramps it
 over its first epoch. The ITC temperature is clamped to [0.001, 0.5] before each step, as in ALBEF.
+
+ITM negatives: the share drawn from the ITC similarities (the rest uniformly, ``objectives.itm``) ramps linearly
+from 0 to 1 over the first ``hard_ramp`` fraction of the steps. ALBEF draws all negatives hard from the start
+(``hard_ramp=0``), which suits a model that starts from pre-trained encoders; from random weights it keeps ITM at
+the class prior (measured; see ``objectives/itm.py``), so pre-training defaults to ``hard_ramp=0.5``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class PretrainTask(Task):
     scenes_file = "pretrain.json"
 
     def __init__(self, itc: float = 1.0, itm: float = 1.0, mlm: float = 1.0, alpha: float = 0.4,
-                 mlm_prob: float = 0.15, mlm_distill: bool = True):
+                 mlm_prob: float = 0.15, mlm_distill: bool = True, hard_ramp: float = 0.5):
         for name, w in (("itc", itc), ("itm", itm), ("mlm", mlm)):
             if not (isinstance(w, (int, float)) and w >= 0):
                 raise ValueError(f"loss weight {name} must be a number >= 0, got {w!r}")
@@ -40,6 +45,10 @@ class PretrainTask(Task):
             raise ValueError("at least one of the itc / itm / mlm loss weights must be > 0")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= hard_ramp <= 1.0:
+            raise ValueError(f"hard_ramp (share of the steps over which ITM negatives turn hard) must be in [0, 1], "
+                             f"got {hard_ramp}")
+        self.hard_ramp = float(hard_ramp)
         self.w = {"itc": float(itc), "itm": float(itm), "mlm": float(mlm)}
         self.alpha, self.mlm_prob, self.mlm_distill = float(alpha), float(mlm_prob), bool(mlm_distill)
 
@@ -61,6 +70,11 @@ class PretrainTask(Task):
         if ctx.warmup_steps <= 0:
             return self.alpha
         return self.alpha * min(1.0, ctx.step / ctx.warmup_steps)
+
+    def hard_at(self, ctx: StepContext) -> float:
+        """Share of ITM negatives drawn from the ITC similarities at this step (the rest uniformly)."""
+        ramp = self.hard_ramp * ctx.total_steps
+        return 1.0 if ramp <= 0 else min(1.0, ctx.step / ramp)
 
     def step(self, model, batch: Dict[str, Any], ctx: StepContext, update: bool = True) -> Dict[str, Tensor]:
         images, ids, mask, idx = batch["images"], batch["ids"], batch["mask"], batch["image_id"]
@@ -89,7 +103,7 @@ class PretrainTask(Task):
             hit = idx[r.sim_i2t.argmax(1)] == idx
             out["itc_acc"] = hit.float().mean()
         if self.w["itm"] > 0:
-            neg_txt, neg_img = sample_negatives(r.sim_i2t, r.sim_t2i, g, idx)
+            neg_txt, neg_img = sample_negatives(r.sim_i2t, r.sim_t2i, g, idx, self.hard_at(ctx))
             loss, acc = itm_loss(model, image, text, mask, neg_txt, neg_img, g)
             total = total + self.w["itm"] * loss
             out["itm"], out["itm_acc"] = loss.detach(), acc

@@ -37,8 +37,9 @@ class RetrievalTask(PretrainTask):
     scenes_file, scenes_test = "retrieval_train.json", "retrieval_test.json"
 
     def __init__(self, itc: float = 1.0, itm: float = 1.0, alpha: float = 0.4, k: int = 128, margin: float = 0.2,
-                 ratio: float = 2.0, hardest: bool = True, chunk: int = 64):
-        super().__init__(itc=itc, itm=itm, mlm=0.0, alpha=alpha)
+                 ratio: float = 2.0, hardest: bool = True, chunk: int = 64, hard_ramp: float = 0.0):
+        # hard_ramp 0: ITM negatives hard from the first step, as ALBEF fine-tunes (PretrainTask explains the ramp)
+        super().__init__(itc=itc, itm=itm, mlm=0.0, alpha=alpha, hard_ramp=hard_ramp)
         if int(k) < 1:
             raise ValueError(f"k (ITM re-ranking candidates) must be >= 1, got {k}")
         self.k, self.margin, self.ratio, self.hardest, self.chunk = int(k), float(margin), float(ratio), bool(hardest), int(chunk)
