@@ -132,6 +132,7 @@ def test_pretrain_hard_negative_ramp():
     at = lambda t, step: t.hard_at(StepContext(torch.Generator(), None, step, 100, 5))  # noqa: E731
     t = PretrainTask(hard_ramp=0.5)
     assert [at(t, s) for s in (0, 25, 50, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert at(PretrainTask(), 25) == 0.25  # default: the share of training done
     assert at(PretrainTask(hard_ramp=0.0), 0) == 1.0  # ALBEF: hard from the first step
     with pytest.raises(ValueError, match="hard_ramp"):
         PretrainTask(hard_ramp=2)
