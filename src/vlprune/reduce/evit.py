@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from . import functional as F
 from .functional import keep_rate_at
 from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, set_keep_rate
+from .select import (RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, set_keep_rate,
+                     slot_group)
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (4, 7, 10)
@@ -58,11 +59,7 @@ class EViTReducer(RateReducer):
 def build_evit(cfg: ReduceConfig, model: nn.Module) -> None:
     """Install EViT in the ViT layers (two-stream) or the joint layers (single-stream)."""
     check_options("evit", cfg.options, {})
-    slots = model.reduction_slots()
-    group = "vision" if "vision" in slots else "joint"
-    if group not in slots:
-        raise ValueError(f"evit needs a 'vision' or 'joint' slot group; this model has {sorted(slots)}")
-    layers_ = slots[group]
+    _, layers_ = slot_group(model, "evit", ("vision", "joint"))
     L = len(layers_)
     layers = cfg.layers if cfg.layers is not None else default_layers("evit", DEFAULT_LAYERS, L)
     check_layers(layers, L, "evit")

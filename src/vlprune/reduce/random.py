@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import elip, evit, trips
 from . import functional as F
 from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, select_tokens
+from .select import RateReducer, check_keeps, check_unmasked, default_layers, select_tokens, slot_group
 from .state import ReduceContext, TokenState
 
 # like -> (default layers, default keep, where, count): count "current" = ceil(keep * M), "original" = floor(r * N)
@@ -91,13 +91,10 @@ def build_random(cfg: ReduceConfig, model: nn.Module) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"random: seed must be an integer >= 0, got {seed!r}")
     d_layers, d_keep, where, count = SCHEDULES[like]
-    slots = model.reduction_slots()
-    group = "vision" if "vision" in slots else "joint"
-    if group not in slots:
-        raise ValueError(f"random needs a 'vision' or 'joint' slot group; this model has {sorted(slots)}")
+    group, layers_ = slot_group(model, "random", ("vision", "joint"))
     if where == "pre" and group != "vision":
-        raise ValueError(f"random like='elip' prunes before a ViT layer; this model has only {sorted(slots)} slots")
-    layers_ = slots[group]
+        raise ValueError(f"random like='elip' prunes before a ViT layer; this model has only "
+                         f"{sorted(model.reduction_slots())} slots")
     L = len(layers_)
     layers = cfg.layers if cfg.layers is not None else default_layers(f"random (like={like})", d_layers, L)
     check_layers(layers, L, "random")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide
+from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, slot_group
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (5, 10)
@@ -79,11 +79,7 @@ class TripsReducer(RateReducer):
 def build_trips(cfg: ReduceConfig, model: nn.Module) -> None:
     """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
     check_options("trips", cfg.options, {})
-    slots = model.reduction_slots()
-    group = "vision" if "vision" in slots else "joint"
-    if group not in slots:
-        raise ValueError(f"trips needs a 'vision' or 'joint' slot group; this model has {sorted(slots)}")
-    layers_ = slots[group]
+    _, layers_ = slot_group(model, "trips", ("vision", "joint"))
     L = len(layers_)
     layers = cfg.layers if cfg.layers is not None else default_layers("trips", DEFAULT_LAYERS, L)
     check_layers(layers, L, "trips")
