@@ -12,13 +12,14 @@ import logging
 import sys
 from typing import List, Optional
 
+from .version import __version__
+from .errors import CLIError  # noqa: F401  (re-exported: ``from vlprune.cli import CLIError`` keeps working)
+
 # sub-command modules under vlprune.commands, in help order
 COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = argparse.ArgumentParser(
         prog="vlprune",
         description="Text-guided image-token reduction for vision-language transformers.",
@@ -30,10 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"vlprune.commands.{name}").add_parser(sub)
     return p
-
-
-class CLIError(Exception):
-    """An error meant for the user: printed as one line, exit code 2."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:

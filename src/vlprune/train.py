@@ -39,7 +39,7 @@ from .config import from_dict, load_preset, to_dict
 from .data.datasets import Collate, ResumableSampler
 from .data.images import ImageLoader
 from .data.tokenizer import TextTokenizer
-from .objectives.dist import wrap_ddp
+from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .tasks.base import StepContext, StepModule, get_task
@@ -376,7 +376,7 @@ def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
 
 
 def _log(out, sums, n, step, epoch, opt, cfg, world, t0, skipped, rank) -> Dict[str, Any]:
-    from .objectives.dist import all_reduce_mean
+    from .distributed import all_reduce_mean
 
     rec: Dict[str, Any] = {"step": step, "epoch": epoch}
     for k, v in sums.items():

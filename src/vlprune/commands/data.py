@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from vlprune.cli import CLIError
+    from vlprune.errors import CLIError
     from vlprune.data.scenes import generate
 
     out = Path(args.out)

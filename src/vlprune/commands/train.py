@@ -142,7 +142,7 @@ def _task_options(args) -> dict:
 
 
 def run(args) -> int:
-    from vlprune.objectives.dist import rank
+    from vlprune.distributed import rank
     from vlprune.train import train
 
     if args.train is not None and not Path(args.train).is_file():

@@ -74,7 +74,7 @@ def run(args) -> int:
     import torch
 
     import vlprune
-    from vlprune.cli import CLIError
+    from vlprune.errors import CLIError
     from vlprune.commands.bench import method_configs
     from vlprune.viz.overlay import patch_status, save_overlay, trace_records
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..reduce.state import ReduceContext, TokenState
+from ..reduce.state import LayerTrace, ReduceContext, TokenState
 from .attention import activation
 from .text import FusionEncoder, TextEncoder
 from .vit import ImageEmbeddings, VisionTransformer, _init_weights
@@ -84,7 +84,7 @@ class ALBEF(nn.Module, ReductionSlots):
             raise ValueError(f"ALBEF needs arch='albef', got {cfg.arch!r}")
         self.cfg = cfg
         self.method_config = None
-        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.models.heads.add_task_head
         t, v = cfg.text, cfg.vision
         self.vision = VisionTransformer(v)
         self.text = TextEncoder(t)
@@ -174,6 +174,13 @@ class ALBEF(nn.Module, ReductionSlots):
         image = self.encode_image(images, text, mask, generator, trace, interpolate_pos)
         fused, fused_image = self.fuse(text, mask, image, generator)
         return ModelOutput(image, text, fused, fused_image, self.itm_head(fused[:, 0]))
+
+    @staticmethod
+    def trace_records(output: ModelOutput) -> List[Tuple[str, LayerTrace]]:
+        """(slot group, LayerTrace) pairs of a traced forward pass (``trace=True``), in order."""
+        vis = tuple(output.image.trace or ())
+        fus = tuple(output.fused_image.trace or ())[len(vis):]
+        return [("vision", r) for r in vis] + [("fusion", r) for r in fus]
 
     # -- momentum ----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -112,7 +112,7 @@ def load_pretrained(
     chosen = (None if saved is None else ReduceConfig.from_dict(saved)) if not switched else method
     model = build_model(cfg, chosen)
     if meta.get("heads"):
-        from ..tasks.heads import add_task_head
+        from .heads import add_task_head
 
         for task, n in meta["heads"].items():
             add_task_head(model, task, n)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..reduce.state import ReduceContext, TokenState, policy_bias
+from ..reduce.state import LayerTrace, ReduceContext, TokenState, policy_bias
 from .albef import MLMHead, ReductionSlots
 from .attention import Attention, Mlp
 from .text import TextEmbeddings, check_text
@@ -82,7 +82,7 @@ class ViLT(nn.Module, ReductionSlots):
             raise ValueError(f"ViLT needs arch='vilt', got {cfg.arch!r}")
         self.cfg = cfg
         self.method_config = None
-        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.models.heads.add_task_head
         v, t = cfg.vision, cfg.text
         D = v.width
         self.text_embeddings = TextEmbeddings(t)
@@ -98,6 +98,11 @@ class ViLT(nn.Module, ReductionSlots):
 
     def reduction_slots(self) -> Dict[str, List[nn.Module]]:
         return {"joint": list(self.layers)}
+
+    @staticmethod
+    def trace_records(output: ViLTOutput) -> List[Tuple[str, LayerTrace]]:
+        """(slot group, LayerTrace) pairs of a traced forward pass (``trace=True``), in order."""
+        return [("joint", r) for r in (output.image.trace or ())]
 
     def forward(
         self,

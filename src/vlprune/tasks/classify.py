@@ -2,7 +2,7 @@
 images, each fused with the statement, the two multimodal [CLS] concatenated, true / false).
 
 Each pair is encoded text-guided (the question / statement guides its image's tokens), the head sits on the
-multimodal [CLS] (``tasks.heads``). With a learned method (TiP, DynamicViT) the training loss adds the method's
+multimodal [CLS] (``models.heads``). With a learned method (TiP, DynamicViT) the training loss adds the method's
 losses, distilled from ``teacher`` (a run of the same task fine-tuned without pruning): KL of the head's softmax
 outputs (for VQA too, over the answer vocabulary), and for DynamicViT also the image-token features.
 
@@ -27,7 +27,7 @@ from ..data.formats import VE_LABELS, load_annotations, load_answer_list
 from ..reduce.state import TokenState
 from .base import StepContext, Task, register_task
 from .finetune import learned_method, load_teacher, method_losses, set_stage
-from .heads import add_task_head
+from ..models.heads import add_task_head, task_head
 from .metrics import accuracy, build_answer_vocab, normalize_answer, soft_targets, vqa_accuracy
 
 
@@ -83,7 +83,7 @@ class ClassificationTask(Task):
     def forward(self, model, batch, generator=None) -> Tuple[Tensor, List[TokenState], List[Tensor]]:
         """(logits, image states, image-encoder tokens) of a batch."""
         cls, state, tokens = encode_pairs(model, batch["images"], batch["ids"], batch["mask"], generator)
-        return model.task_heads[self.head](cls), [state], [tokens]
+        return task_head(model, self.head)(cls), [state], [tokens]
 
     def task_loss(self, logits: Tensor, batch) -> Tensor:
         return F.cross_entropy(logits.float(), batch["label"])
@@ -236,7 +236,7 @@ class NLVR2Task(ClassificationTask):
             cls.append(c)
             states.append(s)
             tokens.append(t)
-        return model.task_heads["nlvr2"](torch.cat(cls, dim=-1)), states, tokens
+        return task_head(model, "nlvr2")(torch.cat(cls, dim=-1)), states, tokens
 
     def label_of(self, e) -> int:
         return int(e["label"] == "True")

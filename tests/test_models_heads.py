@@ -2,9 +2,20 @@ import pytest
 import torch
 
 import vlprune
-from vlprune.tasks.heads import add_task_head, classify, nlvr2_logits
+from vlprune.models.heads import add_task_head
+from vlprune.tasks.classify import NLVR2Task, VETask, VQATask
 
 from conftest import make_batch
+
+
+def classify(model, task, images, ids, mask):
+    cls = {"vqa": VQATask, "ve": VETask}[task]
+    return cls().forward(model, {"images": images, "ids": ids, "mask": mask})[0]
+
+
+def nlvr2_logits(model, images0, images1, ids, mask):
+    pair = torch.stack([images0, images1], dim=1)
+    return NLVR2Task().forward(model, {"images": pair, "ids": ids, "mask": mask})[0]
 
 
 @pytest.mark.parametrize("arch", ["albef", "vilt"])
