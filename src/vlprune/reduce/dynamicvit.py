@@ -27,7 +27,7 @@ candidates; inference records only ``keep_prob`` and ``target`` over the candida
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -135,9 +135,4 @@ def build(cfg: ReduceConfig, model) -> None:
         slots["vision"][layer - 1].reducer = DynamicViTReducer(v.width, t, v.num_patches)
 
 
-def collect(state: TokenState, method: str = "dynamicvit") -> Sequence:
-    """The AuxRecords of ``method`` in ``state`` (in layer order)."""
-    return [a for a in state.aux if a.method == method]
-
-
-__all__ = ["ScorePredictor", "DynamicViTReducer", "keep_targets", "collect", "build"]
+__all__ = ["ScorePredictor", "DynamicViTReducer", "keep_targets", "build"]

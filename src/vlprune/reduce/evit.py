@@ -9,9 +9,8 @@ proportional attention), and the candidates' part is taken (as the official ``at
 appended last. Gradients flow through the weights and the tokens. In a single-stream model's joint layers the
 reducer sees only the image part of the keys, so there the row is the [CLS] softmax over the image keys.
 
-Keep-rate warm-up for training (EViT's cosine schedule from 1 to ``keep``): ``keep_rate_at(step, total, keep)``
-is the pure schedule; ``set_keep_rate(model, step=s, total=n)`` sets the current rate of every installed EViT
-reducer (each towards its own configured rate); ``set_keep_rate(model, keep=r)`` sets one rate for all.
+EViT's optional keep-rate warm-up (a cosine from 1 to ``keep`` during training) is not implemented: the keep rate
+is fixed from the first step.
 """
 
 from __future__ import annotations
@@ -21,16 +20,14 @@ from typing import Tuple
 from torch import Tensor, nn
 
 from . import functional as F
-from .functional import keep_rate_at
 from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import (RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, set_keep_rate,
-                     slot_group)
+from .select import RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, slot_group
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (4, 7, 10)
 DEFAULT_KEEP = 0.7
 
-__all__ = ["EViTReducer", "attentive_select", "keep_rate_at", "set_keep_rate"]
+__all__ = ["EViTReducer", "attentive_select"]
 
 
 def attentive_select(q: Tensor, k: Tensor, state: TokenState, keep: float) -> Tuple[Tensor, int]:

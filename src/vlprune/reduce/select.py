@@ -1,5 +1,5 @@
 """Shared plumbing of the score-and-select methods (TRIPS, ELIP, EViT, random): turning scores into a new
-TokenState, the attention bias a score row must use, default-schedule checks and the keep-rate setter.
+TokenState, the attention bias a score row must use and default-schedule checks.
 
 The maths is in ``functional.py``; this module only moves TokenState fields around.
 """
@@ -108,38 +108,12 @@ def check_keeps(values: Sequence[float], layers: Sequence[int], method: str, nam
     return [F.check_keep(v, f"{method}: {name} at layer {l}") for v, l in zip(values, layers)]
 
 
-def set_keep_rate(model: nn.Module, keep: Optional[float] = None, step: Optional[float] = None,
-                  total: Optional[float] = None) -> Dict[str, float]:
-    """Set the current keep rate of every installed reducer that has a ``target_keep`` (EViT, TRIPS, random).
-
-    Either ``keep`` (one rate for all of them) or ``step`` and ``total`` (the cosine warm-up of EViT: each
-    reducer's rate is ``keep_rate_at(step, total, its target_keep)``). Returns {slot: rate now}. The target (the
-    configured rate, saved with the model) never changes; ``set_keep_rate(model, step=total, total=total)``
-    restores it.
-    """
-    if (keep is None) == (step is None):
-        raise ValueError("set_keep_rate needs either keep=... or step=... with total=...")
-    out = {}
-    for name, r in model.reducers().items():
-        if not hasattr(r, "target_keep"):
-            continue
-        if keep is not None:
-            r.keep = F.check_keep(keep)
-        else:
-            if total is None:
-                raise ValueError("set_keep_rate(step=...) needs total=... (the warm-up length)")
-            r.keep = F.keep_rate_at(step, total, r.target_keep)
-        out[name] = r.keep
-    return out
-
-
 class RateReducer(Reducer):
-    """A reducer with a keep rate: ``target_keep`` (configured) and ``keep`` (current, set by warm-ups)."""
+    """A reducer with a keep rate ``keep`` in (0, 1]."""
 
     def __init__(self, keep: float) -> None:
         super().__init__()
-        self.target_keep = F.check_keep(keep)
-        self.keep = self.target_keep
+        self.keep = F.check_keep(keep)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}"

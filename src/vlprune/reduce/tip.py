@@ -31,8 +31,8 @@ Each reduction appends an ``AuxRecord(layer, "tip", values)`` to ``state.aux``; 
                        projections and learnable temperature (saved with the reducer).
 Inference records only keep_prob and target. Losses: ``vlprune.objectives.tip``.
 
-Two-stage training (the paper): ``training_stage(model, 1)`` freezes the backbone (pruners + head train, lam 0),
-``training_stage(model, 2)`` also unfreezes the cross-modal layers (lam 1).
+Two-stage training (the paper): stage 1 freezes the backbone (pruners + task head train, lam 0), stage 2 also
+unfreezes the cross-modal layers (lam 1); the fine-tuning tasks set the stages (``tasks.finetune.set_stage``).
 
 Text states for the contrastive term: in ViLT the joint layer's text states after its attention; in ALBEF the
 fusion encoder's input text states (the text encoder's output), since a fusion reducer does not see the fusion
@@ -42,7 +42,7 @@ layer's own text states.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -134,33 +134,6 @@ def cumulative(keeps: List[float]) -> List[float]:
     return [math.prod(keeps[: j + 1]) for j in range(len(keeps))]
 
 
-def training_stage(model: nn.Module, stage: int, heads: Sequence[str] = ("itm_head",)) -> float:
-    """Set ``requires_grad`` for TiP's two-stage training and return the continuity weight lam.
-
-    Stage 1: only the TiP reducers (pruners, contrastive projections, temperature) and the task ``heads``
-    (attribute names of the model) train; lam = 0. Stage 2: the cross-modal layers (ALBEF's fusion encoder, ViLT's
-    joint layers) train as well; lam = 1. Everything else stays frozen in both stages.
-    """
-    if stage not in (1, 2):
-        raise ValueError(f"tip: training stage must be 1 or 2, got {stage!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = [r for r in model.reducers().values() if isinstance(r, TipReducer)]
-    if not trainable:
-        raise ValueError("tip: the model has no TiP reducers installed")
-    for name in heads:
-        if not hasattr(model, name):
-            raise ValueError(f"tip: the model has no head {name!r}")
-        trainable.append(getattr(model, name))
-    if stage == 2:
-        slots = model.reduction_slots()
-        trainable += list(slots["joint"] if "joint" in slots else slots["fusion"])
-    for module in trainable:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return 0.0 if stage == 1 else 1.0
-
-
 @register("tip")
 def build(cfg: ReduceConfig, model) -> None:
     opts = check_options("tip", cfg.options, DEFAULTS)
@@ -179,4 +152,4 @@ def build(cfg: ReduceConfig, model) -> None:
         )
 
 
-__all__ = ["Pruner", "TipReducer", "training_stage", "build"]
+__all__ = ["Pruner", "TipReducer", "build"]
