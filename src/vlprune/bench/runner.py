@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import load_preset, override
 from ..models.build import attach, build_model, load_pretrained
-from ..reduce.registry import ReduceConfig, get_method
+from ..reduce.registry import ReduceConfig, get_spec, install
 from ..reduce.trace import compact_tokens  # noqa: F401  (re-exported: viz.report imports it from here)
 from .flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from .memory import measure_peak, tensor_bytes
@@ -266,12 +266,12 @@ def run_bench(
     anything is timed, so a bad name or layer fails fast."""
     progress = progress or (lambda msg: log.info(msg))
     for rc in methods:
-        get_method(rc.name)  # unknown names raise, listing the valid ones
+        get_spec(rc.name)  # unknown names raise, listing the valid ones
     methods = _with_baseline(methods)
     progress(f"building {s.checkpoint or s.model}" + (f" at {s.image_size}px" if s.image_size else ""))
     model = build_bench_model(s)
     for rc in methods:
-        get_method(rc.name)(rc, model)  # validates layers / keep / options against this model ("none" too)
+        install(rc, model)  # validates layers / keep / options against this model ("none" too)
         model.clear_reducers()
     rows = []
     fwd = _Forward(model, s)

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..reduce.registry import installed_spec
 from ..reduce.state import LayerTrace, ReduceContext, TokenState
 from .attention import activation
 from .text import FusionEncoder, TextEncoder
-from .vit import ImageEmbeddings, VisionTransformer, _init_weights
+from .vit import VisionTransformer, _init_weights
 
 
 @dataclass
@@ -57,14 +58,17 @@ class ReductionSlots:
         raise NotImplementedError
 
     def clear_reducers(self) -> None:
+        """Remove the installed method: empty every slot, drop the modules it added (its ``owns``) and undo what
+        else it set (its ``clear``)."""
         for layers in self.reduction_slots().values():
             for layer in layers:
                 layer.reducer = None
-        for m in self.modules():  # the "lowres" method's input size
-            if isinstance(m, ImageEmbeddings):
-                m.input_size = None
-        if "laps" in self._modules:  # LAPS's head after both encoders (reduce/laps.py)
-            del self._modules["laps"]
+        spec = installed_spec(self)
+        if spec is not None:
+            for name in spec.owns:
+                self._modules.pop(name, None)
+            if spec.clear is not None:
+                spec.clear(self)
         self.method_config = None
 
     def reducers(self) -> Dict[str, nn.Module]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..fileio import atomic_write
 from ..config import ModelConfig, from_dict, load_preset, override, to_dict
-from ..reduce.registry import ReduceConfig, as_reduce_config, get_method
+from ..reduce.registry import ReduceConfig, as_reduce_config, install, owned_prefixes
 from .albef import ALBEF
 from .vilt import ViLT
 from .vit import interpolate_pos_embed
@@ -46,7 +46,7 @@ def attach(model: nn.Module, method: MethodLike) -> nn.Module:
     rc = as_reduce_config(method)
     model.clear_reducers()
     if rc is not None and rc.name != "none":
-        get_method(rc.name)(rc, model)
+        install(rc, model)
         model.method_config = rc
         # reducers follow the model's device and dtype
         p = next(model.parameters())
@@ -124,7 +124,7 @@ def load_pretrained(
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"cannot read weights {wpath}: {e}") from None
     if switched:
-        dropped = [k for k in state if ".reducer." in k or k.startswith("laps.")]
+        dropped = [k for k in state if ".reducer." in k or k.startswith(owned_prefixes())]
         for k in dropped:
             del state[k]
         if dropped:

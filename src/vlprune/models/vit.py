@@ -73,8 +73,8 @@ class ImageEmbeddings(nn.Module):
         self.pre_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        # The "lowres" method sets this: images are resized to input_size x input_size before the patch embedding
-        # (position embeddings interpolated). None = as given. Reset by the model's clear_reducers().
+        # A method working on the input (lowres) sets this: images are resized to input_size x input_size before the patch embedding
+        # (position embeddings interpolated). None = as given. Reset when the method is removed.
         self.input_size: Optional[int] = None
 
     def check_images(self, images: Tensor, interpolate_pos: bool = False) -> None:

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .registry import ReduceConfig, Reducer, check_layers, check_options, register, uniform_layers
+from .registry import ReduceConfig, Reducer, check_layers, register, uniform_layers
+from .select import slot_group
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.7
@@ -121,18 +122,16 @@ class DynamicViTReducer(Reducer):
         return new.record(ctx.layer, self.method, kind)
 
 
-@register("dynamicvit")
-def build(cfg: ReduceConfig, model) -> None:
-    check_options("dynamicvit", cfg.options, {})
-    slots = model.reduction_slots()
-    if "vision" not in slots:
-        raise ValueError("dynamicvit prunes a ViT image encoder (ALBEF-style models); this model has none")
-    layers = cfg.layers if cfg.layers is not None else default_layers(len(slots["vision"]))
-    check_layers(layers, len(slots["vision"]), "dynamicvit")
+@register("dynamicvit", groups=("vision",), placement="pre", layers=(4, 7, 10), keep=DEFAULT_KEEP, learned=True,
+          losses=("ratio", "distill", "token_distill"), stages=True, distill_tokens=True)
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
+    _, vision = slot_group(model, "dynamicvit")
+    layers = cfg.layers if cfg.layers is not None else default_layers(len(vision))
+    check_layers(layers, len(vision), "dynamicvit")
     targets = keep_targets(DEFAULT_KEEP if cfg.keep is None else cfg.keep, len(layers))
     v = model.cfg.vision
     for layer, t in zip(layers, targets):
-        slots["vision"][layer - 1].reducer = DynamicViTReducer(v.width, t, v.num_patches)
+        vision[layer - 1].reducer = DynamicViTReducer(v.width, t, v.num_patches)
 
 
 __all__ = ["ScorePredictor", "DynamicViTReducer", "keep_targets", "build"]

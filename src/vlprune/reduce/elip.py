@@ -32,15 +32,14 @@ N is the original patch count of the forward pass, which the image encoder puts 
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import ReduceConfig, Reducer, check_layers, check_options, register
-from .select import check_unmasked, default_layers, key_bias, require_guide, select_tokens
+from .registry import Option, ReduceConfig, Reducer, check_layers, register
+from .select import check_unmasked, default_layers, key_bias, require_guide, select_tokens, slot_group
 from .state import ReduceContext, TokenState
 
 DEFAULT_STARTS = (3, 5, 11)
@@ -142,20 +141,17 @@ def block_spans(starts: Sequence[int], spans: Optional[Sequence[int]], num_layer
     return list(spans)
 
 
-@register("elip")
-def build_elip(cfg: ReduceConfig, model: nn.Module) -> None:
+OPTIONS = {"lam": Option(DEFAULT_LAM, "float", lo=0.0, hi=1.0), "lookahead": Option(True, "bool"),
+           "spans": Option(None, optional=True, allowed="one span (an integer >= 1) per block start")}
+
+
+@register("elip", groups=("vision",), placement="pre (lookahead=False: mid of the layer before)",
+          layers=DEFAULT_STARTS, keep=DEFAULT_RATIOS, options=OPTIONS, text_guided=True)
+def build_elip(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install ELIP in the ViT of a two-stream model (layers = block starts, keep = ratios of N)."""
-    opts = check_options("elip", cfg.options, {"lam": DEFAULT_LAM, "lookahead": True, "spans": None})
-    slots = model.reduction_slots()
-    if "vision" not in slots:
-        raise ValueError(f"elip prunes a two-stream model's ViT ('vision' slots); this model has {sorted(slots)}")
-    layers_ = slots["vision"]
+    _, layers_ = slot_group(model, "elip")
     L = len(layers_)
     lam, lookahead = opts["lam"], opts["lookahead"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0 <= lam <= 1:
-        raise ValueError(f"elip: lam must be in [0, 1], got {lam!r}")
-    if not isinstance(lookahead, bool):
-        raise ValueError(f"elip: lookahead must be True or False, got {lookahead!r}")
     starts = cfg.layers if cfg.layers is not None else default_layers("elip", DEFAULT_STARTS, L)
     first = 1 if lookahead else 2
     if not lookahead and starts and starts[0] == 1:

@@ -20,7 +20,7 @@ from typing import Tuple
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import ReduceConfig, check_layers, check_options, per_layer, register
+from .registry import ReduceConfig, check_layers, per_layer, register
 from .select import RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, slot_group
 from .state import ReduceContext, TokenState
 
@@ -52,11 +52,10 @@ class EViTReducer(RateReducer):
         return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")  # inattentive fusion, raw a
 
 
-@register("evit")
-def build_evit(cfg: ReduceConfig, model: nn.Module) -> None:
+@register("evit", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP)
+def build_evit(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install EViT in the ViT layers (two-stream) or the joint layers (single-stream)."""
-    check_options("evit", cfg.options, {})
-    _, layers_ = slot_group(model, "evit", ("vision", "joint"))
+    _, layers_ = slot_group(model, "evit")
     L = len(layers_)
     layers = cfg.layers if cfg.layers is not None else default_layers("evit", DEFAULT_LAYERS, L)
     check_layers(layers, L, "evit")

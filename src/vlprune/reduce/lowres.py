@@ -15,7 +15,7 @@ import math
 
 from torch import nn
 
-from .registry import ReduceConfig, check_options, register
+from .registry import Option, ReduceConfig, register
 
 
 def lowres_size(grid: int, patch: int) -> int:
@@ -32,12 +32,19 @@ def image_embeddings(model: nn.Module) -> nn.Module:
     raise ValueError(f"lowres: {type(model).__name__} has no image embeddings")
 
 
-@register("lowres")
-def build_lowres(cfg: ReduceConfig, model: nn.Module) -> None:
+def reset_input_size(model: nn.Module) -> None:
+    """Undo ``build_lowres``: the image encoder takes images at their given size again."""
+    image_embeddings(model).input_size = None
+
+
+OPTIONS = {"image_size": Option(None, optional=True, allowed="a multiple of the patch size, at most the model's image size")}
+
+
+@register("lowres", placement="input", options=OPTIONS, clear=reset_input_size)
+def build_lowres(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Set the main image encoder's input size (reset by ``clear_reducers``)."""
     if cfg.layers is not None or cfg.keep is not None:
         raise ValueError("lowres takes no layers or keep; give options={'image_size': S}")
-    opts = check_options("lowres", cfg.options, {"image_size": None})
     v = model.cfg.vision
     size = opts["image_size"]
     if size is None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import elip, evit, trips
 from . import functional as F
-from .registry import ReduceConfig, check_layers, check_options, per_layer, register
+from .registry import Option, ReduceConfig, check_layers, per_layer, register
 from .select import RateReducer, check_keeps, check_unmasked, default_layers, select_tokens, slot_group
 from .state import ReduceContext, TokenState
 
@@ -79,19 +79,16 @@ class RandomReducer(RateReducer):
         return select_tokens(state, scores, kk, ctx.layer, self.method, "renorm" if self.fuse else None, ones)
 
 
-@register("random")
-def build_random(cfg: ReduceConfig, model: nn.Module) -> None:
+OPTIONS = {"like": Option("trips", "choice", choices=tuple(SCHEDULES)), "fuse": Option(False, "bool"),
+           "seed": Option(0, "int", lo=0)}
+
+
+@register("random", groups=("vision", "joint"), placement="mid (like elip: pre)", options=OPTIONS)
+def build_random(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install random selection with the schedule of ``like`` (or the config's own layers/keep)."""
-    opts = check_options("random", cfg.options, {"like": "trips", "fuse": False, "seed": 0})
     like, fuse, seed = opts["like"], opts["fuse"], opts["seed"]
-    if like not in SCHEDULES:
-        raise ValueError(f"random: like must be one of {sorted(SCHEDULES)}, got {like!r}")
-    if not isinstance(fuse, bool):
-        raise ValueError(f"random: fuse must be True or False, got {fuse!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"random: seed must be an integer >= 0, got {seed!r}")
     d_layers, d_keep, where, count = SCHEDULES[like]
-    group, layers_ = slot_group(model, "random", ("vision", "joint"))
+    group, layers_ = slot_group(model, "random")
     if where == "pre" and group != "vision":
         raise ValueError(f"random like='elip' prunes before a ViT layer; this model has only "
                          f"{sorted(model.reduction_slots())} slots")

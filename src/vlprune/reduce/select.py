@@ -7,13 +7,13 @@ The maths is in ``functional.py``; this module only moves TokenState fields arou
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import Reducer, uniform_layers
+from .registry import Reducer, get_spec, uniform_layers
 from .state import ReduceContext, TokenState
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,9 @@ def default_layers(method: str, defaults: Sequence[int], num_layers: int, depth:
     return layers
 
 
-def slot_group(model: nn.Module, method: str, allowed: Sequence[str]) -> Tuple[str, List[nn.Module]]:
-    """The first of ``allowed`` slot groups the model has ("vision" for ALBEF, "joint" for ViLT)."""
-    slots: Dict[str, List[nn.Module]] = model.reduction_slots()
-    for g in allowed:
-        if g in slots:
-            return g, slots[g]
-    raise ValueError(f"{method} runs in the slot group(s) {list(allowed)}; this model has {sorted(slots)}")
+def slot_group(model: nn.Module, method: str) -> Tuple[str, List[nn.Module]]:
+    """The first of the method's declared slot groups that the model has ("vision" for ALBEF, "joint" for ViLT)."""
+    return get_spec(method).slots(model)
 
 
 def check_keeps(values: Sequence[float], layers: Sequence[int], method: str, name: str = "keep") -> List[float]:

@@ -49,11 +49,12 @@ from torch import Tensor, nn
 
 from . import functional as Fn
 from .dynamicvit import default_layers
-from .registry import ReduceConfig, Reducer, check_layers, check_options, per_layer, register
+from .registry import Option, ReduceConfig, Reducer, check_layers, per_layer, register
+from .select import slot_group
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.5
-DEFAULTS = {"proj_dim": 192, "tau": 1.0}
+OPTIONS = {"proj_dim": Option(192, "int", lo=1), "tau": Option(1.0, "positive")}
 
 
 class Pruner(nn.Module):
@@ -134,12 +135,10 @@ def cumulative(keeps: List[float]) -> List[float]:
     return [math.prod(keeps[: j + 1]) for j in range(len(keeps))]
 
 
-@register("tip")
-def build(cfg: ReduceConfig, model) -> None:
-    opts = check_options("tip", cfg.options, DEFAULTS)
-    slots = model.reduction_slots()
-    group = "joint" if "joint" in slots else "fusion"
-    layers_ = slots[group]
+@register("tip", groups=("joint", "fusion"), placement="mid", keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True,
+          learned=True, losses=("distill", "sparsity", "contrast", "continuity"), stages=True)
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
+    group, layers_ = slot_group(model, "tip")
     layers = cfg.layers if cfg.layers is not None else default_layers(len(layers_))
     check_layers(layers, len(layers_), "tip")
     keeps = [Fn.check_keep(v, "tip: keep") for v in per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "tip")]

@@ -34,17 +34,13 @@ from typing import List, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .registry import ReduceConfig, Reducer, check_layers, check_options, register
+from .registry import Option, ReduceConfig, Reducer, check_layers, register
+from .select import slot_group
 from .state import ReduceContext, TokenState
 
-DEFAULTS = {"r": None, "schedule": "constant", "prop_attn": True}
 SCHEDULES = ("constant", "decreasing")
-
-
-def reduction_group(model) -> str:
-    """ToMe (and other vision-side methods) reduce the ViT of an ALBEF-style model, or ViLT's joint encoder."""
-    slots = model.reduction_slots()
-    return "vision" if "vision" in slots else "joint"
+OPTIONS = {"r": Option(None, optional=True, allowed="an integer >= 0 or one per layer"),
+           "schedule": Option("constant", "choice", choices=SCHEDULES), "prop_attn": Option(True, "bool")}
 
 
 def tome_schedule(r: Union[None, int, Sequence[int]], layers: Sequence[int], num_patches: int, schedule: str) -> List[int]:
@@ -110,13 +106,11 @@ class ToMeReducer(Reducer):
         return new.record(ctx.layer, self.method, kind)
 
 
-@register("tome")
-def build(cfg: ReduceConfig, model) -> None:
+@register("tome", groups=("vision", "joint"), placement="mid", options=OPTIONS)
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
     if cfg.keep is not None:
         raise ValueError(f"tome merges r tokens per layer (options={{'r': ...}}); keep must be None, got {cfg.keep!r}")
-    opts = check_options("tome", cfg.options, DEFAULTS)
-    group = reduction_group(model)
-    slots = model.reduction_slots()[group]
+    _, slots = slot_group(model, "tome")
     layers = cfg.layers if cfg.layers is not None else tuple(range(1, len(slots) + 1))
     check_layers(layers, len(slots), "tome")
     rs = tome_schedule(opts["r"], layers, model.cfg.vision.num_patches, opts["schedule"])

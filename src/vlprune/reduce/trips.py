@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import ReduceConfig, check_layers, check_options, per_layer, register
+from .registry import ReduceConfig, check_layers, per_layer, register
 from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, slot_group
 from .state import ReduceContext, TokenState
 
@@ -75,11 +75,10 @@ class TripsReducer(RateReducer):
         return state.replace(x=x, size=size, source=source).record(ctx.layer, self.method, kind)
 
 
-@register("trips")
-def build_trips(cfg: ReduceConfig, model: nn.Module) -> None:
+@register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
+def build_trips(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
-    check_options("trips", cfg.options, {})
-    _, layers_ = slot_group(model, "trips", ("vision", "joint"))
+    _, layers_ = slot_group(model, "trips")
     L = len(layers_)
     layers = cfg.layers if cfg.layers is not None else default_layers("trips", DEFAULT_LAYERS, L)
     check_layers(layers, L, "trips")

@@ -26,7 +26,8 @@ from ..data.datasets import NLVR2Dataset, VEDataset, VQADataset
 from ..data.formats import VE_LABELS, load_annotations, load_answer_list
 from ..reduce.state import TokenState
 from .base import StepContext, Task, register_task
-from .finetune import learned_method, load_teacher, method_losses, set_stage
+from ..reduce.registry import get_spec
+from .finetune import learned_method, learned_methods, load_teacher, method_losses, set_stage
 from ..models.heads import add_task_head, task_head
 from .metrics import accuracy, build_answer_vocab, normalize_answer, soft_targets, vqa_accuracy
 
@@ -57,8 +58,8 @@ class ClassificationTask(Task):
                 raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         self.teacher_path, self.stage = teacher, stage
         self.lam = float(lam) if lam is not None else (0.0 if stage == 1 else 1.0)
-        self.tip_weights = {"distill": distill, "sparsity": sparsity, "contrast": contrast, "continuity": continuity}
-        self.dvit_weights = {"ratio_weight": ratio, "cls_weight": distill / 2, "token_weight": token_distill}
+        self.loss_weights = {"distill": distill, "sparsity": sparsity, "contrast": contrast, "continuity": continuity,
+                             "ratio": ratio, "token_distill": token_distill}
         self.teacher = None
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class ClassificationTask(Task):
         set_stage(model, self.stage)
         if self.teacher_path is not None:
             if learned_method(model) is None:
-                raise ValueError("--teacher is for the learned methods (tip, dynamicvit); the model has none")
+                raise ValueError(f"--teacher is for the learned methods ({', '.join(learned_methods())}); the model has none")
             self.teacher = load_teacher(self.teacher_path, device)
             if self.head not in self.teacher.task_heads:
                 raise ValueError(f"the teacher {self.teacher_path} has no {self.head!r} head (fine-tune it on {self.name} first)")
@@ -97,10 +98,10 @@ class ClassificationTask(Task):
             with torch.no_grad():
                 t_logits, _, t_tokens = self.forward(self.teacher, batch)
         aux = [a for s in states for a in s.aux]
-        student = torch.cat([t[:, 1:] for t in tokens]) if name == "dynamicvit" and t_tokens is not None else None
+        distill_tokens = name is not None and get_spec(name).distill_tokens
+        student = torch.cat([t[:, 1:] for t in tokens]) if distill_tokens and t_tokens is not None else None
         teacher = torch.cat([t[:, 1:] for t in t_tokens]) if student is not None else None
-        weights = self.tip_weights if name == "tip" else self.dvit_weights
-        out = method_losses(model, loss, aux, logits, t_logits, student, teacher, self.lam, weights)
+        out = method_losses(model, loss, aux, logits, t_logits, student, teacher, self.lam, self.loss_weights)
         out[self.name] = loss.detach()
         return out
 

@@ -17,11 +17,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..reduce.registry import installed_spec
 from .metrics import retrieval_metrics
-
-# methods whose image tokens depend on the caption; everything else can encode an image without text
-TEXT_GUIDED = {"trips", "elip", "tip", "laps"}
-
 
 @contextlib.contextmanager
 def reducers_disabled(model: nn.Module) -> Iterator[None]:
@@ -39,8 +36,9 @@ def reducers_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def is_text_guided(model: nn.Module) -> bool:
-    rc = getattr(model, "method_config", None)
-    return rc is not None and rc.name in TEXT_GUIDED
+    """Whether the installed method's image tokens depend on the caption (it cannot run in the text-free stage)."""
+    spec = installed_spec(model)
+    return spec is not None and not spec.runs_in_text_free_stage
 
 
 @dataclass
