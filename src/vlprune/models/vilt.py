@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..reduce.slots import SlotInput
 from ..reduce.state import LayerTrace, ReduceContext, TokenState, policy_bias
 from .albef import MLMHead, ReductionSlots
 from .attention import Attention, Mlp
@@ -69,7 +70,7 @@ class JointLayer(nn.Module):
         text, image = x[:, :L], image.replace(x=x[:, L:])
         if self.reducer is not None:
             ctx = dataclasses.replace(ctx, guide=text[:, 0], text=text, text_mask=text_mask)
-            image = self.reducer(image, q[:, :, L:], k[:, :, L:], self, ctx)
+            image = self.reducer(image, SlotInput.pre_norm("joint", self, q[:, :, L:], k[:, :, L:]), ctx)
         x = torch.cat([text, image.x], dim=1)
         x = x + self.mlp(self.ln2(x))
         return x[:, :L], image.replace(x=x[:, L:])

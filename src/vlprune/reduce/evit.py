@@ -15,41 +15,33 @@ is fixed from the first step.
 
 from __future__ import annotations
 
-from typing import Tuple
-
-from torch import Tensor, nn
+from torch import nn
 
 from . import functional as F
 from .registry import ReduceConfig, check_layers, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, slot_group
+from .select import RateReducer, check_keeps, cls_row_bias, default_layers, slot_group
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (4, 7, 10)
 DEFAULT_KEEP = 0.7
 
-__all__ = ["EViTReducer", "attentive_select"]
+__all__ = ["EViTReducer", "attentive_plan"]
 
 
-def attentive_select(q: Tensor, k: Tensor, state: TokenState, keep: float) -> Tuple[Tensor, int]:
-    """Where EViT picks its tokens: the [CLS] attention row (B, M) over the candidates and the keep count.
-
-    q, k (B, H, 1 + M, d) are the layer's own queries and keys; the row uses the same bias as the attention.
-    """
-    a = F.cls_attention_scores(q[:, :, :1], k, cls_row_bias(state, k.dtype))
-    return a, F.keep_count(keep, a.shape[1])
+def attentive_plan(slot: SlotInput, state: TokenState, k: int) -> Plan:
+    """Where EViT picks its tokens: the top k by the [CLS] attention row over the candidates, the inattentive rest
+    fused with the raw weights. The row uses the layer's own [CLS] query, its keys and the attention's bias."""
+    a = F.cls_attention_scores(slot.queries[:, :, :1], slot.keys, cls_row_bias(state, slot.keys.dtype))
+    return Plan(scores=a, k=k, fuse="raw")  # inattentive fusion, raw a
 
 
 class EViTReducer(RateReducer):
     where = "mid"
     method = "evit"
 
-    def forward(self, state: TokenState, q: Tensor, k: Tensor, layer: nn.Module, ctx: ReduceContext) -> TokenState:
-        check_unmasked(state, self.method)
-        M = state.num_tokens - 1
-        if F.keep_count(self.keep, M) >= M:
-            return state.record(ctx.layer, self.method)
-        a, kk = attentive_select(q, k, state, self.keep)
-        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")  # inattentive fusion, raw a
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
+        return attentive_plan(slot, state, k)
 
 
 @register("evit", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP)

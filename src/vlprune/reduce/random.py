@@ -20,7 +20,7 @@ another position gets other random patches; nothing more is possible without a p
 
 from __future__ import annotations
 
-from typing import Optional
+
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from . import elip, evit, trips
 from . import functional as F
 from .registry import Option, ReduceConfig, check_layers, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, select_tokens, slot_group
+from .select import RateReducer, check_keeps, default_layers, slot_group
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 # like -> (default layers, default keep, where, count): count "current" = ceil(keep * M), "original" = floor(r * N)
@@ -64,19 +65,15 @@ class RandomReducer(RateReducer):
     def extra_repr(self) -> str:
         return f"keep={self.keep}, where={self.where}, count={self.count}, fuse={self.fuse}, seed={self.seed}"
 
-    def forward(self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module,
-                ctx: ReduceContext) -> TokenState:
-        check_unmasked(state, self.method)
-        M = state.num_tokens - 1
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:
         if self.count == "original":
-            kk = F.original_keep_count(self.keep, elip.original_patch_count(state, ctx), M)
-        else:
-            kk = F.keep_count(self.keep, M)
-        if kk >= M:
-            return state.record(ctx.layer, self.method)
+            return F.original_keep_count(self.keep, elip.original_patch_count(state, ctx), state.num_tokens - 1)
+        return super().keep_count(state, ctx)
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
         scores = random_select(state, ctx, self.seed)
-        ones = torch.ones_like(scores) if self.fuse else None
-        return select_tokens(state, scores, kk, ctx.layer, self.method, "renorm" if self.fuse else None, ones)
+        ones = torch.ones_like(scores) if self.fuse else None  # fuse: the plain mean of the rest
+        return Plan(scores=scores, k=k, fuse="renorm" if self.fuse else None, fuse_weights=ones)
 
 
 OPTIONS = {"like": Option("trips", "choice", choices=tuple(SCHEDULES)), "fuse": Option(False, "bool"),

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from torch import Tensor, nn
+from torch import nn
 
 from .state import ReduceContext, TokenState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .slots import SlotInput
 
 
 @dataclass(frozen=True)
@@ -296,16 +299,14 @@ def uniform_layers(t: int, num_layers: int) -> Tuple[int, ...]:
 class Reducer(nn.Module):
     """Base class of the modules that sit in a layer's reduction slot.
 
-    ``where = "mid"``: called after the attention residual, before the MLP, with the layer's attention ``q``
-    and ``k`` (B, H, T, d) of this layer's tokens. ``where = "pre"``: called before the layer's attention
-    (q and k are None). ``layer`` is the layer module itself (its ``attn`` gives the projections, its ``ln1``
-    the pre-attention norm). The reducer returns a new TokenState; it records a LayerTrace when tracing.
+    ``where = "mid"``: called after the attention residual, before the MLP; ``where = "pre"``: called before the
+    layer's attention. ``slot`` (``reduce.slots.SlotInput``) holds what the reducer may score with in its kind of
+    slot (vision / joint / fusion): the query rows, the keys and ``project_query`` for outside rows. The reducer
+    returns a new TokenState (``slots.apply_plan`` of its ``Plan``); it records a LayerTrace when tracing.
     """
 
     where: str = "mid"
     method: str = "base"
 
-    def forward(  # pragma: no cover - interface
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: "SlotInput", ctx: ReduceContext) -> TokenState:  # pragma: no cover
         raise NotImplementedError

@@ -1,5 +1,5 @@
-"""Shared plumbing of the score-and-select methods (TRIPS, ELIP, EViT, random): turning scores into a new
-TokenState, the attention bias a score row must use and default-schedule checks.
+"""Shared plumbing of the score-and-select methods (TRIPS, ELIP, EViT, random): their base class (check, count,
+plan), the attention bias a score row must use and default-schedule checks.
 
 The maths is in ``functional.py``; this module only moves TokenState fields around.
 """
@@ -14,30 +14,10 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import Reducer, get_spec, uniform_layers
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 log = logging.getLogger(__name__)
-
-
-def select_tokens(
-    state: TokenState,
-    scores: Tensor,
-    k: int,
-    layer_index: int,
-    method: str,
-    fuse: Optional[str],
-    fuse_weights: Optional[Tensor] = None,
-) -> TokenState:
-    """Keep [CLS] and the top-``k`` candidates by ``scores`` (B, M); fuse or drop the rest; record the trace.
-
-    When ``k`` equals the number of candidates nothing is removed and the state passes through unchanged (so a
-    keep rate of 1.0 is exactly the unpruned model).
-    """
-    M = state.num_tokens - 1
-    if k >= M:
-        return state.record(layer_index, method)
-    x, size, source, kind = F.keep_and_fuse(state.x, state.size, state.source, scores, k, fuse, fuse_weights)
-    return state.replace(x=x, size=size, source=source).record(layer_index, method, kind)
 
 
 def check_unmasked(state: TokenState, method: str) -> None:
@@ -54,8 +34,10 @@ def cls_row_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
     return bias
 
 
-def key_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
-    """Bias (B, 1, 1, T) for a query row from outside the tokens (a text or guide query), or None."""
+def outside_query_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
+    """Bias (B, 1, 1, T) for a query row from outside the tokens (a text or guide query) scored as if it were a
+    row of the tokens' own self-attention: log(size) under ToMe's proportional attention and the training mask;
+    None if neither. (The fusion encoder's cross-attention uses ``TokenState.cross_attention_bias`` instead.)"""
     return F.external_key_bias(state.size, state.mask, state.prop_attn, dtype)
 
 
@@ -104,12 +86,37 @@ def check_keeps(values: Sequence[float], layers: Sequence[int], method: str, nam
     return [F.check_keep(v, f"{method}: {name} at layer {l}") for v, l in zip(values, layers)]
 
 
-class RateReducer(Reducer):
-    """A reducer with a keep rate ``keep`` in (0, 1]."""
+class SelectReducer(Reducer):
+    """A score-and-select reducer (TRIPS, ELIP, EViT, random): ``check`` the inputs, count the tokens to keep
+    (``keep_count``, the one place a method computes it), and unless that keeps everything (then the state passes
+    through untouched, so keep 1.0 is exactly the unpruned model) build the ``plan`` and apply it."""
+
+    def check(self, state: TokenState, ctx: ReduceContext) -> None:
+        check_unmasked(state, self.method)
+
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
+        self.check(state, ctx)
+        k = self.keep_count(state, ctx)
+        if k >= state.num_tokens - 1:
+            return state.record(ctx.layer, self.method)
+        return apply_plan(state, self.plan(state, slot, ctx, k), ctx.layer, self.method)
+
+
+class RateReducer(SelectReducer):
+    """A reducer with a keep rate ``keep`` in (0, 1]: keeps ``ceil(keep * M)`` of the M candidates."""
 
     def __init__(self, keep: float) -> None:
         super().__init__()
         self.keep = F.check_keep(keep)
+
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:
+        return F.keep_count(self.keep, state.num_tokens - 1)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}"

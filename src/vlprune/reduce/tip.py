@@ -15,7 +15,7 @@ LogSoftmax over the candidates ([CLS] excluded); channel 0 = keep probability p_
 
 Training: hard mask = straight-through Gumbel-softmax (tau 1, ``ctx.generator``) x the previous mask; tokens stay
 in the tensor, masked as keys in image self-attention / ViLT's joint attention (a token attends to itself) and in
-the fusion encoder's text-to-image cross-attention (``TokenState.key_bias``); straight-through gradients reach
+the fusion encoder's text-to-image cross-attention (``TokenState.cross_attention_bias``); straight-through gradients reach
 the mask (``state.POLICY_FLOOR``). Inference: keep the top ``ceil(keep * M)`` by p_i physically, spatial order.
 
 Each reduction appends an ``AuxRecord(layer, "tip", values)`` to ``state.aux``; values (training):
@@ -42,7 +42,7 @@ layer's own text states.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,7 @@ from . import functional as Fn
 from .dynamicvit import default_layers
 from .registry import Option, ReduceConfig, Reducer, check_layers, per_layer, register
 from .select import slot_group
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.5
@@ -95,9 +96,7 @@ class TipReducer(Reducer):
     def extra_repr(self) -> str:
         return f"keep={self.keep}, target={self.target:.4g}"
 
-    def forward(
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
         x = state.x
         B, T, _ = x.shape
         M = T - 1
@@ -107,10 +106,8 @@ class TipReducer(Reducer):
         if not self.training:
             if state.mask is not None:
                 raise ValueError("tip inference got a masked state; run the whole model in eval mode")
-            k_keep = Fn.keep_count(self.keep, M)
-            x2, size, source, kind = Fn.keep_and_fuse(x, state.size, state.source, p.float(), k_keep, fuse=None)
-            new = state.replace(x=x2, size=size, source=source)
-            return new.add_aux(ctx.layer, self.method, keep_prob=p, target=self.target).record(ctx.layer, self.method, kind)
+            new = apply_plan(state, Plan(scores=p.float(), k=Fn.keep_count(self.keep, M)), ctx.layer, self.method)
+            return new.add_aux(ctx.layer, self.method, keep_prob=p, target=self.target)
         prev = None if state.mask is None else state.mask[:, 1:]
         hard = Fn.st_keep_mask(log_p, ctx.generator, prev, self.tau)
         cum = p if prev is None else p * prev
@@ -123,12 +120,10 @@ class TipReducer(Reducer):
             tmask = torch.ones(ctx.text.shape[:2], device=x.device) if ctx.text_mask is None else ctx.text_mask
             text_emb = self.text_proj(masked_mean(ctx.text, tmask))
             image_emb = self.image_proj(masked_mean(cand, hard))
-        new = state.replace(mask=torch.cat([hard.new_ones(B, 1), hard], dim=1))
-        new = new.add_aux(
+        return apply_plan(state, Plan(mask=hard), ctx.layer, self.method).add_aux(
             ctx.layer, self.method, keep_prob=p, cum_prob=cum, target=self.target, mask=hard, positions=pos,
             text_emb=text_emb, image_emb=image_emb, temp=self.temp,
         )
-        return new.record(ctx.layer, self.method)
 
 
 def cumulative(keeps: List[float]) -> List[float]:

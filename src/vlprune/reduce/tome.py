@@ -29,13 +29,12 @@ Choices where METHODS.md is silent:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
-
-from torch import Tensor, nn
+from typing import List, Sequence, Union
 
 from . import functional as Fn
 from .registry import Option, ReduceConfig, Reducer, check_layers, register
 from .select import slot_group
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 SCHEDULES = ("constant", "decreasing")
@@ -88,22 +87,13 @@ class ToMeReducer(Reducer):
     def extra_repr(self) -> str:
         return f"r={self.r}, prop_attn={self.prop_attn}"
 
-    def forward(
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
         if state.mask is not None:
             raise ValueError("tome cannot merge tokens on a masked training path (state.mask is set)")
         if self.r == 0:
             return state.record(ctx.layer, self.method)  # exactly the identity
-        B, T, _ = state.x.shape
-        unm, src, dst = Fn.bipartite_soft_matching(k.mean(dim=1), self.r)  # keys averaged over heads
-        x, size = Fn.merge_wavg(state.x, state.size, unm, src, dst)
-        source = None if state.source is None else Fn.merge_source(state.source, unm, src, dst)
-        kind = None
-        if state.tracing:
-            kind = Fn.merge_kind(B, (T + 1) // 2, T // 2, unm, dst, x.device)
-        new = state.replace(x=x, size=size, source=source, prop_attn=state.prop_attn or self.prop_attn)
-        return new.record(ctx.layer, self.method, kind)
+        matching = Fn.bipartite_soft_matching(slot.keys.mean(dim=1), self.r)  # keys averaged over heads
+        return apply_plan(state, Plan(merge=matching, prop_attn=self.prop_attn), ctx.layer, self.method)
 
 
 @register("tome", groups=("vision", "joint"), placement="mid", options=OPTIONS)

@@ -23,38 +23,35 @@ the model (two-stream: "vision", single-stream: "joint").
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, check_layers, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, slot_group
+from .select import RateReducer, check_keeps, check_unmasked, default_layers, outside_query_bias, require_guide, slot_group
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (5, 10)
 DEFAULT_KEEP = 0.7
 
 
-def text_relevant_scores(layer: nn.Module, k: Tensor, guide: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def text_relevant_scores(project_query: Callable[[Tensor], Tensor], k: Tensor, guide: Tensor,
+                         bias: Optional[Tensor] = None) -> Tensor:
     """TD-ATT: the guide's attention over the candidates with the layer's own LN1 and W_q.
 
-    layer: a ViT/joint layer (``ln1``, ``attn.project_query``); k (B, H, 1 + M, d) its keys; guide (B, D) -> (B, M).
+    project_query: the slot's (``SlotInput.project_query``); k (B, H, 1 + M, d) the layer's keys; guide (B, D)
+    -> (B, M).
     """
-    q_text = layer.attn.project_query(layer.ln1(guide[:, None, :]))  # W_q(LN1(t_cls)): (B, H, 1, d)
+    q_text = project_query(guide[:, None, :])  # W_q(LN1(t_cls)): (B, H, 1, d)
     return F.text_query_scores(q_text, k, bias)  # eq. 2 on keys
 
 
-def text_relevant_select(
-    x: Tensor, size: Tensor, source: Optional[Tensor], scores: Tensor, keep: float
-) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """Where TRIPS picks its tokens: keep ceil(r * M) by TD-ATT, fuse the rest with the raw weights (ITF, eq. 3).
-
-    x (B, 1 + M, D), size (B, 1 + M), source or None, scores (B, M) -> (x, size, source, kind) of
-    [cls, kept (spatial order), v_f].
-    """
-    k = F.keep_count(keep, scores.shape[1])
-    return F.keep_and_fuse(x, size, source, scores, k, fuse="raw")  # eq. 3: v_f = sum a_i v_i, raw a
+def text_relevant_plan(scores: Tensor, k: int) -> Plan:
+    """Where TRIPS picks its tokens: keep the k = ceil(r * M) best by TD-ATT, fuse the rest with the raw weights
+    (ITF, eq. 3: v_f = sum a_i v_i, appended last)."""
+    return Plan(scores=scores, k=k, fuse="raw")
 
 
 class TripsReducer(RateReducer):
@@ -63,16 +60,13 @@ class TripsReducer(RateReducer):
     where = "mid"
     method = "trips"
 
-    def forward(self, state: TokenState, q: Tensor, k: Tensor, layer: nn.Module, ctx: ReduceContext) -> TokenState:
+    def check(self, state: TokenState, ctx: ReduceContext) -> None:
         check_unmasked(state, self.method)
-        guide = require_guide(ctx, state, self.method)
-        M = state.num_tokens - 1
-        kk = F.keep_count(self.keep, M)
-        if kk >= M:
-            return state.record(ctx.layer, self.method)
-        a = text_relevant_scores(layer, k, guide, key_bias(state, k.dtype))
-        x, size, source, kind = text_relevant_select(state.x, state.size, state.source, a, self.keep)
-        return state.replace(x=x, size=size, source=source).record(ctx.layer, self.method, kind)
+        require_guide(ctx, state, self.method)
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
+        a = text_relevant_scores(slot.project_query, slot.keys, ctx.guide, outside_query_bias(state, slot.keys.dtype))
+        return text_relevant_plan(a, k)
 
 
 @register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
