@@ -1,4 +1,4 @@
-"""One small working configuration per registered method, for the generic tests in test_methods_common.py.
+"""One small working configuration per registered method, for the generic tests in test_reduce_all_methods.py.
 
 CASES[name] = dict(
     model="tiny" | "tiny_vilt",          # the tiny ALBEF preset, or the tiny ViLT config below
@@ -52,6 +52,7 @@ CASES = {
     "laps": dict(model="tiny", layers=None, keep=0.5, options={}, noop=dict(keep=1.0), outputs=_laps_outputs,
                  tokens=_laps_tokens,
                  skip={"counts": "LAPS keeps no provenance: its slimmed tokens are aggregates of all kept patches"}),
+    "fastv": dict(model="tiny", layers=(1,), keep=0.5, options={}, noop=dict(layers=(1,), keep=1.0)),
 }
 
 

@@ -83,3 +83,31 @@ def test_apply_plan_keep_fuse_merge_and_mask():
     assert merged.num_tokens == 7 and merged.prop_attn and merged.size.sum().item() == 18
     masked = apply_plan(state, Plan(mask=(scores > 0.5).float()), 0, "t")
     assert masked.x is state.x and masked.mask.shape == (2, 9) and masked.mask[:, 0].eq(1).all()
+
+
+def test_fastv_example_keeps_what_the_real_text_attends_to(tiny_cfg):
+    """The example method of docs/methods.md against a per-sample loop over heads and real text tokens."""
+    import math
+
+    torch.manual_seed(0)
+    model = vlprune.build_model(tiny_cfg, method=vlprune.ReduceConfig("fastv", layers=(1,), keep=0.5)).eval()
+    seen = {}
+    model.fusion.layers[0].cross.register_forward_hook(lambda m, a, out: seen.update(q=out[1], k=out[2]))
+    images, ids, mask = make_batch(tiny_cfg)
+    with torch.no_grad():
+        out = model(images, ids, mask, trace=True)
+    rec = out.fused_image.trace[-1]
+    assert rec.method == "fastv" and rec.layer == 1 and rec.tokens == 1 + 8
+    q, k = seen["q"].double(), seen["k"].double()
+    B, H, L, d = q.shape
+    for b in range(B):
+        real = [i for i in range(L) if mask[b, i]]
+        score = [0.0] * (k.shape[2] - 1)
+        for h in range(H):
+            for i in real:
+                row = torch.softmax(q[b, h, i] @ k[b, h].T / math.sqrt(d), dim=0)
+                for j in range(1, k.shape[2]):
+                    score[j - 1] += float(row[j]) / (H * len(real))
+        want = sorted(sorted(range(len(score)), key=lambda j: (-score[j], j))[:8])
+        kept = [int(rec.source[b, t, 1:].nonzero()[0]) for t in range(1, rec.tokens)]
+        assert kept == want

@@ -1,7 +1,7 @@
 """ALBEF-style two-stream model: ViT image encoder, BERT text encoder, fusion encoder with cross-attention,
 ITC projections, ITM and MLM heads, optional momentum copies and feature queues.
 
-Data flow for one image-text pair (DESIGN.md): text -> text encoder -> ``t_cls`` (the guide) -> ViT layers,
+Data flow for one image-text pair: text -> text encoder -> ``t_cls`` (the guide) -> ViT layers,
 each of which may reduce the image tokens -> fusion encoder (text cross-attends to the fewer image tokens) -> heads.
 The momentum copies are never pruned (they are teachers); reducers live only in the main model's slots.
 """

@@ -2,7 +2,7 @@
 
 Each joint layer: ``x = x + attn(ln1(x))`` over the concatenation (text padding masked), then the reduction slot
 reduces the *image* part (the guide is the layer's multimodal [CLS], i.e. the text [CLS] row of the joint
-sequence, METHODS.md's TRIPS-S and TiP), then ``x = x + mlp(ln2(x))``.
+sequence, as TRIPS-S and TiP use it), then ``x = x + mlp(ln2(x))``.
 """
 
 from __future__ import annotations

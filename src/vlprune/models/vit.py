@@ -1,7 +1,7 @@
 """Vision Transformer image encoder: pre-norm layers, a [CLS] token, learned position embeddings
 (interpolable to other image sizes) and a reduction slot in every layer.
 
-Each layer computes ``x = x + attn(ln1(x)); state = reduce(state); x = x + mlp(ln2(x))`` (METHODS.md). With the
+Each layer computes ``x = x + attn(ln1(x)); state = reduce(state); x = x + mlp(ln2(x))`` (``docs/methods.md``). With the
 slot empty it is an ordinary ViT layer.
 """
 

@@ -1,4 +1,4 @@
-"""ELIP: vision token pruning and merging guided by a mixed [CLS] (METHODS.md; official code guoyang9/ELIP,
+"""ELIP: vision token pruning and merging guided by a mixed [CLS] (the ELIP paper; official code guoyang9/ELIP,
 ALBEF/models/vit.py, read to understand it).
 
 Blocks of the ViT: pruning blocks start at layers 3, 5 and 11 and span 2, 6 and 2 layers (of 12); layers before the

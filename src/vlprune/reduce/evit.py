@@ -1,4 +1,4 @@
-"""EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (youweiliang/evit; METHODS.md).
+"""EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (official code youweiliang/evit).
 
 At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each; on another depth without ``layers=``, the three
 layers of ``uniform_layers(3, L)``, with a logged warning), after the attention residual and before the MLP:

@@ -7,7 +7,7 @@ Tensor letters used in shapes:
     N  original patches (provenance columns are 1 + N: [CLS] first)
     L  text length
 
-Conventions (METHODS.md): index 0 of a token sequence is the image [CLS] and is never removed or merged; kept
+Conventions (``docs/methods.md``): index 0 of a token sequence is the image [CLS] and is never removed or merged; kept
 tokens keep their spatial order (sorted indices); a fused token is appended last; ties break towards the lowest
 index; attention scores are softmaxed in fp32 and averaged over heads.
 """

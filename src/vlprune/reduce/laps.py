@@ -24,7 +24,7 @@ Per image-caption pair (P pairs are processed at once, vectorised over images x 
 top-k also in training), leaky-ReLU(0.1) on A; its loss (``objectives.laps``) sums the hinge over all negatives
 in the first epoch (``hardest=False``) and uses the hardest negative afterwards.
 Choices: cosines (L2-normalised features) in a^s / a^r as the official code; the score net's hidden width E/2;
-the aggregation's learnable scale of the official code is left out (METHODS.md does not have it).
+the aggregation's learnable scale of the official code is left out (the paper does not have it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lower resolution: the unpruned model at a smaller input size (METHODS.md baselines).
+"""Lower resolution: the unpruned model at a smaller input size (a baseline, ``docs/methods.md``).
 
 Images are resized (bilinear, antialiased) to ``image_size x image_size`` before the patch embedding and the
 position embeddings are interpolated (bicubic) to the smaller grid; no layer is changed and no reducer installed.

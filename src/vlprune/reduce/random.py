@@ -1,4 +1,4 @@
-"""Random selection: the schedule of the method it is compared with, indices from a seeded generator (METHODS.md).
+"""Random selection: the schedule of the method it is compared with, indices from a seeded generator.
 
 Options:
     like:  "trips" (default), "evit" or "elip": copy that method's default layers, keep rates, place and keep

@@ -5,7 +5,7 @@ fusion encoder (slot group "fusion"), pruning the image tokens that the later fu
 cross-attend to. Default layers ``uniform_layers(3, L)`` (4, 7, 10 of 12; 2, 4, 5 of ALBEF's 6 fusion layers);
 keep 0.5 of the current image tokens at each pruner (a float, or one per layer).
 
-Placement (METHODS.md says "applied to the layer's output image tokens"): the reduction slot of a joint/fusion
+Placement (the paper applies the pruner to "the layer's output image tokens"): the reduction slot of a joint/fusion
 layer sits after its (cross-)attention and before its MLP, so the pruner scores the post-attention, pre-MLP image
 tokens of layer l; the first attention that loses the pruned tokens is layer l + 1's, exactly as when pruning
 layer l's output (an MLP acts on each token alone).

@@ -18,8 +18,8 @@ Options (``ReduceConfig("tome", layers=..., options={...})``; ``keep`` is not us
                first reduction layer down to 0 at the last (the same total number of merges). Only with an int r.
     prop_attn: proportional attention after the first merge (default True).
 
-Choices where METHODS.md is silent:
-- r larger than (M - 1) // 2 for the M candidates at a layer raises (METHODS.md), also when checked at build time
+Choices where the paper and the official code leave room:
+- r larger than (M - 1) // 2 for the M candidates at a layer raises (never a silent clamp), also when checked at build time
   for the configured image size. This is one stricter than ToMe's clamp, which allows M // 2.
 - r = 0 at a layer is exactly the identity (the layer is skipped, no bias is added).
 - Token order follows ToMe, not spatial order: [CLS, unmerged A tokens (spatial order), B tokens (spatial

@@ -1,4 +1,4 @@
-"""TRIPS: Text-Relevant Image Patch Selection (METHODS.md; no official code exists).
+"""TRIPS: Text-Relevant Image Patch Selection (the TRIPS paper; no official code exists).
 
 At each selection layer of the ViT, after the attention residual and before the MLP:
 
@@ -6,7 +6,7 @@ At each selection layer of the ViT, after the attention residual and before the 
    projection (no new parameters) and the layer's own keys of the candidates (reused from the attention). Per
    head ``a = softmax(q_text K^T / sqrt(d))`` over the M candidates (image [CLS] excluded), mean over heads, fp32.
    The paper writes eq. 2 against the layer's output features; we score against the keys so that ``a`` is a true
-   attention row (METHODS.md).
+   attention row (``docs/methods.md``).
 2. Keep ``k = ceil(r * M)`` candidates with the largest ``a`` (spatial order kept; ties to the lowest index).
 3. ITF (eq. 3): one fused token ``v_f = sum_{i unselected} a_i v_i`` with the **raw** weights (not renormalised),
    appended last. Gradients flow through ``a`` (into the text encoder, ``W_q``, ``LN1`` and the keys) and

@@ -5,7 +5,7 @@ Checkpoints are given as a run directory (``RUN/model/config.json``, ``RUN/token
 ``save_pretrained`` directory (``config.json`` + ``model.safetensors``; its tokenizer is found through the
 config's ``"tokenizer"`` entry, a ``tokenizer/`` folder inside it, or one beside it).
 
-TiP's stages (METHODS.md): stage 1 freezes the backbone and trains the pruners and the task head with lam = 0
+TiP's stages (the TiP paper): stage 1 freezes the backbone and trains the pruners and the task head with lam = 0
 (no continuity loss); stage 2 also trains the cross-modal layers (ViLT: the joint encoder, its final norm and
 pooler; ALBEF: the fusion encoder) with lam = 1. Without a stage everything trains with lam = 1.
 """

@@ -1,4 +1,4 @@
-"""Two-stage image-text retrieval evaluation (METHODS.md "Retrieval with text-guided methods", as ALBEF does).
+"""Two-stage image-text retrieval evaluation, as ALBEF does (``docs/methods.md``, "Retrieval with text-guided methods").
 
 Stage 1 (ITC): every image is encoded once *without text guidance* — unpruned when the installed method is
 text-guided, with the method itself when it needs no text — and every caption once; all pairs are scored by the

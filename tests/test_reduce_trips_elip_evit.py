@@ -1,4 +1,6 @@
-"""TRIPS, ELIP, EViT, random and lowres against naive references and the invariants of TESTING.md."""
+"""TRIPS, ELIP, EViT and random against naive references, and the invariants of score-and-select methods: keep
+counts, provenance, fusion weights, permutation, batch independence, padding, missing guides, identity at keep 1,
+determinism, bad schedules, gradients and default layers."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from conftest import make_batch
-from reference import naive
+from reference import naive_select as naive
 
 import vlprune
 from vlprune import ReduceConfig as RC

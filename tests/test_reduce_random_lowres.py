@@ -1,5 +1,5 @@
-"""Random's seeding and fusion, lowres, and low precision for the methods of
-methods-a (the reference parity and invariants are in test_methods_a.py)."""
+"""Random's seeding and fusion, lowres, and low precision of TRIPS, ELIP, EViT, random and lowres (their reference
+parity and invariants are in test_reduce_trips_elip_evit.py)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def _outputs(model, batch, generator=None, trace=False, name=None) -> dict:
         out = model(images, ids, mask, generator=generator, trace=trace)
         extra = CASES[name]["outputs"](model, batch, out) if name and "outputs" in CASES[name] else {}
     if hasattr(out, "fused"):
-        res = {"image": out.image.x, "fused": out.fused, "itm": out.itm_logits, "_state": out.image}
+        res = {"image": out.image.x, "fused": out.fused, "itm": out.itm_logits, "_state": out.fused_image}
     else:
         res = {"image": out.image.x, "text": out.text, "pooled": out.pooled, "itm": out.itm_logits, "_state": out.image}
     return {**res, **extra}

@@ -15,7 +15,7 @@ from torch import nn
 
 import vlprune
 from conftest import make_batch
-from reference import naive_b
+from reference import naive_merge_learned as naive_b
 from vlprune import ReduceConfig as RC
 from vlprune.objectives import dynamicvit as dvl
 from vlprune.objectives import laps as lapl

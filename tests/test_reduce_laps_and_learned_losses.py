@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vlprune
 from conftest import make_batch
-from reference import naive_b
+from reference import naive_merge_learned as naive_b
 from vlprune import ReduceConfig as RC
 from vlprune.objectives import dynamicvit as dvl
 from vlprune.objectives import laps as lapl
