@@ -43,3 +43,23 @@ def test_head_errors(tiny_cfg, batch):
         add_task_head(model, "vqa")
     with pytest.raises(ValueError, match="unknown task head 'caption'"):
         add_task_head(model, "caption", 3)
+
+
+@pytest.mark.parametrize("arch", ["albef", "vilt"])
+def test_one_multimodal_interface_on_both_families(arch, tiny_cfg, tiny_vilt_cfg):
+    cfg = tiny_cfg if arch == "albef" else tiny_vilt_cfg
+    torch.manual_seed(0)
+    model = vlprune.build_model(cfg, method=vlprune.ReduceConfig("trips", layers=(2,), keep=0.5)).eval()
+    images, ids, mask = make_batch(cfg)
+    with torch.no_grad():
+        enc = model.encode_pair(images, ids, mask)
+        shared = model.shared_text(ids, mask)
+        again = model.encode_pair(images, ids, mask, text=shared)
+        out = model(images, ids, mask)
+    assert enc.cls.shape == (3, cfg.width) and torch.equal(enc.cls, again.cls)
+    assert enc.image.num_tokens == enc.encoder_tokens.shape[1] < 1 + cfg.vision.num_patches
+    want = out.fused[:, 0] if arch == "albef" else out.pooled
+    assert torch.equal(enc.cls, want)
+    assert (shared is None) == (arch == "vilt")
+    assert model.patch_embeddings() is (model.vision.embeddings if arch == "albef" else model.image_embeddings)
+    assert model.cross_modal_modules()

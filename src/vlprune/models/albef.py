@@ -21,7 +21,7 @@ from ..reduce.registry import installed_spec
 from ..reduce.state import LayerTrace, ReduceContext, TokenState
 from .attention import activation
 from .text import FusionEncoder, TextEncoder
-from .vit import VisionTransformer, _init_weights
+from .vit import ImageEmbeddings, VisionTransformer, _init_weights
 
 
 @dataclass
@@ -34,6 +34,19 @@ class ModelOutput:
     fused: Tensor
     fused_image: TokenState
     itm_logits: Tensor
+
+
+@dataclass
+class PairEncoding:
+    """One text-guided pass over image-caption pairs, the same on both model families (``model.encode_pair``).
+
+    cls: (B, D) the multimodal [CLS] the task heads read (ALBEF: the fused [CLS]; ViLT: the pooled [CLS]);
+    image: the image TokenState after every reduction (its aux records and traces cover all of them);
+    encoder_tokens: (B, T, D) the image tokens after the image encoder (ViLT: after the joint encoder)."""
+
+    cls: Tensor
+    image: TokenState
+    encoder_tokens: Tensor
 
 
 class MLMHead(nn.Module):
@@ -185,6 +198,31 @@ class ALBEF(nn.Module, ReductionSlots):
         vis = tuple(output.image.trace or ())
         fus = tuple(output.fused_image.trace or ())[len(vis):]
         return [("vision", r) for r in vis] + [("fusion", r) for r in fus]
+
+    # -- the multimodal interface both model families share --------------------------------------------------
+    def shared_text(self, ids: Tensor, mask: Tensor) -> Optional[Tensor]:
+        """Text states that several images paired with the same caption can share: the text encoder's output."""
+        return self.encode_text(ids, mask)
+
+    def encode_pair(self, images: Tensor, ids: Tensor, mask: Tensor, generator: Optional[torch.Generator] = None,
+                    text: Optional[Tensor] = None) -> PairEncoding:
+        """Text-guided pairs (``text``: ``shared_text(ids, mask)`` when already computed)."""
+        text = self.encode_text(ids, mask) if text is None else text
+        image = self.encode_image(images, text, mask, generator)
+        fused, fused_image = self.fuse(text, mask, image, generator)
+        return PairEncoding(fused[:, 0], fused_image, image.x)
+
+    def image_pass(self, images: Tensor, ids: Tensor, mask: Tensor, text: Optional[Tensor] = None) -> TokenState:
+        """The image side of a text-guided pass, what an image's cost is counted on: the ViT guided by ``text``."""
+        return self.encode_image(images, self.encode_text(ids, mask) if text is None else text, mask)
+
+    def patch_embeddings(self) -> ImageEmbeddings:
+        """The main image encoder's input embedding (the momentum teacher's is not included)."""
+        return self.vision.embeddings
+
+    def cross_modal_modules(self) -> List[nn.Module]:
+        """The modules where image and text meet (trained in TiP's stage 2): the fusion encoder."""
+        return [self.fusion]
 
     # -- momentum ----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..reduce.slots import SlotInput
 from ..reduce.state import LayerTrace, ReduceContext, TokenState, policy_bias
-from .albef import MLMHead, ReductionSlots
+from .albef import MLMHead, PairEncoding, ReductionSlots
 from .attention import Attention, Mlp
 from .text import TextEmbeddings, check_text
 from .vit import ImageEmbeddings, _init_weights
@@ -99,6 +99,27 @@ class ViLT(nn.Module, ReductionSlots):
 
     def reduction_slots(self) -> Dict[str, List[nn.Module]]:
         return {"joint": list(self.layers)}
+
+    # -- the multimodal interface both model families share (see ALBEF) ----------------------------------------
+    def shared_text(self, ids: Tensor, mask: Tensor) -> Optional[Tensor]:
+        """None: in a single-stream model the text is encoded together with each image."""
+        return None
+
+    def encode_pair(self, images: Tensor, ids: Tensor, mask: Tensor, generator: Optional[torch.Generator] = None,
+                    text: Optional[Tensor] = None) -> PairEncoding:
+        out = self(images, ids, mask, generator=generator)
+        return PairEncoding(out.pooled, out.image, out.image.x)
+
+    def image_pass(self, images: Tensor, ids: Tensor, mask: Tensor, text: Optional[Tensor] = None) -> ViLTOutput:
+        """The image side of a text-guided pass: here the whole joint encoder (text and image are not separable)."""
+        return self(images, ids, mask)
+
+    def patch_embeddings(self) -> ImageEmbeddings:
+        return self.image_embeddings
+
+    def cross_modal_modules(self) -> List[nn.Module]:
+        """The modules where image and text meet (trained in TiP's stage 2): the joint layers, norm and pooler."""
+        return [self.layers, self.norm, self.pooler]
 
     @staticmethod
     def trace_records(output: ViLTOutput) -> List[Tuple[str, LayerTrace]]:

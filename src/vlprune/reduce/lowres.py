@@ -23,18 +23,9 @@ def lowres_size(grid: int, patch: int) -> int:
     return max(1, math.floor(grid / math.sqrt(2) + 1e-9)) * patch
 
 
-def image_embeddings(model: nn.Module) -> nn.Module:
-    """The model's main ImageEmbeddings (ALBEF: ``vision.embeddings``; ViLT: ``image_embeddings``)."""
-    if hasattr(model, "vision"):
-        return model.vision.embeddings
-    if hasattr(model, "image_embeddings"):
-        return model.image_embeddings
-    raise ValueError(f"lowres: {type(model).__name__} has no image embeddings")
-
-
 def reset_input_size(model: nn.Module) -> None:
     """Undo ``build_lowres``: the image encoder takes images at their given size again."""
-    image_embeddings(model).input_size = None
+    model.patch_embeddings().input_size = None
 
 
 OPTIONS = {"image_size": Option(None, optional=True, allowed="a multiple of the patch size, at most the model's image size")}
@@ -54,4 +45,4 @@ def build_lowres(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
             f"lowres: image_size must be a multiple of the patch size {v.patch_size} in "
             f"[{v.patch_size}, {v.image_size}], got {size!r}"
         )
-    image_embeddings(model).input_size = size
+    model.patch_embeddings().input_size = size

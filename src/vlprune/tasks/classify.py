@@ -34,14 +34,9 @@ from .metrics import accuracy, build_answer_vocab, normalize_answer, soft_target
 
 def encode_pairs(model, images: Tensor, ids: Tensor, mask: Tensor, generator=None, text: Optional[Tensor] = None):
     """Text-guided pairs -> (multimodal [CLS] (B, D), final image state (aux of every reduction), image tokens
-    after the image encoder (B, T, D)). ALBEF: the fused [CLS]; ViLT: the pooled [CLS]."""
-    if model.cfg.arch == "albef":
-        text = model.encode_text(ids, mask) if text is None else text
-        image = model.encode_image(images, text, mask, generator)
-        fused, fused_image = model.fuse(text, mask, image, generator)
-        return fused[:, 0], fused_image, image.x
-    out = model(images, ids, mask, generator=generator)
-    return out.pooled, out.image, out.image.x
+    after the image encoder (B, T, D)), through the interface both model families share (``encode_pair``)."""
+    enc = model.encode_pair(images, ids, mask, generator, text)
+    return enc.cls, enc.image, enc.encoder_tokens
 
 
 class ClassificationTask(Task):
@@ -230,7 +225,7 @@ class NLVR2Task(ClassificationTask):
     def forward(self, model, batch, generator=None):
         """The statement guides and is fused with each image; the two [CLS] are concatenated (``heads``)."""
         ids, mask, pair = batch["ids"], batch["mask"], batch["images"]
-        text = model.encode_text(ids, mask) if model.cfg.arch == "albef" else None
+        text = model.shared_text(ids, mask)  # the statement is encoded once where the model allows it
         cls, states, tokens = [], [], []
         for j in range(2):
             c, s, t = encode_pairs(model, pair[:, j], ids, mask, generator, text)

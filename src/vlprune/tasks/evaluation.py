@@ -23,15 +23,11 @@ from ..flopcount import flop_counter_mode
 def image_encoder_gflops(model, images: Tensor, ids: Tensor, mask: Tensor) -> float:
     """GFLOPs of encoding one example's image(s): images (1, 3, S, S) or an NLVR2 pair (1, 2, 3, S, S)."""
     imgs = images if images.dim() == 5 else images.unsqueeze(1)
-    albef = model.cfg.arch == "albef"
     with torch.inference_mode():
-        text = model.encode_text(ids, mask) if albef else None
+        text = model.shared_text(ids, mask)  # outside the count
         with flop_counter_mode() as fc:
             for j in range(imgs.shape[1]):
-                if albef:
-                    model.encode_image(imgs[:, j], text, mask)
-                else:
-                    model(imgs[:, j], ids, mask)
+                model.image_pass(imgs[:, j], ids, mask, text)
     return fc.get_total_flops() / 1e9
 
 

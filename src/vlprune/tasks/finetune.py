@@ -93,12 +93,6 @@ def load_teacher(path: PathLike, device: torch.device) -> nn.Module:
     return teacher
 
 
-def cross_modal(model: nn.Module) -> List[nn.Module]:
-    if model.cfg.arch == "vilt":
-        return [model.layers, model.norm, model.pooler]
-    return [model.fusion]
-
-
 def set_stage(model: nn.Module, stage: Optional[int]) -> None:
     """Freeze for TiP's stage 1 (reducers + task heads train) or stage 2 (also the cross-modal layers)."""
     if stage is None:
@@ -113,7 +107,7 @@ def set_stage(model: nn.Module, stage: Optional[int]) -> None:
         p.requires_grad_(False)
     train: List[nn.Module] = list(model.reducers().values()) + [model.task_heads]
     if stage == 2:
-        train += cross_modal(model)
+        train += model.cross_modal_modules()
     for m in train:
         for name, p in m.named_parameters():
             p.requires_grad_(True)
