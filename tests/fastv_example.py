@@ -13,8 +13,8 @@ from __future__ import annotations
 from torch import nn
 
 from vlprune.reduce import functional as F
-from vlprune.reduce.registry import ReduceConfig, check_layers, per_layer, register
-from vlprune.reduce.select import RateReducer, check_keeps, default_layers, slot_group
+from vlprune.reduce.registry import ReduceConfig, register
+from vlprune.reduce.select import RateReducer, rate_schedule
 from vlprune.reduce.slots import Plan, SlotInput
 from vlprune.reduce.state import ReduceContext, TokenState
 
@@ -40,10 +40,6 @@ class FastVReducer(RateReducer):
 
 @register("fastv", groups=("fusion",), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
 def build_fastv(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
-    _, slots = slot_group(model, "fastv")
-    L = len(slots)
-    layers = cfg.layers if cfg.layers is not None else default_layers("fastv", DEFAULT_LAYERS, L, depth=6)
-    check_layers(layers, L, "fastv")
-    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "fastv"), layers, "fastv")
-    for layer, keep in zip(layers, keeps):
+    slots, schedule = rate_schedule(cfg, model, depth=6)  # the declared defaults are for 6 fusion layers
+    for layer, keep in schedule:
         slots[layer - 1].reducer = FastVReducer(keep)

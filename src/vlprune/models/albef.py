@@ -67,6 +67,19 @@ class MLMHead(nn.Module):
 class ReductionSlots:
     """Mixin: the models' reduction slots and their management."""
 
+    def _init_model(self, cfg: ModelConfig, arch: str) -> None:
+        """What both model families set first: the checked config, no method, no task heads."""
+        if cfg.arch != arch:
+            raise ValueError(f"{type(self).__name__} needs arch={arch!r}, got {cfg.arch!r}")
+        self.cfg = cfg
+        self.method_config = None
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.models.heads.add_task_head
+
+    @staticmethod
+    def _check_pairs(images: Tensor, ids: Tensor) -> None:
+        if images.shape[0] != ids.shape[0]:
+            raise ValueError(f"image batch ({images.shape[0]}) and caption batch ({ids.shape[0]}) differ in size")
+
     def reduction_slots(self) -> Dict[str, List[nn.Module]]:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -97,11 +110,7 @@ class ReductionSlots:
 class ALBEF(nn.Module, ReductionSlots):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.arch != "albef":
-            raise ValueError(f"ALBEF needs arch='albef', got {cfg.arch!r}")
-        self.cfg = cfg
-        self.method_config = None
-        self.task_heads = nn.ModuleDict()  # filled by vlprune.models.heads.add_task_head
+        self._init_model(cfg, "albef")
         t, v = cfg.text, cfg.vision
         self.vision = VisionTransformer(v)
         self.text = TextEncoder(t)
@@ -185,8 +194,7 @@ class ALBEF(nn.Module, ReductionSlots):
         interpolate_pos: bool = False,
     ) -> ModelOutput:
         """One text-guided pass over matched image-text pairs: text -> guided image tokens -> fusion -> ITM."""
-        if images.shape[0] != ids.shape[0]:
-            raise ValueError(f"image batch ({images.shape[0]}) and caption batch ({ids.shape[0]}) differ in size")
+        self._check_pairs(images, ids)
         text = self.encode_text(ids, mask)
         image = self.encode_image(images, text, mask, generator, trace, interpolate_pos)
         fused, fused_image = self.fuse(text, mask, image, generator)

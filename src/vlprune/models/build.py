@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-import torch
+
 from torch import Tensor, nn
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_json
 from ..config import ModelConfig, from_dict, load_preset, override, to_dict
 from ..reduce.registry import ReduceConfig, as_reduce_config, install, owned_prefixes
 from .albef import ALBEF
@@ -80,10 +79,7 @@ def read_config(directory: Union[str, Path]) -> Dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (not a vlprune checkpoint directory)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    meta = read_json(path, CONFIG_NAME)
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{path} has no 'model' section")
     return meta

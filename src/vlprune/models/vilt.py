@@ -79,11 +79,7 @@ class JointLayer(nn.Module):
 class ViLT(nn.Module, ReductionSlots):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.arch != "vilt":
-            raise ValueError(f"ViLT needs arch='vilt', got {cfg.arch!r}")
-        self.cfg = cfg
-        self.method_config = None
-        self.task_heads = nn.ModuleDict()  # filled by vlprune.models.heads.add_task_head
+        self._init_model(cfg, "vilt")
         v, t = cfg.vision, cfg.text
         D = v.width
         self.text_embeddings = TextEmbeddings(t)
@@ -136,8 +132,7 @@ class ViLT(nn.Module, ReductionSlots):
         interpolate_pos: bool = False,
     ) -> ViLTOutput:
         check_text(ids, mask, self.cfg.text)
-        if images.shape[0] != ids.shape[0]:
-            raise ValueError(f"image batch ({images.shape[0]}) and caption batch ({ids.shape[0]}) differ in size")
+        self._check_pairs(images, ids)
         text = self.text_embeddings(ids) + self.modality.weight[0]
         img = self.image_embeddings(images, interpolate_pos) + self.modality.weight[1]
         image = TokenState.start(img, trace=trace)

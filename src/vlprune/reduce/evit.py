@@ -18,8 +18,8 @@ from __future__ import annotations
 from torch import nn
 
 from . import functional as F
-from .registry import ReduceConfig, check_layers, per_layer, register
-from .select import RateReducer, check_keeps, cls_row_bias, default_layers, slot_group
+from .registry import ReduceConfig, register
+from .select import RateReducer, cls_row_bias, rate_schedule
 from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
@@ -47,10 +47,6 @@ class EViTReducer(RateReducer):
 @register("evit", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP)
 def build_evit(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install EViT in the ViT layers (two-stream) or the joint layers (single-stream)."""
-    _, layers_ = slot_group(model, "evit")
-    L = len(layers_)
-    layers = cfg.layers if cfg.layers is not None else default_layers("evit", DEFAULT_LAYERS, L)
-    check_layers(layers, L, "evit")
-    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "evit"), layers, "evit")
-    for l, kp in zip(layers, keeps):
-        layers_[l - 1].reducer = EViTReducer(kp)
+    slots, schedule = rate_schedule(cfg, model)
+    for layer, keep in schedule:
+        slots[layer - 1].reducer = EViTReducer(keep)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import Reducer, get_spec, uniform_layers
+from .registry import Reducer, check_layers, get_spec, per_layer, uniform_layers
 from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
@@ -84,6 +84,18 @@ def slot_group(model: nn.Module, method: str) -> Tuple[str, List[nn.Module]]:
 
 def check_keeps(values: Sequence[float], layers: Sequence[int], method: str, name: str = "keep") -> List[float]:
     return [F.check_keep(v, f"{method}: {name} at layer {l}") for v, l in zip(values, layers)]
+
+
+def rate_schedule(cfg, model: nn.Module, depth: int = 12) -> Tuple[List[nn.Module], List[Tuple[int, float]]]:
+    """The slots of a keep-rate method and its checked (1-based layer, keep) pairs: ``cfg.layers`` / ``cfg.keep``
+    or the defaults its declaration gives for a ``depth``-layer encoder (``default_layers`` on another depth)."""
+    spec = get_spec(cfg.name)
+    _, slots = spec.slots(model)
+    L = len(slots)
+    layers = cfg.layers if cfg.layers is not None else default_layers(cfg.name, spec.layers, L, depth)
+    check_layers(layers, L, cfg.name)
+    keeps = check_keeps(per_layer(spec.keep if cfg.keep is None else cfg.keep, layers, cfg.name), layers, cfg.name)
+    return slots, list(zip(layers, keeps))
 
 
 class SelectReducer(Reducer):

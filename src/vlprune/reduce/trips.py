@@ -28,8 +28,8 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import ReduceConfig, check_layers, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, outside_query_bias, require_guide, slot_group
+from .registry import ReduceConfig, register
+from .select import RateReducer, check_unmasked, outside_query_bias, rate_schedule, require_guide
 from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
@@ -72,16 +72,12 @@ class TripsReducer(RateReducer):
 @register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
 def build_trips(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
-    _, layers_ = slot_group(model, "trips")
-    L = len(layers_)
-    layers = cfg.layers if cfg.layers is not None else default_layers("trips", DEFAULT_LAYERS, L)
-    check_layers(layers, L, "trips")
-    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "trips"), layers, "trips")
+    slots, schedule = rate_schedule(cfg, model)
     tw, vw = model.cfg.text.width, model.cfg.vision.width
     if tw != vw:
         raise ValueError(
             f"trips scores the text [CLS] with the ViT's own query projection, so text and vision widths must "
             f"match; got text.width={tw}, vision.width={vw}"
         )
-    for l, kp in zip(layers, keeps):
-        layers_[l - 1].reducer = TripsReducer(kp)
+    for layer, keep in schedule:
+        slots[layer - 1].reducer = TripsReducer(keep)

@@ -43,6 +43,8 @@ class ClassificationTask(Task):
     head = ""
     format = ""
     scenes_test = ""
+    text_field = "sentence"  # the entry field holding the text (VQA: "question")
+    dataset: type = VEDataset  # the Dataset class of the task's entries
 
     def __init__(self, teacher: Optional[str] = None, stage: Optional[int] = None, lam: Optional[float] = None,
                  distill: float = 1.0, sparsity: float = 1.0, contrast: float = 1.0, continuity: float = 1.0,
@@ -60,6 +62,12 @@ class ClassificationTask(Task):
     # -- data ------------------------------------------------------------------------------------------------
     def load(self, path) -> List[Dict[str, Any]]:
         return load_annotations(path, self.format)
+
+    def texts(self, entries):
+        return [e[self.text_field] for e in entries]
+
+    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
+        return self.dataset(entries, loader, skip_bad_images)
 
     def num_outputs(self, entries, out: Path) -> Optional[int]:
         return None
@@ -126,6 +134,8 @@ class ClassificationTask(Task):
 class VQATask(ClassificationTask):
     name = head = "vqa"
     format = "vqa"
+    text_field = "question"
+    dataset = VQADataset
     scenes_file, scenes_test = "vqa_train.json", "vqa_test.json"
 
     def __init__(self, answers: Optional[str] = None, max_answers: int = 3129, **kw):
@@ -133,11 +143,6 @@ class VQATask(ClassificationTask):
         self.answers_path, self.max_answers = answers, int(max_answers)
         self.vocab: Optional[Dict[str, int]] = None
 
-    def texts(self, entries):
-        return [e["question"] for e in entries]
-
-    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
-        return VQADataset(entries, loader, skip_bad_images)
 
     def num_outputs(self, entries, out: Path) -> int:
         saved = out / "answer_vocab.json"
@@ -195,13 +200,8 @@ class VQATask(ClassificationTask):
 class VETask(ClassificationTask):
     name = head = "ve"
     format = "ve"
+    dataset = VEDataset
     scenes_file, scenes_test = "ve_train.json", "ve_test.json"
-
-    def texts(self, entries):
-        return [e["sentence"] for e in entries]
-
-    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
-        return VEDataset(entries, loader, skip_bad_images)
 
     def label_of(self, e) -> int:
         return VE_LABELS.index(e["label"])
@@ -214,13 +214,8 @@ class VETask(ClassificationTask):
 class NLVR2Task(ClassificationTask):
     name = head = "nlvr2"
     format = "nlvr2"
+    dataset = NLVR2Dataset
     scenes_file, scenes_test = "nlvr2_train.json", "nlvr2_test.json"
-
-    def texts(self, entries):
-        return [e["sentence"] for e in entries]
-
-    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
-        return NLVR2Dataset(entries, loader, skip_bad_images)
 
     def forward(self, model, batch, generator=None):
         """The statement guides and is fused with each image; the two [CLS] are concatenated (``heads``)."""
