@@ -18,6 +18,8 @@ def test_info_lists_presets_and_methods(capsys):
     assert main(["info", "--model", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "presets: albef-base, small, tiny, vilt-base" in out and "none" in out
+    assert "  trips: vision/joint slots, mid; text-guided; defaults (12 layers) layers=(5, 10) keep=0.7" in out
+    assert "elip: " in out and "lam=0.8 (in [0, 1])" in out and "tip: joint/fusion slots, mid; text-guided, learned" in out
 
 
 def test_errors_go_to_stderr_with_nonzero_exit(capsys):

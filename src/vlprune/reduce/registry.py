@@ -41,6 +41,10 @@ class Option:
     allowed: str = ""
 
     def describe(self) -> str:
+        text = self._describe()
+        return text + " or None" if self.optional and not self.allowed else text
+
+    def _describe(self) -> str:
         if self.allowed:
             return self.allowed
         if self.kind == "bool":

@@ -130,7 +130,7 @@ def cumulative(keeps: List[float]) -> List[float]:
     return [math.prod(keeps[: j + 1]) for j in range(len(keeps))]
 
 
-@register("tip", groups=("joint", "fusion"), placement="mid", keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True,
+@register("tip", groups=("joint", "fusion"), placement="mid", layers=(4, 7, 10), keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True,
           learned=True, losses=("distill", "sparsity", "contrast", "continuity"), stages=True)
 def build(cfg: ReduceConfig, model, opts: dict) -> None:
     group, layers_ = slot_group(model, "tip")
