@@ -55,7 +55,8 @@ def run(args) -> int:
     methods = method_configs(args, several=True) or [ReduceConfig("none")]
 
     def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
 
     rows = run_bench(settings, methods, progress)
     if args.json:

@@ -98,6 +98,8 @@ class MethodSpec:
                   the retrieval task's own objective.
     stages:       the fine-tuning tasks may train it in TiP's two stages (``--stage 1|2``).
     distill_tokens: its training distils the image-encoder tokens from the teacher (DynamicViT).
+    scores_pairs: it scores image-caption pairs itself after the encoders (LAPS's similarity head): the retrieval
+                  task then trains and ranks with that similarity instead of ITC + ITM.
     owns:         model attributes it adds besides the slots (removed with the method, e.g. LAPS's ``laps``).
     clear:        undoes what it set outside the slots and ``owns`` (e.g. lowres's input size), or None.
     """
@@ -114,6 +116,7 @@ class MethodSpec:
     losses: Tuple[str, ...] = ()
     stages: bool = False
     distill_tokens: bool = False
+    scores_pairs: bool = False
     owns: Tuple[str, ...] = ()
     clear: Optional[Callable[[nn.Module], None]] = None
 
