@@ -71,3 +71,12 @@ def test_clear_removes_what_a_method_added(tiny_cfg):
     assert not hasattr(model, "laps") and model.vision.embeddings.input_size == 16
     vlprune.attach(model, None)
     assert model.vision.embeddings.input_size is None
+
+
+def test_none_with_settings_raises_everywhere(tiny_cfg):
+    import pytest as _pytest
+
+    model = vlprune.build_model(tiny_cfg)
+    with _pytest.raises(ValueError, match="takes no layers, keep or options"):
+        vlprune.attach(model, RC("none", layers=(2,)))
+    assert vlprune.attach(model, RC("none")).method_config is None

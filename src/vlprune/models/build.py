@@ -44,8 +44,9 @@ def attach(model: nn.Module, method: MethodLike) -> nn.Module:
     """Install ``method`` in ``model``'s reduction slots (replacing any installed method); returns the model."""
     rc = as_reduce_config(method)
     model.clear_reducers()
+    if rc is not None:
+        install(rc, model)  # "none" too, so that its config is checked (it takes no layers, keep or options)
     if rc is not None and rc.name != "none":
-        install(rc, model)
         model.method_config = rc
         # reducers follow the model's device and dtype
         p = next(model.parameters())
