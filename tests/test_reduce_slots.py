@@ -43,7 +43,7 @@ def test_vision_joint_and_fusion_slots(tiny_cfg, tiny_vilt_cfg):
     assert torch.equal(slot.project_query(h), layer.attn.project_query(layer.ln1(h)))
     slot, ctx, T = fus.seen[0]
     assert slot.kind == "fusion" and slot.queries.shape[2] == ids.shape[1] and slot.keys.shape[2] == T
-    assert torch.equal(slot.query_mask, mask)
+    assert torch.equal(slot.text_mask, mask) and slot.text_queries is slot.queries
     assert torch.equal(slot.project_query(h), model.fusion.layers[0].cross.project_query(h))
     slot, _, _ = pre.seen[0]
     assert slot.queries is None and slot.keys is None
@@ -54,6 +54,7 @@ def test_vision_joint_and_fusion_slots(tiny_cfg, tiny_vilt_cfg):
         vilt(images, ids, mask)
     slot, ctx, T = joint.seen[0]
     assert slot.kind == "joint" and slot.queries.shape[2] == slot.keys.shape[2] == T  # the image rows only
+    assert slot.text_queries.shape[2] == ids.shape[1] and torch.equal(slot.text_mask, mask)
     assert ctx.guide.shape == (3, 32)
 
 
@@ -111,3 +112,14 @@ def test_fastv_example_keeps_what_the_real_text_attends_to(tiny_cfg):
         want = sorted(sorted(range(len(score)), key=lambda j: (-score[j], j))[:8])
         kept = [int(rec.source[b, t, 1:].nonzero()[0]) for t in range(1, rec.tokens)]
         assert kept == want
+
+
+def test_fastv_example_runs_in_joint_slots_too(tiny_vilt_cfg):
+    torch.manual_seed(0)
+    model = vlprune.build_model(tiny_vilt_cfg, method=vlprune.ReduceConfig("fastv", layers=(2,), keep=0.5)).eval()
+    images, ids, mask = make_batch(tiny_vilt_cfg)
+    with torch.no_grad():
+        out = model(images, ids, mask, trace=True)
+        padded = model(images, torch.nn.functional.pad(ids, (0, 5)), torch.nn.functional.pad(mask, (0, 5)), trace=True)
+    assert [(r.layer, r.tokens) for r in out.image.trace] == [(2, 9)]
+    assert torch.equal(out.image.trace[0].source, padded.image.trace[0].source)  # padding does not vote

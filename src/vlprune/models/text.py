@@ -88,7 +88,7 @@ class TextLayer(nn.Module):
             c, q, k = self.cross(x, context=image.x, bias=image.cross_attention_bias(x.dtype))
             x = self.cross_ln(x + self.drop(c))
             if self.reducer is not None:
-                slot = SlotInput("fusion", self, q, k, self.cross.project_query, query_mask=ctx.text_mask)
+                slot = SlotInput("fusion", self, q, k, self.cross.project_query, q, ctx.text_mask)
                 image = self.reducer(image, slot, ctx)
         x = self.mlp_ln(x + self.mlp(x))
         return x, image

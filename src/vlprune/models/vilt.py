@@ -70,7 +70,8 @@ class JointLayer(nn.Module):
         text, image = x[:, :L], image.replace(x=x[:, L:])
         if self.reducer is not None:
             ctx = dataclasses.replace(ctx, guide=text[:, 0], text=text, text_mask=text_mask)
-            image = self.reducer(image, SlotInput.pre_norm("joint", self, q[:, :, L:], k[:, :, L:]), ctx)
+            slot = SlotInput.pre_norm("joint", self, q[:, :, L:], k[:, :, L:], q[:, :, :L], text_mask)
+            image = self.reducer(image, slot, ctx)
         x = torch.cat([text, image.x], dim=1)
         x = x + self.mlp(self.ln2(x))
         return x[:, :L], image.replace(x=x[:, L:])

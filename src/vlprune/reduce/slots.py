@@ -3,13 +3,16 @@
 A reduction slot sits in a layer of one of three kinds:
 
 - ``"vision"``: a ViT layer of a two-stream model. ``queries`` and ``keys`` (B, H, T, d) are the layer's own, of
-  the image tokens (row / column 0 = the image [CLS]).
+  the image tokens (row / column 0 = the image [CLS]). No text rows.
 - ``"joint"``: a layer of a single-stream model over [text; image]. ``queries`` and ``keys`` are the image part of
-  the layer's own (the text rows are the guide's business: ``ctx.guide`` is the text [CLS] after this layer's
-  attention, ``ctx.text`` the text states).
+  the layer's own; ``text_queries`` (B, H, L, d) its text rows (``ctx.guide`` is the text [CLS] after this
+  layer's attention, ``ctx.text`` the text states). A score over ``keys`` is then a softmax over the image keys
+  only, not over the whole joint row.
 - ``"fusion"``: a fusion layer of a two-stream model, where text cross-attends to the image tokens. ``queries``
-  (B, H, L, d) are the text queries of the cross-attention and ``query_mask`` (B, L) marks real text tokens
-  (1) and padding (0); ``keys`` (B, H, T, d) are the image tokens' keys in that cross-attention.
+  and ``text_queries`` (B, H, L, d) are the text queries of the cross-attention; ``keys`` (B, H, T, d) are the
+  image tokens' keys in it.
+
+Where there are text rows, ``text_mask`` (B, L) marks real text tokens (1) and padding (0).
 
 In every kind ``project_query(h)`` projects outside rows h (B, Lq, D) with the layer's own weights, exactly as the
 layer projects its queries (ViT / joint: the pre-attention LayerNorm, then W_q; fusion: the cross-attention's W_q,
@@ -40,12 +43,14 @@ class SlotInput:
     queries: Optional[Tensor]
     keys: Optional[Tensor]
     project_query: Callable[[Tensor], Tensor]
-    query_mask: Optional[Tensor] = None
+    text_queries: Optional[Tensor] = None
+    text_mask: Optional[Tensor] = None
 
     @staticmethod
-    def pre_norm(kind: str, layer: nn.Module, q: Optional[Tensor] = None, k: Optional[Tensor] = None) -> "SlotInput":
+    def pre_norm(kind: str, layer: nn.Module, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                 text_queries: Optional[Tensor] = None, text_mask: Optional[Tensor] = None) -> "SlotInput":
         """The slot of a pre-norm self-attention layer (``layer.ln1``, ``layer.attn``): vision or joint."""
-        return SlotInput(kind, layer, q, k, lambda h: layer.attn.project_query(layer.ln1(h)))
+        return SlotInput(kind, layer, q, k, lambda h: layer.attn.project_query(layer.ln1(h)), text_queries, text_mask)
 
 
 @dataclass(frozen=True)
