@@ -61,8 +61,13 @@ def test_second_run_skips_every_stage(quick):
 
 def test_changed_settings_redo_downstream(tmp_path):
     out = tmp_path / "q"
-    small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8))
+    small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8), seeds=(0, 1),
+                    tuned=("trips", "evit"))
     run_demo(out, profile=small, threads=1, quiet=True)
+    res = json.loads((out / "results.json").read_text())  # a second seed for the rows in seed_rows
+    assert [r["method"] for r in res["seeds"]] == ["none", "blind"] and len(res["seeds"][0]["accuracies"]) == 2
+    assert (out / "vqa-blind-s1" / "model").is_dir() and not (out / "vqa-trips-s1").exists()
+    assert "## Seeds" in (out / "report.md").read_text() and "Across seeds 0, 1" in res["sentences"][-1]
     said = []
     run_demo(out, profile=replace(small, vqa=Recipe(steps=3, lr=3e-4, batch_size=8)), threads=1, quiet=True,
              say=said.append)
@@ -80,8 +85,10 @@ def test_overwrite_and_foreign_directory(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(foreign), "--quiet"]) == 2
     assert "holds no demo run" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
     out = tmp_path / "q"
-    small = replace(QUICK, sweep=(0.5, 0.25))
+    small = replace(QUICK, sweep=(0.5, 0.25), tuned=())  # no fine-tuning with reduction: overlays at inference
     run_demo(out, profile=small, threads=1, quiet=True)
+    assert "evit (applied at inference to the unpruned model)" in (out / "report.md").read_text()
+    assert not (out / "vqa-trips").exists()
     said = []
     run_demo(out, profile=small, threads=1, quiet=True, overwrite=True, say=said.append)
     assert said[0].startswith("--overwrite: deleting") and not any("skipped" in s for s in said)
@@ -123,6 +130,10 @@ def test_operating_points():
         point(DEFAULT, "tip", 0.5, cfg)
     with pytest.raises(ValueError, match=r"keeps must be in \(0, 1\]"):
         replace(QUICK, sweep=(0.5, 1.5))
+    with pytest.raises(ValueError, match="not fine-tuned"):
+        replace(QUICK, tuned=("evit",), seed_rows=("none", "trips"))
+    with pytest.raises(ValueError, match="unknown method"):
+        replace(QUICK, tuned=("tip",))
     with pytest.raises(ValueError, match="main_keep"):
         replace(QUICK, main_keep=0.6)
     with pytest.raises(ValueError, match="unknown demo profile"):

@@ -55,7 +55,7 @@ class _Plan:
 
     def vqa_runs(self) -> List[tuple]:
         """(stage name, row, seed) of every VQA fine-tune."""
-        rows = ["none"] + list(METHODS) + ["blind"]
+        rows = ["none"] + list(self.prof.tuned) + ["blind"]
         out = []
         for i, seed in enumerate(self.prof.seeds):
             for r in rows:
@@ -157,9 +157,13 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
                             "repeats": prof.bench_repeats, "text_len": prof.bench_text_len, "model": prof.model},
                   lambda d: {"rows": steps.bench(plan.model_json, configs, prof)})["rows"]
     res["bench"] = {"none": rows[0], **{f"{m}-{label(f)}": r for (m, f), r in zip(plan.sweep_points(), rows[1:])}}
-    runs = {m: plan.out / f"vqa-{m}" for m in ("trips", "evit")}
-    res["overlays"] = st.run("overlays", {"after": [st.keys[f"vqa-{m}"] for m in runs]},
-                             lambda d: {"figures": [[plan.rel(Path(f.path)), f.caption] for f in steps.overlays(runs, data, d)]})
+    # overlays: TRIPS and EViT fine-tuned with the method, else applied at inference to the unpruned model
+    runs = {m: (f"vqa-{m}", "saved") if m in prof.tuned else ("vqa-none", point(prof, m, prof.main_keep, plan.cfg))
+            for m in ("trips", "evit")}
+    res["overlays"] = st.run(
+        "overlays", {"after": [st.keys[r] for r, _ in runs.values()], "methods": {m: str(rc) for m, (_, rc) in runs.items()}},
+        lambda d: {"figures": [[plan.rel(Path(f.path)), f.caption] for f in steps.overlays(
+            {m: (plan.out / r, rc) for m, (r, rc) in runs.items()}, data, d)]})
     return res
 
 

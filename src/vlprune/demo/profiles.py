@@ -67,6 +67,7 @@ class Profile:
     schedules: Mapping[str, Mapping[str, Any]]  # per method: {"layers": (...)} (ELIP also "keep": base ratios)
     sweep: Tuple[float, ...] = (0.9, 0.7, 0.5, 0.35, 0.25)  # keeps at inference, light to aggressive
     main_keep: float = 0.5  # the operating point of the main table and of the fine-tuned-with-method runs
+    tuned: Tuple[str, ...] = METHODS  # the methods also fine-tuned with reduction (each one more VQA training run)
     seeds: Tuple[int, ...] = (0,)  # the first seed trains everything; the others only the rows in seed_rows
     seed_rows: Tuple[str, ...] = ("none", "blind")
     retrieval_k: int = 16  # ITM re-ranking candidates
@@ -89,6 +90,13 @@ class Profile:
         missing = [m for m in METHODS if m not in self.schedules]
         if missing:
             raise ValueError(f"profile {self.name}: no schedule for {missing}")
+        unknown = [m for m in self.tuned + tuple(r for r in self.seed_rows if r not in ("none", "blind"))
+                   if m not in METHODS]
+        if unknown:
+            raise ValueError(f"profile {self.name}: unknown method(s) {unknown} in tuned / seed_rows; valid: {list(METHODS)}")
+        missing_rows = [r for r in self.seed_rows if r not in ("none", "blind") + tuple(self.tuned)]
+        if missing_rows:
+            raise ValueError(f"profile {self.name}: seed_rows {missing_rows} are not fine-tuned (not in tuned)")
         if not self.seeds:
             raise ValueError(f"profile {self.name}: needs at least one seed")
         object.__setattr__(self, "model", dict(self.model))

@@ -23,11 +23,19 @@ def environment(threads: int) -> Dict[str, Any]:
     from .pipeline import available_cores
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "machine": platform.machine(), "processor": _cpu_name(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cores_available": available_cores(), "threads": threads, "torch_threads": torch.get_num_threads(),
             "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _acc(r: Dict[str, Any]) -> str:
@@ -55,7 +63,7 @@ def _plots(plan, sweep: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> Lis
 
     by = {(r["method"], r["setup"]): r for r in rows}
     u, blind = by[("none", "fine-tuned unpruned")], by[("blind", "image replaced by grey")]
-    tuned = [by[(m, "fine-tuned with it")] for m in METHODS]
+    tuned = {m: by[(m, "fine-tuned with it")] for m in plan.prof.tuned}
     figs = []
     for x, xlabel, name in (("gflops_image", "image-encoder GFLOPs per example", "curve_gflops.png"),
                             ("throughput", f"pairs/s (whole model, CPU, batch {plan.prof.bench_batch})", "curve_throughput.png")):
@@ -65,9 +73,12 @@ def _plots(plan, sweep: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> Lis
             series.append(Series(NAMES[m], [r.get(x) for r in pts], [r["vqa_acc"] for r in pts],
                                  [r["vqa_low"] for r in pts], [r["vqa_high"] for r in pts],
                                  labels=[f"{r['keep']:g}" for r in pts]))
-        series.append(Series(f"fine-tuned with the method (keep {plan.prof.main_keep:g})", [r.get(x) for r in tuned],
-                             [r["vqa_acc"] for r in tuned], [r["vqa_low"] for r in tuned], [r["vqa_high"] for r in tuned],
-                             line=False, marker="s", labels=[NAMES[m] for m in METHODS]))
+        for i, m in enumerate(METHODS):  # same colour as the method's curve, open squares
+            if m in tuned:
+                r = tuned[m]
+                series.append(Series("" if series[-1].line is False else "fine-tuned with the method (open squares)",
+                                     [r.get(x)], [r["vqa_acc"]], [r["vqa_low"]], [r["vqa_high"]], line=False,
+                                     marker="s", color=i))
         path = plot_curves(series, plan.out / "report" / name, xlabel, "VQA accuracy (%)",
                            title=f"VQA accuracy against {'image GFLOPs' if x == 'gflops_image' else 'throughput'}",
                            reference=("unpruned", u.get(x), u["vqa_acc"]),
@@ -115,7 +126,7 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
     rows, sweep = S.main_rows(prof, res), S.sweep_rows(prof, res)
     tests = S.paired_tests(prof, res)
     seeds = S.seed_rows(prof, res)
-    said, informative = S.sentences(prof, rows, tests)
+    said, informative = S.sentences(prof, rows, tests, seeds)
     env = environment(threads)
     (plan.out / "report").mkdir(exist_ok=True)
     sections = [

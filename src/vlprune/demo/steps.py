@@ -186,8 +186,9 @@ def bench(model_json: Path, configs: Sequence[Any], profile) -> List[Dict[str, A
     return [{k: r.get(k) for k in keep} for r in rows]
 
 
-def overlays(runs: Dict[str, Path], data: Path, out: Path) -> List[Any]:
-    """Patches kept for different questions about the same test image, per run (e.g. TRIPS and EViT)."""
+def overlays(runs: Dict[str, Any], data: Path, out: Path) -> List[Any]:
+    """Patches kept for different questions about the same test image: ``runs`` maps a name to (run directory,
+    method at inference or "saved")."""
     from PIL import Image
 
     from ..data.images import ImageLoader
@@ -203,8 +204,8 @@ def overlays(runs: Dict[str, Path], data: Path, out: Path) -> List[Any]:
         return []
     figures = []
     raw = np.asarray(Image.open(data / pick[0]).convert("RGB"))
-    for name, run in runs.items():
-        model, tok, _ = load_run(run)
+    for name, (run, method) in runs.items():
+        model, tok, _ = load_run(run, method)
         image = ImageLoader.for_model(model.cfg.vision, data)(pick[0])
         rows = []
         for q in pick[1]:
@@ -214,8 +215,9 @@ def overlays(runs: Dict[str, Path], data: Path, out: Path) -> List[Any]:
             rows.append((q["question"], patch_status(trace_records(model, o))))
         path = out / f"overlay_{name}.png"
         save_comparison(raw, rows, path, title=f"{name}: patches kept for different questions")
-        figures.append(Figure(path, f"{name} (fine-tuned with it): kept (clear), fused (blue) and dropped (dark) "
-                                    "patches, per question about the same image"))
+        how = "fine-tuned with it" if method == "saved" else "applied at inference to the unpruned model"
+        figures.append(Figure(path, f"{name} ({how}): kept (clear), fused (blue) and dropped (dark) patches, per "
+                                    "question about the same image"))
     return figures
 
 

@@ -4,7 +4,7 @@ the report generates from them. Pure bookkeeping on the stages' results (no torc
 from __future__ import annotations
 
 import statistics
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..stats import bootstrap_ci, mcnemar, paired_bootstrap
 from .profiles import METHODS, label
@@ -53,7 +53,7 @@ def main_rows(prof, res: Dict[str, Any]) -> List[Dict[str, Any]]:
     for m in list(METHODS) + ["lowres"]:
         r = ret.get(m, {}).get("r_mean") if m != "lowres" else None
         rows.append(_row(m, "at inference", prof.main_keep, ev[f"{m}-{k}"], nb, bench[f"{m}-{k}"], r))
-    for m in METHODS:
+    for m in prof.tuned:
         rows.append(_row(m, "fine-tuned with it", prof.main_keep, ev[f"vqa-{m}"], nb, bench[f"{m}-{k}"]))
     rows.append({"method": "blind", "setup": "image replaced by grey", **_ci(ev["vqa-blind"]["scores"], nb)})
     base = res["baselines"]
@@ -80,7 +80,7 @@ def paired_tests(prof, res: Dict[str, Any]) -> List[Dict[str, Any]]:
         for other in ("evit", "random"):
             a, b = ev[f"trips-{label(f)}"], ev[f"{other}-{label(f)}"]
             out.append({"a": "trips", "b": other, "setup": "at inference", "keep": f, **compare(a["scores"], b["scores"], nb)})
-    for other in ("evit", "random"):
+    for other in [o for o in ("evit", "random") if "trips" in prof.tuned and o in prof.tuned]:
         out.append({"a": "trips", "b": other, "setup": "fine-tuned with it", "keep": prof.main_keep,
                     **compare(ev["vqa-trips"]["scores"], ev[f"vqa-{other}"]["scores"], nb)})
     return out
@@ -121,7 +121,8 @@ def _versus(c: Dict[str, Any], where: str) -> str:
             f"{c['diff']:+.1f} points ({ci}).")
 
 
-def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]]) -> Tuple[List[str], bool]:
+def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]],
+              seeds: Sequence[Dict[str, Any]] = ()) -> Tuple[List[str], bool]:
     """2-4 sentences generated from the numbers, and whether the unpruned model is clearly above blind."""
     by = {(r["method"], r["setup"]): r for r in rows}
     u, b = by[("none", "fine-tuned unpruned")], by[("blind", "image replaced by grey")]
@@ -141,6 +142,9 @@ def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]]) -> 
         where = (f"At keep {t['keep']:g} (applied at inference)," if t["setup"] == "at inference"
                  else f"Fine-tuned with the method at keep {t['keep']:g},")
         out.append(_versus(t, where))
+    if seeds:
+        out.append(f"Across seeds {', '.join(map(str, prof.seeds))} (VQA accuracy, mean and standard deviation): "
+                   + "; ".join(f"{_name(r['method'])} {r['mean']:.1f} ± {r['sd']:.1f}" for r in seeds) + ".")
     if prof.smoke:
         out.insert(0, f"Smoke run ({prof.name} profile): a tiny model trained for {prof.vqa.steps} steps on "
                       f"{prof.scenes.images} images; its accuracies are meaningless and only show that the pipeline "

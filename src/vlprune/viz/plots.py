@@ -72,6 +72,7 @@ class Series:
     line: bool = True
     marker: str = "o"
     labels: Sequence[str] = field(default_factory=tuple)  # optional text next to each point
+    color: Optional[int] = None  # colour cycle index (default: the series' position); name "" = not in the legend
 
 
 def plot_curves(
@@ -103,12 +104,12 @@ def plot_curves(
         if s.low is not None and s.high is not None:
             err = [[max(0.0, ys[n] - float(s.low[j])) for n, j in enumerate(idx)],
                    [max(0.0, float(s.high[j]) - ys[n]) for n, j in enumerate(idx)]]
-        ax.errorbar(xs, ys, yerr=err, label=s.name, color=f"C{i % 10}", marker=s.marker, capsize=3, ms=6,
-                    ls="-" if s.line else "none", lw=1.4, zorder=3)
+        c = f"C{(i if s.color is None else s.color) % 10}"
+        ax.errorbar(xs, ys, yerr=err, label=s.name or "_nolegend_", color=c, marker=s.marker, capsize=3, ms=6,
+                    ls="-" if s.line else "none", lw=1.4, zorder=3, mfc="white" if not s.line else c)
         for n, j in enumerate(idx):
             if j < len(s.labels) and s.labels[j]:
-                ax.annotate(s.labels[j], (xs[n], ys[n]), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                            color=f"C{i % 10}")
+                ax.annotate(s.labels[j], (xs[n], ys[n]), textcoords="offset points", xytext=(4, 3), fontsize=7, color=c)
         drawn += 1
     if reference is not None and _num(reference[1]) is not None and _num(reference[2]) is not None:
         ax.scatter([reference[1]], [reference[2]], marker="*", s=180, color="black", zorder=4, label=reference[0])
