@@ -69,7 +69,7 @@ class _Plan:
     def count(self) -> int:
         n_vqa = len(self.vqa_runs())
         return (1 + (self.prof.pretrain.steps > 0) + n_vqa + 1 + 1 + len(self.sweep_points()) + n_vqa
-                + 1 + len(METHODS) + 1 + 1)
+                + 1 + len(self.prof.retrieval_methods) + 1 + 1)
 
 
 def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", overwrite: bool = False,
@@ -148,8 +148,9 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
     cfg = _train_cfg(plan, "retrieval", prof.retrieval, prof.seeds[0], "retrieval_train.json", None, init)
     res["train"]["retrieval-none"] = st.run("retrieval-none", _train_settings(plan, cfg, up),
                                             lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
-    res["baselines"] = st.run("baselines", {"after": [st.keys["data"]]},
-                              lambda d: {**steps.vqa_baselines(data), "retrieval_chance": steps.retrieval_chance(data)})
+    res["baselines"] = st.run("baselines", {"after": [st.keys["data"]], "retrieval_images": prof.retrieval_images},
+                              lambda d: {**steps.vqa_baselines(data),
+                                         "retrieval_chance": steps.retrieval_chance(data, prof.retrieval_images)})
     _vqa_evals(st, plan, res, progress)
     _retrieval_evals(st, plan, res, progress)
     configs = [point(prof, m, f, plan.cfg) for m, f in plan.sweep_points()]
@@ -210,12 +211,13 @@ def _retrieval_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: boo
     from . import steps
 
     prof = plan.prof
-    for m in ["none"] + list(METHODS):
+    for m in ["none"] + list(prof.retrieval_methods):
         rc = point(prof, m, prof.main_keep, plan.cfg)
         settings = {"run": st.keys["retrieval-none"], "method": None if rc is None else rc.to_dict(),
-                    "k": prof.retrieval_k, "batch": prof.eval_batch}
+                    "k": prof.retrieval_k, "batch": prof.eval_batch, "images": prof.retrieval_images}
         r = st.run(f"eval-ret-{m}", settings, lambda d, rc=rc: steps.eval_retrieval(
-            plan.out / "retrieval-none", rc, plan.data, prof.retrieval_k, prof.eval_batch, progress))
+            plan.out / "retrieval-none", rc, plan.data, prof.retrieval_k, prof.eval_batch, progress,
+            prof.retrieval_images))
         res["retrieval"][m] = {**r, "keep": None if rc is None else prof.main_keep}
 
 

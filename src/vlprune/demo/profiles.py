@@ -70,7 +70,9 @@ class Profile:
     tuned: Tuple[str, ...] = METHODS  # the methods also fine-tuned with reduction (each one more VQA training run)
     seeds: Tuple[int, ...] = (0,)  # the first seed trains everything; the others only the rows in seed_rows
     seed_rows: Tuple[str, ...] = ("none", "blind")
-    retrieval_k: int = 16  # ITM re-ranking candidates
+    retrieval_k: int = 16  # ITM re-ranking candidates (the evaluation's cost grows with k x (images + captions))
+    retrieval_images: int = 0  # evaluate retrieval on the first N test images (0 = all)
+    retrieval_methods: Tuple[str, ...] = METHODS  # applied at inference to the retrieval model (besides none)
     eval_batch: int = 64
     bench_batch: int = 32
     bench_repeats: int = 3
@@ -90,10 +92,10 @@ class Profile:
         missing = [m for m in METHODS if m not in self.schedules]
         if missing:
             raise ValueError(f"profile {self.name}: no schedule for {missing}")
-        unknown = [m for m in self.tuned + tuple(r for r in self.seed_rows if r not in ("none", "blind"))
+        unknown = [m for m in self.tuned + self.retrieval_methods + tuple(r for r in self.seed_rows if r not in ("none", "blind"))
                    if m not in METHODS]
         if unknown:
-            raise ValueError(f"profile {self.name}: unknown method(s) {unknown} in tuned / seed_rows; valid: {list(METHODS)}")
+            raise ValueError(f"profile {self.name}: unknown method(s) {unknown} in tuned / retrieval_methods / seed_rows; valid: {list(METHODS)}")
         missing_rows = [r for r in self.seed_rows if r not in ("none", "blind") + tuple(self.tuned)]
         if missing_rows:
             raise ValueError(f"profile {self.name}: seed_rows {missing_rows} are not fine-tuned (not in tuned)")
@@ -134,7 +136,7 @@ DEFAULT = Profile(
     vqa=Recipe(steps=400, lr=3e-4, batch_size=32),
     retrieval=Recipe(steps=200, lr=3e-4, batch_size=32),
     schedules=SMALL_SCHEDULES,
-    grounding_questions=300,
+    retrieval_k=8, retrieval_images=100, grounding_questions=300,
 )
 
 FULL = Profile(

@@ -105,8 +105,9 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
         f"{p.scenes.test_fraction:g} of the images for testing",
         f"model: `small` with {p.model} ({v.grid}x{v.grid} = {v.num_patches} patches, {v.layers} ViT layers); {pre}",
         f"VQA fine-tuning: {p.vqa.steps} steps, lr {p.vqa.lr:g}, batch {p.vqa.batch_size}, seeds {list(p.seeds)}; "
-        f"retrieval: {p.retrieval.steps} steps, lr {p.retrieval.lr:g}, batch {p.retrieval.batch_size}, two-stage "
-        f"evaluation re-ranking the top {p.retrieval_k} by ITM",
+        f"retrieval: {p.retrieval.steps} steps, lr {p.retrieval.lr:g}, batch {p.retrieval.batch_size}; two-stage "
+        f"evaluation on {'the first %d' % p.retrieval_images if p.retrieval_images else 'all'} test images, ITM "
+        f"re-ranking the top {p.retrieval_k} of ITC",
         f"schedules: {p.schedules}; keeps swept at inference {list(p.sweep)}, the main keep {p.main_keep:g} is also "
         "the fine-tuned-with-method setting",
         "keep = share of image tokens left after the image encoder (about); GFLOPs and tokens: image encoder per "

@@ -93,7 +93,9 @@ def eval_vqa(run: Path, method: Any, data: Path, test_file: str, batch: int, pro
             "predictions": task.prediction_records(entries, preds)}
 
 
-def eval_retrieval(run: Path, method: Any, data: Path, k: int, batch: int, progress: bool) -> Dict[str, Any]:
+def eval_retrieval(run: Path, method: Any, data: Path, k: int, batch: int, progress: bool,
+                   limit: int = 0) -> Dict[str, Any]:
+    """Two-stage retrieval on the first ``limit`` test images (0 = all) with ``method`` at inference."""
     from ..data.images import ImageLoader
     from ..tasks.base import get_task
     from ..tasks.evaluation import evaluate
@@ -101,17 +103,20 @@ def eval_retrieval(run: Path, method: Any, data: Path, k: int, batch: int, progr
     model, tok, _ = load_run(run, method)
     task = get_task("retrieval", k=k)
     entries = task.load_test(data / "retrieval_test.json")
+    entries = entries[:limit] if limit else entries
     metrics, info = evaluate(task, model, entries, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
                              progress=progress)
     return {**metrics, "gflops": info["gflops"], "image_tokens": info["image_tokens"], "images": len(entries),
             "captions": info.get("captions")}
 
 
-def retrieval_chance(data: Path) -> float:
-    """Expected r_mean (percent) of a random ranking of the retrieval test set: R@1/5/10 both ways."""
+def retrieval_chance(data: Path, limit: int = 0) -> float:
+    """Expected r_mean (percent) of a random ranking of the retrieval test set (its first ``limit`` images, 0 =
+    all): R@1/5/10 both ways."""
     from ..stats import chance_recall
 
     entries = json.loads((data / "retrieval_test.json").read_text())
+    entries = entries[:limit] if limit else entries
     n_img, n_txt = len(entries), sum(len(e["caption"]) for e in entries)
     vals = []
     for k in (1, 5, 10):
