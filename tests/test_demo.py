@@ -62,8 +62,11 @@ def test_second_run_skips_every_stage(quick):
 def test_changed_settings_redo_downstream(tmp_path):
     out = tmp_path / "q"
     small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8), seeds=(0, 1),
-                    tuned=("trips", "evit"))
+                    tuned=("trips", "evit"), pretrain=Recipe(steps=2, lr=3e-4, batch_size=8, options={"mlm": 0.3}))
     run_demo(out, profile=small, threads=1, quiet=True)
+    # the fine-tunes start from the pre-trained checkpoint, whose optimiser state is gone
+    assert (out / "pretrain" / "model").is_dir() and not (out / "pretrain" / "checkpoint.pt").exists()
+    assert json.loads((out / "vqa-trips" / "train_config.json").read_text())["init"] == str(out / "pretrain")
     res = json.loads((out / "results.json").read_text())  # a second seed for the rows in seed_rows
     assert [r["method"] for r in res["seeds"]] == ["none", "blind"] and len(res["seeds"][0]["accuracies"]) == 2
     assert (out / "vqa-blind-s1" / "model").is_dir() and not (out / "vqa-trips-s1").exists()
@@ -72,6 +75,7 @@ def test_changed_settings_redo_downstream(tmp_path):
     run_demo(out, profile=replace(small, vqa=Recipe(steps=3, lr=3e-4, batch_size=8)), threads=1, quiet=True,
              say=said.append)
     assert any(s.startswith("data: finished before") for s in said)
+    assert any(s.startswith("pretrain: finished before") for s in said)
     assert any(s.startswith("retrieval-none: finished before") for s in said)
     assert any(s.startswith("vqa-none: settings changed") for s in said)
     assert any(s.startswith("eval-vqa-trips-k0.25: settings changed") for s in said)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 
 def _num(v) -> Optional[float]:
@@ -48,11 +48,18 @@ def plot_tradeoff(
         if baseline is not None and name == baseline:
             ax.axvline(a, color="grey", ls=":", lw=1)
             ax.axhline(b, color="grey", ls=":", lw=1)
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
+    return _finish(fig, ax, out, xlabel or x, ylabel or y, title)
+
+
+def _finish(fig, ax, out: Union[str, Path], xlabel: str, ylabel: str, title: Optional[str], legend: bool = False) -> Path:
+    """Labels, title, grid (and legend), then the PNG at ``out``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,17 +128,7 @@ def plot_curves(
         raise ValueError(f"nothing to plot: no series has numeric x and y ({len(series)} series)")
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, format="png")
-    return out
+    return _finish(fig, ax, out, xlabel, ylabel, title, legend=True)
 
 
 __all__ = ["plot_tradeoff", "plot_curves", "Series"]
