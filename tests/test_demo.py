@@ -88,6 +88,9 @@ def test_overwrite_and_foreign_directory(tmp_path, capsys):
     (foreign / "notes.txt").write_text("keep me")
     assert main(["demo", "--quick", "--out", str(foreign), "--quiet"]) == 2
     assert "holds no demo run" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
+    (foreign / "report.md").write_text("an old demo's report")
+    assert main(["demo", "--quick", "--out", str(foreign), "--quiet"]) == 2
+    assert "older vlprune demo" in capsys.readouterr().err and (foreign / "report.md").is_file()
     out = tmp_path / "q"
     small = replace(QUICK, sweep=(0.5, 0.25), tuned=())  # no fine-tuning with reduction: overlays at inference
     run_demo(out, profile=small, threads=1, quiet=True)

@@ -42,8 +42,13 @@ def run(args) -> int:
 
     if args.overwrite and args.quiet:
         print(f"[demo] --overwrite: deleting {args.out}", file=sys.stderr)
-    report = run_demo(args.out, profile=profile, overwrite=args.overwrite, threads=args.threads, quiet=args.quiet,
-                      say=say)
+    try:
+        report = run_demo(args.out, profile=profile, overwrite=args.overwrite, threads=args.threads,
+                          quiet=args.quiet, say=say)
+    except KeyboardInterrupt:
+        print(f"[demo] interrupted: run the same command again to continue (finished stages and the checkpoint of "
+              f"an interrupted training stage are kept in {args.out})", file=sys.stderr)
+        raise
     import json
 
     results = json.loads(report.with_name("results.json").read_text())

@@ -34,6 +34,9 @@ def _prepare_out(out: Path, overwrite: bool, say: Callable[[str], None]) -> None
         say(f"--overwrite: deleting {out} and everything in it")
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file() and (out / "report.md").is_file():
+            raise FileExistsError(f"{out} holds the output of an older vlprune demo (no {MARKER}); pass --overwrite "
+                                  "to replace it, or choose another --out")
         if not (out / MARKER).is_file():
             raise FileExistsError(f"{out} exists, is not empty and holds no demo run ({MARKER}); choose another "
                                   "--out or pass --overwrite to replace it")
