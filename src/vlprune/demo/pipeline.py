@@ -159,7 +159,7 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
     configs = [point(prof, m, f, plan.cfg) for m, f in plan.sweep_points()]
     rows = st.run("bench", {"configs": [c.to_dict() for c in configs], "batch": prof.bench_batch,
                             "repeats": prof.bench_repeats, "text_len": prof.bench_text_len, "model": prof.model},
-                  lambda d: {"rows": steps.bench(plan.model_json, configs, prof)})["rows"]
+                  lambda d: {"rows": steps.bench(plan.model_json, configs, prof, progress)})["rows"]
     res["bench"] = {"none": rows[0], **{f"{m}-{label(f)}": r for (m, f), r in zip(plan.sweep_points(), rows[1:])}}
     # overlays: TRIPS and EViT fine-tuned with the method, else applied at inference to the unpruned model
     runs = {m: (f"vqa-{m}", "saved") if m in prof.tuned else ("vqa-none", point(prof, m, prof.main_keep, plan.cfg))
@@ -184,7 +184,8 @@ def _eval_stage(st: Stages, plan: _Plan, name: str, run: str, method, test_file:
         r = steps.eval_vqa(plan.out / run, m, plan.data, test_file, prof.eval_batch, progress)
         (d / "predictions.json").write_text(json.dumps(r.pop("predictions")))
         if ground:
-            r["grounding"] = steps.grounding(plan.out / run, m, plan.data, prof.grounding_questions, prof.eval_batch)
+            r["grounding"] = steps.grounding(plan.out / run, m, plan.data, prof.grounding_questions, prof.eval_batch,
+                                             progress)
         return r
 
     return {**st.run(name, settings, go), "keep": f, "run": run}

@@ -139,7 +139,7 @@ def vqa_baselines(data: Path) -> Dict[str, Any]:
 
 
 @torch.inference_mode()
-def grounding(run: Path, method: Any, data: Path, limit: int, batch: int) -> Dict[str, float]:
+def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progress: bool = False) -> Dict[str, float]:
     """Over the VQA test questions that name their objects (the first ``limit``; 0 = all), after the image
     encoder's last reduction: survival = share of questions where at least one individually kept patch overlaps
     the asked-about objects; precision / recall as ``tasks.grounding`` (patches inside fused or merged tokens
@@ -158,7 +158,10 @@ def grounding(run: Path, method: Any, data: Path, limit: int, batch: int) -> Dic
     surv: List[float] = []
     prec: List[float] = []
     rec: List[float] = []
-    for s in range(0, len(entries), batch):
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(entries), batch), desc="grounding", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
         chunk = entries[s:s + batch]
         ids, mask = tok.encode([e["question"] for e in chunk], model.cfg.text.max_len)
         out = model(torch.stack([loader(e["image"]) for e in chunk]), ids, mask, trace=True)
@@ -178,14 +181,27 @@ def grounding(run: Path, method: Any, data: Path, limit: int, batch: int) -> Dic
             "questions": len(surv)}
 
 
-def bench(model_json: Path, configs: Sequence[Any], profile) -> List[Dict[str, Any]]:
+def bench(model_json: Path, configs: Sequence[Any], profile, progress: bool = False) -> List[Dict[str, Any]]:
     """``run_bench`` rows for ``configs`` (ReduceConfigs) on the profile's model (random weights), in order;
     the first row is ``none``."""
+    from tqdm import tqdm
+
     from ..bench.runner import BenchSettings, run_bench
 
     s = BenchSettings(model=str(model_json), text_len=profile.bench_text_len, batch_size=profile.bench_batch,
                       repeats=profile.bench_repeats)
-    rows = run_bench(s, list(configs), progress=lambda msg: log.debug("bench: %s", msg))
+    # one step per configuration counted, then the throughput and the latency rounds
+    bar = tqdm(total=len(configs) + 3, desc="bench", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def tick(msg: str) -> None:
+        log.debug("bench: %s", msg)
+        if msg.startswith(("[", "timing")):
+            bar.update(1)
+
+    try:
+        rows = run_bench(s, list(configs), progress=tick)
+    finally:
+        bar.close()
     keep = ("method", "label", "gflops_image", "gflops_total", "throughput", "speedup", "latency_ms", "batch_size",
             "tokens_per_layer", "ideal_speedup")
     return [{k: r.get(k) for k in keep} for r in rows]
