@@ -8,7 +8,7 @@ import pytest
 
 from vlprune.cli import main
 from vlprune.demo import QUICK, Recipe, run_demo
-from vlprune.demo.profiles import METHODS, DEFAULT, model_config, point
+from vlprune.demo.profiles import DEFAULT, FULL, METHODS, model_config, point, validate
 from vlprune.demo.stages import DONE
 
 
@@ -145,6 +145,17 @@ def test_operating_points():
         replace(QUICK, main_keep=0.6)
     with pytest.raises(ValueError, match="unknown demo profile"):
         run_demo("unused", profile="huge")
+
+
+def test_every_operating_point_fits_its_model(tmp_path):
+    for prof in (QUICK, DEFAULT, FULL):
+        validate(prof)
+    bad = replace(QUICK, schedules={**QUICK.schedules, "trips": {"layers": (2, 9)}})
+    with pytest.raises(ValueError, match="trips at keep 0.9 .* does not fit the model"):
+        validate(bad)
+    with pytest.raises(ValueError, match="does not fit"):  # before anything is written
+        run_demo(tmp_path / "d", profile=bad)
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_help_lists_the_options(capsys):

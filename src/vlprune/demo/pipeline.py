@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from .profiles import METHODS, Profile, get_profile, label, model_config, point
+from .profiles import METHODS, Profile, get_profile, label, model_config, point, validate
 from .stages import Stages
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", ov
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     torch.set_num_threads(threads)
+    validate(prof)
     out = Path(out)
     _prepare_out(out, overwrite, say)
     t_start = time.perf_counter()

@@ -201,9 +201,27 @@ def point(profile: Profile, method: str, f: float, cfg=None):
     return ReduceConfig("elip", layers=layers, keep=tuple(min(1.0, round(b * f / base[-1], 4)) for b in base))
 
 
+def validate(profile: Profile) -> None:
+    """Build the profile's model and install every operating point of every method on it, so that a schedule or
+    keep the model cannot take fails before anything is trained (the method's own error, naming the point)."""
+    from ..models.build import attach, build_model
+
+    cfg = model_config(profile)
+    model = build_model(cfg)
+    for m in list(METHODS) + ["lowres"]:
+        for f in profile.sweep:
+            rc = point(profile, m, f, cfg)
+            try:
+                attach(model, rc)
+            except ValueError as e:
+                raise ValueError(f"profile {profile.name}: {m} at keep {f:g} ({rc.to_dict()}) does not fit the "
+                                 f"model: {e}") from None
+    attach(model, None)
+
+
 def label(f: Optional[float]) -> str:
     return "" if f is None else f"k{f:g}"
 
 
 __all__ = ["Profile", "Recipe", "Scenes", "QUICK", "DEFAULT", "FULL", "PROFILES", "METHODS", "get_profile",
-           "model_config", "point", "label"]
+           "model_config", "point", "label", "validate"]
