@@ -59,6 +59,14 @@ def test_second_run_skips_every_stage(quick):
     assert not any("redoing" in s for s in said)
 
 
+def test_every_stage_has_a_cost_weight(quick):
+    from vlprune.demo.pipeline import _Plan
+
+    weights = _Plan(quick, QUICK).weights()
+    stages = [t["stage"] for t in json.loads((quick / "results.json").read_text())["stages"]]
+    assert sorted(stages) == sorted(weights) and all(w > 0 for w in weights.values())
+
+
 def test_changed_settings_redo_downstream(tmp_path):
     out = tmp_path / "q"
     small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8), seeds=(0, 1),

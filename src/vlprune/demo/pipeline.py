@@ -69,10 +69,30 @@ class _Plan:
     def sweep_points(self) -> List[tuple]:
         return [(m, f) for m in list(METHODS) + ["lowres"] for f in self.prof.sweep]
 
-    def count(self) -> int:
-        n_vqa = len(self.vqa_runs())
-        return (1 + (self.prof.pretrain.steps > 0) + n_vqa + 1 + 1 + len(self.sweep_points()) + n_vqa
-                + 1 + len(self.prof.retrieval_methods) + 1 + 1)
+    def weights(self) -> Dict[str, float]:
+        """Every stage's rough cost, in training samples (measured ratios on CPU: an evaluated question costs
+        about 0.35 of a trained sample, a grounding question 0.7, an ITM re-ranking pair 0.4, a benchmarked pair
+        0.8), so that the overall progress bar's ETA means something."""
+        p, sc = self.prof, self.prof.scenes
+        test_images = max(2, round(sc.images * sc.test_fraction))
+        questions = test_images * sc.questions_per_image
+        ground = 0.7 * (p.grounding_questions or questions)
+        ret_images = min(p.retrieval_images or test_images, test_images)
+        w: Dict[str, float] = {"data": 0.07 * sc.images, "baselines": 1.0, "overlays": 10.0,
+                               "retrieval-none": float(p.retrieval.steps * p.retrieval.batch_size),
+                               "bench": 0.8 * (len(self.sweep_points()) + 1) * (p.bench_repeats + 1) * (p.bench_batch + 1)}
+        if p.pretrain.steps:
+            w["pretrain"] = float(p.pretrain.steps * p.pretrain.batch_size)
+        for name, row, _ in self.vqa_runs():
+            w[name] = float(p.vqa.steps * p.vqa.batch_size)
+            if name != "vqa-none":
+                w[f"eval-{name}"] = 0.35 * questions + (ground if row not in ("none", "blind") else 0.0)
+        w["eval-vqa-none"] = 0.35 * questions + ground
+        for m, f in self.sweep_points():
+            w[f"eval-vqa-{m}-{label(f)}"] = 0.35 * questions + (ground if p.grounding_sweep or f == p.main_keep else 0)
+        for m in ("none",) + tuple(p.retrieval_methods):
+            w[f"eval-ret-{m}"] = 0.4 * p.retrieval_k * 3 * ret_images  # image and caption queries (2 captions each)
+        return w
 
 
 def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", overwrite: bool = False,
@@ -97,15 +117,16 @@ def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", ov
 
     plan.model_json.write_text(json.dumps(to_dict(plan.cfg), indent=2))
     say(f"profile {prof.name}, {threads} torch thread(s), output {out}")
-    st = Stages(out, plan.count(), say, quiet)
+    st = Stages(out, plan.weights(), say, quiet)
+    finished = False
     try:
         results = _run_stages(st, plan, not quiet)
-        from .report import write_demo_report
-
-        report = write_demo_report(plan, results, st, threads, time.perf_counter() - t_start)
+        finished = True
     finally:
-        st.close()
-    return report
+        st.close(finished)
+    from .report import write_demo_report
+
+    return write_demo_report(plan, results, st, threads, time.perf_counter() - t_start)
 
 
 def _train_settings(plan: _Plan, cfg, after: List[str]) -> Dict[str, Any]:
@@ -147,8 +168,8 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
         method = None if row in ("none", "blind") else point(prof, row, prof.main_keep, plan.cfg)
         train_file = "vqa_train_blind.json" if row == "blind" else "vqa_train.json"
         cfg = _train_cfg(plan, "vqa", prof.vqa, seed, train_file, method, init, answers)
-        res["train"][name] = st.run(name, _train_settings(plan, cfg, up), lambda d, c=cfg: steps.train_run(d, c, progress),
-                                    keep_dir=True)
+        res["train"][name] = st.run(name, _train_settings(plan, cfg, up),
+                                    lambda d, c=cfg: steps.train_run(d, c, progress), keep_dir=True)
     cfg = _train_cfg(plan, "retrieval", prof.retrieval, prof.seeds[0], "retrieval_train.json", None, init)
     res["train"]["retrieval-none"] = st.run("retrieval-none", _train_settings(plan, cfg, up),
                                             lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
@@ -166,7 +187,8 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
     runs = {m: (f"vqa-{m}", "saved") if m in prof.tuned else ("vqa-none", point(prof, m, prof.main_keep, plan.cfg))
             for m in ("trips", "evit")}
     res["overlays"] = st.run(
-        "overlays", {"after": [st.keys[r] for r, _ in runs.values()], "methods": {m: str(rc) for m, (_, rc) in runs.items()}},
+        "overlays", {"after": [st.keys[r] for r, _ in runs.values()],
+                     "methods": {m: str(rc) for m, (_, rc) in runs.items()}},
         lambda d: {"figures": [[plan.rel(Path(f.path)), f.caption] for f in steps.overlays(
             {m: (plan.out / r, rc) for m, (r, rc) in runs.items()}, data, d)]})
     return res
@@ -176,10 +198,10 @@ def _eval_stage(st: Stages, plan: _Plan, name: str, run: str, method, test_file:
                 ground: bool, progress: bool) -> Dict[str, Any]:
     from . import steps
 
-    prof = plan.prof
-    m = "saved" if method == "saved" else method
+    prof, m = plan.prof, method  # m: "saved", None or a ReduceConfig
     settings = {"run": st.keys[run], "method": m if isinstance(m, str) or m is None else m.to_dict(),
-                "test": test_file, "grounding": prof.grounding_questions if ground else None, "batch": prof.eval_batch}
+                "test": test_file, "grounding": prof.grounding_questions if ground else None,
+                "batch": prof.eval_batch}
 
     def go(d: Path) -> Dict[str, Any]:
         r = steps.eval_vqa(plan.out / run, m, plan.data, test_file, prof.eval_batch, progress)

@@ -26,13 +26,16 @@ def settings_key(settings: Mapping[str, Any]) -> str:
 
 
 class Stages:
-    """Runs stages one at a time with an overall progress bar (stderr; ``quiet`` silences it)."""
+    """Runs stages one at a time with an overall progress bar (stderr; ``quiet`` silences it). ``weights``: each
+    planned stage's rough cost; the bar advances by it, and a skipped stage's cost leaves the total, so that the
+    ETA is about the work still to do."""
 
-    def __init__(self, out: Path, total: int, say: Callable[[str], None], quiet: bool = False):
+    def __init__(self, out: Path, weights: Mapping[str, float], say: Callable[[str], None], quiet: bool = False):
         from tqdm import tqdm
 
-        self.out, self.say = Path(out), say
-        self.bar = tqdm(total=total, desc="demo", unit="stage", disable=quiet, dynamic_ncols=True, position=0)
+        self.out, self.say, self.weights = Path(out), say, dict(weights)
+        self.bar = tqdm(total=sum(self.weights.values()), desc="demo", disable=quiet, dynamic_ncols=True, position=0,
+                        bar_format="{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
         self.timings: List[Dict[str, Any]] = []
         self.keys: Dict[str, str] = {}
 
@@ -48,7 +51,8 @@ class Stages:
         if done is not None and done.get("key") == key:
             self.say(f"{name}: finished before with the same settings, skipped")
             self.timings.append({"stage": name, "seconds": done["seconds"], "cached": True})
-            self.bar.update(1)
+            self.bar.total = max(self.bar.total - self.weights.get(name, 1.0), self.bar.n, 1e-9)
+            self.bar.refresh()
             return done["result"]
         if done is not None:
             self.say(f"{name}: settings changed since the last run, redoing it")
@@ -64,10 +68,13 @@ class Stages:
         tmp.write_text(json.dumps(record, default=str))
         tmp.replace(d / DONE)
         self.timings.append({"stage": name, "seconds": seconds, "cached": False})
-        self.bar.update(1)
+        self.bar.update(self.weights.get(name, 1.0))
         return result
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        if finished and self.bar.n < self.bar.total:  # the end (also when every stage was skipped): 100%
+            self.bar.total = max(self.bar.n, 1.0)
+            self.bar.update(self.bar.total - self.bar.n)
         self.bar.close()
 
 
