@@ -22,7 +22,7 @@ def quick(tmp_path_factory):
 def test_quick_demo_report(quick, capsys):
     report = (quick / "report.md").read_text()
     for section in ("## What the numbers say", "## Setup", "## Main table", "## Accuracy against cost",
-                    "## Paired tests", "## Which patches are kept", "## Wall time per stage"):
+                    "## Paired tests", "## Which patches are kept", "## Training runs", "## Wall time per stage"):
         assert section in report
     assert "Smoke run (quick profile)" in report and "(smoke run)" in report
     assert "| blind | image replaced by grey |" in report and "| chance | uniform over" in report

@@ -151,6 +151,12 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
     figs = [Figure(plan.out / p, c) for p, c in res["overlays"]["figures"]]
     if figs:
         sections.append(Section("Which patches are kept", figures=figs))
+    train = [{"run": k, "steps": v["steps"], "first": (v.get("first") or {}).get("loss"),
+              "last": (v.get("last") or {}).get("loss"), "rate": (v.get("last") or {}).get("samples_per_s")}
+             for k, v in res["train"].items()]
+    sections.append(Section("Training runs", tables=[Table(train, [
+        ("run", "run", ""), ("steps", "steps", ""), ("first", "loss, first interval", ".3f"),
+        ("last", "loss, last interval", ".3f"), ("rate", "samples/s (last interval)", ".0f")])]))
     timings = st.timings + [{"stage": "total (this invocation)", "seconds": seconds, "cached": False}]
     sections.append(Section("Wall time per stage", tables=[Table(
         timings, [("stage", "stage", ""), ("seconds", "seconds", ".1f"),
