@@ -51,12 +51,17 @@ def test_quick_demo_report(quick, capsys):
     assert {e["image"] for e in blind} == {"blind.png"}
 
 
-def test_second_run_skips_every_stage(quick):
+def test_second_run_skips_every_stage(quick, capsys):
     said = []
     run_demo(quick, profile="quick", threads=1, quiet=True, say=said.append)
     skipped = [s for s in said if "skipped" in s]
     assert len(skipped) == len(json.loads((quick / "results.json").read_text())["stages"]) > 40
     assert not any("redoing" in s for s in said)
+    # the command says so on stderr, with the overall bar, and prints the table and the sentences
+    assert main(["demo", "--quick", "--threads", "1", "--out", str(quick)]) == 0
+    cap = capsys.readouterr()
+    assert "[demo] vqa-none: finished before with the same settings, skipped" in cap.err and "demo" in cap.err
+    assert "| none | fine-tuned unpruned |" in cap.out and "Smoke run" in cap.out and "report:" in cap.out
 
 
 def test_every_stage_has_a_cost_weight(quick):
