@@ -325,3 +325,15 @@ def test_time_interleaved_rotates_and_sets_up_each_call():
     assert runs[:3] == ["a", "b", "c"]  # warm-up
     assert runs[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating rounds
     assert all(log[i - 1] == ("setup", n) for i, (kind, n) in enumerate(log) if kind == "run")  # setup before each
+
+
+def test_bench_lowres_before_another_method_leaves_the_input_size(tmp_path):
+    """Validating a lowres config must not leave the smaller input size behind for the next method."""
+    from vlprune.bench.runner import BenchSettings, run_bench
+    from vlprune.reduce.registry import ReduceConfig
+
+    s = BenchSettings(model="tiny", text_len=6, batch_size=2, repeats=1, flops_only=True)
+    rows = run_bench(s, [ReduceConfig("lowres", options={"image_size": 16}), ReduceConfig("tome", layers=(2,), options={"r": 6})])
+    by = {r["method"]: r for r in rows}
+    assert by["tome"]["image_size"] == by["none"]["image_size"]
+    assert by["lowres"]["gflops_image"] < by["tome"]["gflops_image"] < by["none"]["gflops_image"]

@@ -20,8 +20,7 @@ def add_parser(sub) -> None:
     size.add_argument("--quick", action="store_true", help="the smoke-run profile (under 2 minutes; for the tests)")
     size.add_argument("--full", action="store_true", help="the long profile (more data and steps, 3 seeds)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first and start over")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no stage messages")
+    # --threads (default here: the cores available) and --quiet (no bars, no stage messages) are global flags
     p.set_defaults(run=run)
 
 
