@@ -64,6 +64,15 @@ def test_second_run_skips_every_stage(quick, capsys):
     assert "| none | fine-tuned unpruned |" in cap.out and "Smoke run" in cap.out and "report:" in cap.out
 
 
+def test_vqa_first_stage_keeps_the_blind_row_blind(quick):
+    """With a VQA first stage, the blind row starts from a first stage of its own on the constant image."""
+    init = {r: json.loads((quick / f"vqa-{r}" / "train_config.json").read_text())["init"] for r in ("none", "trips", "blind")}
+    assert init["none"] == init["trips"] == str(quick / "pretrain")
+    assert init["blind"] == str(quick / "pretrain-blind")
+    first = json.loads((quick / "pretrain-blind" / "train_config.json").read_text())
+    assert first["task"] == "vqa" and first["train"].endswith("vqa_train_blind.json")
+
+
 def test_every_stage_has_a_cost_weight(quick):
     from vlprune.demo.pipeline import _Plan
 
@@ -75,7 +84,8 @@ def test_every_stage_has_a_cost_weight(quick):
 def test_changed_settings_redo_downstream(tmp_path):
     out = tmp_path / "q"
     small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8), seeds=(0, 1),
-                    tuned=("trips", "evit"), pretrain=Recipe(steps=2, lr=3e-4, batch_size=8, options={"mlm": 0.3}))
+                    tuned=("trips", "evit"), pretrain=Recipe(steps=2, lr=3e-4, batch_size=8, options={"mlm": 0.3}),
+                    pretrain_task="pretrain")
     run_demo(out, profile=small, threads=1, quiet=True)
     # the fine-tunes start from the pre-trained checkpoint, whose optimiser state is gone
     assert (out / "pretrain" / "model").is_dir() and not (out / "pretrain" / "checkpoint.pt").exists()
@@ -139,7 +149,7 @@ def test_operating_points():
     cfg = model_config(DEFAULT)
     assert cfg.vision.num_patches == 144
     t = point(DEFAULT, "trips", 0.25, cfg)
-    assert t.layers == (3, 5) and t.keep == 0.5
+    assert t.layers == (2, 3) and t.keep == 0.5
     # ToMe merges as many tokens at each layer as TRIPS removes there: 144 -> 73 -> 38 candidates
     assert point(DEFAULT, "tome", 0.25, cfg).options["r"] == [71, 35]
     assert point(DEFAULT, "elip", 0.25, cfg).keep == (0.35, 0.25)

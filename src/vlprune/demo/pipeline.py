@@ -82,7 +82,13 @@ class _Plan:
                                "retrieval-none": float(p.retrieval.steps * p.retrieval.batch_size),
                                "bench": 0.8 * (len(self.sweep_points()) + 1) * (p.bench_repeats + 1) * (p.bench_batch + 1)}
         if p.pretrain.steps:
-            w["pretrain"] = float(p.pretrain.steps * p.pretrain.batch_size)
+            first = float(p.pretrain.steps * p.pretrain.batch_size)
+            seeds = p.seeds if p.pretrain_task == "vqa" else p.seeds[:1]
+            for i, seed in enumerate(seeds):
+                tail = "" if i == 0 else f"-s{seed}"
+                w["pretrain" + tail] = first
+                if p.pretrain_task == "vqa" and (i == 0 or "blind" in p.seed_rows):
+                    w["pretrain-blind" + tail] = first
         for name, row, _ in self.vqa_runs():
             w[name] = float(p.vqa.steps * p.vqa.batch_size)
             if name != "vqa-none":
@@ -156,20 +162,40 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
     res: Dict[str, Any] = {"vqa": {}, "retrieval": {}, "train": {}}
     res["data"] = st.run("data", {"scenes": asdict(prof.scenes), "image_size": size},
                          lambda d: steps.make_data(data, prof.scenes, size), keep_dir=True)
-    init = None
-    if prof.pretrain.steps > 0:
-        cfg = _train_cfg(plan, "pretrain", prof.pretrain, prof.seeds[0], "pretrain.json")
-        res["train"]["pretrain"] = st.run("pretrain", _train_settings(plan, cfg, [st.keys["data"]]),
-                                          lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
-        init = plan.out / "pretrain"
-    up = [st.keys["data"]] + ([st.keys["pretrain"]] if init else [])
     answers = {"answers": str(data / "answer_list.json")}
+    firsts: Dict[tuple, Path] = {}
+
+    def first_stage(seed: int, blind: bool) -> Optional[Path]:
+        """The first stage's run for ``seed`` (None without one); with a VQA first stage the blind row has its own."""
+        if prof.pretrain.steps == 0:
+            return None
+        vqa_first = prof.pretrain_task == "vqa"
+        blind = blind and vqa_first
+        key = (seed if vqa_first else prof.seeds[0], blind)
+        if key not in firsts:
+            name = "pretrain" + ("-blind" if blind else "") + ("" if key[0] == prof.seeds[0] else f"-s{key[0]}")
+            if vqa_first:
+                train_file = "vqa_train_blind.json" if blind else "vqa_train.json"
+                cfg = _train_cfg(plan, "vqa", prof.pretrain, key[0], train_file, options=answers)
+            else:
+                cfg = _train_cfg(plan, "pretrain", prof.pretrain, key[0], "pretrain.json")
+            res["train"][name] = st.run(name, _train_settings(plan, cfg, [st.keys["data"]]),
+                                        lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
+            firsts[key] = plan.out / name
+        return firsts[key]
+
+    def after(init: Optional[Path]) -> List[str]:
+        return [st.keys["data"]] + ([st.keys[init.name]] if init is not None else [])
+
     for name, row, seed in plan.vqa_runs():
         method = None if row in ("none", "blind") else point(prof, row, prof.main_keep, plan.cfg)
         train_file = "vqa_train_blind.json" if row == "blind" else "vqa_train.json"
+        init = first_stage(seed, row == "blind")
         cfg = _train_cfg(plan, "vqa", prof.vqa, seed, train_file, method, init, answers)
-        res["train"][name] = st.run(name, _train_settings(plan, cfg, up),
+        res["train"][name] = st.run(name, _train_settings(plan, cfg, after(init)),
                                     lambda d, c=cfg: steps.train_run(d, c, progress), keep_dir=True)
+    init = first_stage(prof.seeds[0], False)
+    up = after(init)
     cfg = _train_cfg(plan, "retrieval", prof.retrieval, prof.seeds[0], "retrieval_train.json", None, init)
     res["train"]["retrieval-none"] = st.run("retrieval-none", _train_settings(plan, cfg, up),
                                             lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
