@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vlprune"
 # which import nothing of the package but each other.
 LAYERS: List[Set[str]] = [
     {"version", "errors", "fileio", "distributed", "flopcount", "optim", "checkpoint", "stats"},
-    {"config"},
+    {"config", "recipes"},
     {"reduce"},
     {"models"},
     {"objectives"},

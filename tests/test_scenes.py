@@ -163,3 +163,11 @@ def test_question_types_and_object_scale(tmp_path):
         generate(tmp_path / "c", images=8, question_types=("colour", "size"))
     with pytest.raises(ValueError, match="object_scale"):
         generate(tmp_path / "c", images=8, object_scale=5.0)
+
+
+def test_cli_question_types(tmp_path, capsys):
+    assert main(["data", "scenes", "--out", str(tmp_path / "s"), "--images", "12", "--question-types", "colour,shape",
+                 "--object-scale", "1.2"]) == 0
+    assert {q["type"] for q in json.loads((tmp_path / "s" / "vqa_train.json").read_text())} <= {"colour", "shape"}
+    assert main(["data", "scenes", "--out", str(tmp_path / "t"), "--images", "12", "--question-types", "size"]) == 2
+    assert "question_types must be" in capsys.readouterr().err

@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     s.add_argument("--max-objects", type=int, default=6)
     s.add_argument("--test-fraction", type=float, default=0.1, help="last fraction of images used as test split")
     s.add_argument("--questions", type=int, default=4, help="VQA questions per image")
+    s.add_argument("--question-types", default=None,
+                   help="comma-separated VQA question kinds out of colour,shape,exists,count,left (default: all; the "
+                   "demo uses colour)")
+    s.add_argument("--object-scale", type=float, default=1.0, help="multiplies every object's radius, in [0.5, 2]")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(run=run)
 
@@ -34,7 +38,10 @@ def run(args) -> int:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     s = generate(out, images=args.images, seed=args.seed, image_size=args.image_size, min_objects=args.min_objects,
-                 max_objects=args.max_objects, test_fraction=args.test_fraction, questions_per_image=args.questions)
+                 max_objects=args.max_objects, test_fraction=args.test_fraction, questions_per_image=args.questions,
+                 object_scale=args.object_scale,
+                 question_types=None if args.question_types is None else tuple(
+                     t.strip() for t in args.question_types.split(",") if t.strip()))
     dt = time.perf_counter() - t0
     print(f"wrote {s['images']} images ({s['train_images']} train, {s['test_images']} test) to {out} in {dt:.1f} s")
     print("  " + ", ".join(f"{k}: {v}" for k, v in s.items() if k not in ("out", "images", "train_images", "test_images")))

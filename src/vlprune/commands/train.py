@@ -45,7 +45,9 @@ def add_parser(sub) -> None:
     g.add_argument("--epochs", type=int, default=None, help="passes over the data (1 when neither --steps nor --epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the preset's recipe: small/tiny from scratch 3e-4 for pretrain, "
+                   "1e-3 for a downstream task; 2e-4 with --init; 1e-4 otherwise)")
     p.add_argument("--lr-mult", default="", help="per-module lr multipliers, e.g. vision=0.5,reducers=10")
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (-1: 5%% of the steps)")
@@ -56,7 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--tokenizer", default=None, help="directory with a checkpoint's tokenizer.json or vocab.txt")
-    p.add_argument("--loss", default="", help="task options, e.g. itc=1,itm=1,mlm=1,alpha=0.4")
+    p.add_argument("--loss", default="", help="task options, e.g. itc=1,itm=1,mlm=1,alpha=0.4 (pretraining small/tiny "
+                   "from scratch: mlm=0.3 unless given)")
     p.add_argument("--scenes-images", type=int, default=2000, help="size of the built-in data")
     p.add_argument("--scenes-seed", type=int, default=0)
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
@@ -64,6 +67,12 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(run=run)
+
+
+def _lr(args) -> float:
+    from vlprune.recipes import default_lr
+
+    return args.lr if args.lr is not None else default_lr(args.task, args.model, args.init)
 
 
 def build_config(args):
@@ -84,7 +93,7 @@ def build_config(args):
     return TrainConfig(
         task=args.task, train=args.train, val=args.val, images=args.images, model=args.model or "small",
         init=args.init, method=method, steps=args.steps,
-        epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=args.lr, lr_mult=_pairs(args.lr_mult),
+        epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=_lr(args), lr_mult=_pairs(args.lr_mult),
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, amp=not args.no_amp,
         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,
         tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
@@ -93,7 +102,9 @@ def build_config(args):
 
 
 def _task_options(args) -> dict:
-    opts = _pairs(args.loss)
+    from vlprune.recipes import default_task_options
+
+    opts = {**default_task_options(args.task, args.model, args.init), **_pairs(args.loss)}
     for name, key in (("teacher", "teacher"), ("stage", "stage"), ("answers", "answers"), ("k", "k")):
         v = getattr(args, name, None)
         if v is not None:
