@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vlprune demo --out runs/demo
 
 bench: $(STAMP)
-	$(VENV)/bin/vlprune bench --model albef-base --methods none,trips,elip,evit,tome --image-size 384 --text-len 40
+	$(VENV)/bin/vlprune bench --model albef-base --method none --method trips --method elip --method evit --method tome --image-size 384 --text-len 40
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -8,6 +8,8 @@ import torch
 
 import vlprune
 
+import fastv_example  # noqa: F401,E402  (registers the example method of docs/methods.md for every test)
+
 # tiny tensors: one intra-op thread per test process avoids oversubscribing 2 cores under pytest-xdist
 torch.set_num_threads(1)
 

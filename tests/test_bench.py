@@ -222,7 +222,7 @@ def _json_rows(capsys, argv):
 
 
 def test_cli_flops_only_json(capsys):
-    rows = _json_rows(capsys, ["bench", "--model", "tiny", "--flops-only", "--json", "--methods", "none"])
+    rows = _json_rows(capsys, ["bench", "--model", "tiny", "--flops-only", "--json", "--method", "none"])
     assert len(rows) == 1 and KEYS <= set(rows[0])
     r = rows[0]
     assert r["method"] == "none" and r["throughput"] is None and r["speedup"] is None
@@ -271,9 +271,9 @@ def test_cli_train_mode(capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--methods", "none,nosuch"], r"unknown reduction method 'nosuch'; valid methods: \['none'"),
+    (["--method", "none", "--method", "nosuch"], r"unknown reduction method 'nosuch'; valid methods: \['none'"),
     (["--image-size", "30"], "not divisible by vision.patch_size=8"),
-    (["--methods", "none", "--keep", "0.5"], "configure a single --method"),
+    (["--keep", "0.5"], "need --method NAME"),
     (["--text-len", "41"], "exceeds the model's max_len 40"),
     (["--mem-budget", "-1"], "memory budget must be a positive number of GB"),
     (["--device", "tpu"], "device must be"),
@@ -288,23 +288,31 @@ def test_cli_errors(capsys, argv, match):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("vlprune bench: error:")
 
 
-def test_method_spec_parsing():
-    from vlprune.commands.bench import parse_method_spec
+def test_method_flags_configure_the_method_they_follow():
+    import argparse
 
-    rc = parse_method_spec("trips:layers=5/10:keep=0.7")
-    assert (rc.name, rc.layers, rc.keep, rc.options) == ("trips", (5, 10), 0.7, {})
-    rc = parse_method_spec("elip:keep=0.9/0.6:lookahead=false:mode=fast:r=8")
-    assert rc.keep == (0.9, 0.6) and rc.options == {"lookahead": False, "mode": "fast", "r": 8}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_method_spec("trips:keep")
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        parse_method_spec("trips:layers=a/b")
+    from vlprune.commands.method_flags import add_method_flags, method_configs
+
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    add_method_flags(p, several=True)
+    args = p.parse_args(["--method", "trips", "--layers", "5,10", "--keep", "0.7", "--method", "elip", "--keep",
+                         "0.9,0.6", "--option", "lookahead=false", "--option", "mode=fast", "--option", "r=[18,12]"])
+    trips, elip = method_configs(args, several=True)
+    assert (trips.name, trips.layers, trips.keep, trips.options) == ("trips", (5, 10), 0.7, {})
+    assert elip.keep == (0.9, 0.6) and elip.options == {"lookahead": False, "mode": "fast", "r": [18, 12]}
+    args = p.parse_args(["--layers", "2", "--method", "evit"])  # settings before the first --method are its own
+    assert method_configs(args, several=True)[0].layers == (2,)
+    with pytest.raises(ValueError, match="give one --method"):
+        method_configs(p.parse_args(["--method", "trips", "--method", "evit"]))
+    for bad in (["--option", "keep"], ["--layers", "a,b"], ["--keep", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--method", "trips", *bad])
 
 
 def test_cli_methods_with_settings(capsys):
-    rows = _json_rows(capsys, ["bench", "--flops-only", "--json", "--methods", "none,none"])
+    rows = _json_rows(capsys, ["bench", "--flops-only", "--json", "--method", "none", "--method", "none"])
     assert [r["method"] for r in rows] == ["none", "none"]
-    assert main(["bench", "--flops-only", "--methods", "none:layers=1"]) == 2
+    assert main(["bench", "--flops-only", "--method", "none", "--layers", "1"]) == 2
     assert "takes no layers" in capsys.readouterr().err
 
 

@@ -73,7 +73,7 @@ def test_unknown_preset_lists_valid(tmp_path):
         vlprune.load_preset(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="bad.json: malformed JSON at line 1"):
         vlprune.load_preset(bad)
     good = tmp_path / "good.json"
     good.write_text(json.dumps(to_dict(vlprune.load_preset("tiny"))))

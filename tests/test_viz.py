@@ -158,8 +158,11 @@ def run_dir(tmp_path):
     return d
 
 
-def _toy_builder(cfg, model):
+def _toy_build(cfg, model, opts):
     install(model, "vision", cfg.layers or (2,), keep=cfg.keep or 0.5)
+
+
+_toy_builder = registry.MethodSpec("toy", _toy_build, groups=("vision",))
 
 
 def test_visualize_cli(run_dir, tmp_path, monkeypatch, capsys):

@@ -22,11 +22,12 @@ class ToyKeepFuse(Reducer):
         super().__init__()
         self.keep, self.fuse, self.where = keep, fuse, where
 
-    def forward(self, state, q, k, layer, ctx):
+    def forward(self, state, slot, ctx):
         x = state.x
-        if q is None:  # "pre", or a fusion layer's text queries: score with the [CLS] row against the tokens
+        q, k = slot.queries, slot.keys
+        if q is None:  # "pre": score with the [CLS] row against the tokens
             scores = (x[:, :1] @ x[:, 1:].transpose(1, 2)).squeeze(1).float().softmax(-1)
-        elif q.shape[2] != k.shape[2] or q.shape[2] != x.shape[1]:  # fusion layer: mean over text queries
+        elif slot.kind == "fusion":  # the text queries: mean over them
             scores = Fn.head_mean_attention(q, k).mean(1)[:, 1:]
         else:
             scores = Fn.head_mean_attention(q[:, :, :1], k)[:, 0, 1:]

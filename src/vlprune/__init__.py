@@ -10,8 +10,8 @@ import logging
 from .config import ModelConfig, TextConfig, VisionConfig, list_presets, load_preset
 from .models import attach, build_model, from_hf, load_pretrained, save_pretrained
 from .reduce import ReduceConfig, TokenState, list_methods
+from .version import __version__
 
-__version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -1,7 +1,9 @@
 """The ``vlprune`` command line. Thin: each sub-command lives in ``vlprune/commands/<name>.py`` with
 ``add_parser(subparsers)`` and ``run(args) -> int``; they build the same config objects and call the Python API.
 
-Errors print one line to stderr and exit non-zero; ``--debug`` shows the traceback.
+Every parser refuses abbreviated flags (``--opt`` is not ``--option``) and shows defaults in ``--help``. The
+global flags ``--debug``, ``-v/--verbose``, ``--quiet`` and ``--threads`` are accepted before or after the
+sub-command. Errors print one line to stderr and exit non-zero; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,40 +12,89 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
+
+from .errors import CLIError  # noqa: F401  (re-exported: ``from vlprune.cli import CLIError`` keeps working)
+from .version import __version__
 
 # sub-command modules under vlprune.commands, in help order
 COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
+GLOBAL_DEFAULTS = {"debug": False, "verbose": False, "quiet": False, "threads": None}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and appends an option's default to its help (unless it says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "%(default)" in text or "(default" in text or not action.option_strings:
+            return text
+        if d is None or d is False or d == [] or d == "" or d is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _add_global_flags(p: argparse.ArgumentParser, top: bool) -> None:
+    """--debug, -v/--verbose, --quiet, --threads; on sub-commands they default to SUPPRESS so that a flag given
+    before the sub-command is not reset by the sub-command's parser."""
+    kw = {} if top else {"default": argparse.SUPPRESS}
+    g = p.add_argument_group("global options")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors", **kw)
+    v = g.add_mutually_exclusive_group()
+    v.add_argument("-v", "--verbose", action="store_true", help="log at INFO level", **kw)
+    v.add_argument("--quiet", action="store_true", help="no progress bars; log errors only", **kw)
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)", **kw)
+
+
+def _parsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``p`` and every sub-command parser below it."""
+    yield p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _parsers(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = argparse.ArgumentParser(
         prog="vlprune",
         description="Text-guided image-token reduction for vision-language transformers.",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"vlprune {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    _add_global_flags(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"vlprune.commands.{name}").add_parser(sub)
+    for child in list(_parsers(p))[1:]:
+        child.allow_abbrev = False
+        child.formatter_class = HelpFormatter
+        _add_global_flags(child, top=False)
     return p
-
-
-class CLIError(Exception):
-    """An error meant for the user: printed as one line, exit code 2."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for k, v in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and --quiet exclude each other")
+    level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("vlprune: interrupted", file=sys.stderr)

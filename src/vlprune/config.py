@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Mapping, Tuple, Type, TypeVar, Union
+
+from .fileio import read_json
 
 T = TypeVar("T")
 
@@ -217,13 +219,7 @@ def load_preset(name_or_path: Union[str, Path]) -> ModelConfig:
     """A ``ModelConfig`` from a preset name (``tiny``, ``small``, ``albef-base``, ``vilt-base``) or a JSON file."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"model config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"model config {path} is not valid JSON: {e}") from None
-        return from_dict(ModelConfig, data, str(path))
+        return from_dict(ModelConfig, read_json(path, "model config file"), str(path))
     names = list_presets()
     if str(name_or_path) not in names:
         raise ValueError(f"unknown model preset {str(name_or_path)!r}; valid presets: {names} (or a .json file)")

@@ -39,9 +39,10 @@ from .config import from_dict, load_preset, to_dict
 from .data.datasets import Collate, ResumableSampler
 from .data.images import ImageLoader
 from .data.tokenizer import TextTokenizer
-from .objectives.dist import wrap_ddp
+from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
+from .reduce.registry import ReduceConfig
 from .tasks.base import StepContext, StepModule, get_task
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class TrainConfig:
     model: str = "small"  # preset name or config JSON (ignored with init: the checkpoint's config is used)
     init: Optional[str] = None  # pre-trained run or save_pretrained directory to start from (weights + tokenizer)
     val: Optional[str] = None  # annotation file evaluated after training (the task's test format)
-    method: Optional[Mapping[str, Any]] = None  # ReduceConfig.to_dict(), None = no reduction
+    method: Optional[ReduceConfig] = None  # None = no reduction (a mapping, as in train_config.json, is converted)
     steps: Optional[int] = None  # optimiser steps; or
     epochs: Optional[int] = None  # passes over the data (default 1 when neither is given)
     batch_size: int = 32  # per process
@@ -98,8 +99,10 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         object.__setattr__(self, "lr_mult", dict(self.lr_mult))
         object.__setattr__(self, "task_options", dict(self.task_options))
-        if self.method is not None:
-            object.__setattr__(self, "method", dict(self.method))
+        if self.method is not None and not isinstance(self.method, ReduceConfig):
+            if not isinstance(self.method, Mapping):
+                raise TypeError(f"method must be a ReduceConfig or its dict, got {type(self.method).__name__}")
+            object.__setattr__(self, "method", ReduceConfig.from_dict(self.method))
 
 
 def _mixed_seed(*parts: int) -> int:
@@ -376,7 +379,7 @@ def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
 
 
 def _log(out, sums, n, step, epoch, opt, cfg, world, t0, skipped, rank) -> Dict[str, Any]:
-    from .objectives.dist import all_reduce_mean
+    from .distributed import all_reduce_mean
 
     rec: Dict[str, Any] = {"step": step, "epoch": epoch}
     for k, v in sums.items():

@@ -23,38 +23,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
-
-_aten = torch.ops.aten
-
-
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-# Formulas for the CPU attention kernels FlopCounterMode does not know (passed as ``custom_mapping``, so
-# torch's global registry is left untouched). Any op already in torch's registry is not overridden.
-CPU_SDPA_FLOPS = {
-    op: fn
-    for op, fn in (
-        (getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None), _cpu_sdpa_flops),
-        (getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), _cpu_sdpa_backward_flops),
-    )
-    if op is not None and op not in flop_counter.flop_registry
-}
-
-
-def flop_counter_mode() -> FlopCounterMode:
-    """A ``FlopCounterMode`` (no display) that also counts SDPA attention on CPU."""
-    return FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
-
+from ..flopcount import CPU_SDPA_FLOPS, flop_counter_mode  # noqa: F401  (part of this module's API)
 
 @dataclass(frozen=True)
 class CountedFlops:

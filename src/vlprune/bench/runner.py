@@ -30,7 +30,8 @@ from torch import nn
 
 from ..config import load_preset, override
 from ..models.build import attach, build_model, load_pretrained
-from ..reduce.registry import ReduceConfig, get_method
+from ..reduce.registry import ReduceConfig, get_spec, install
+from ..reduce.trace import compact_tokens  # noqa: F401  (re-exported: viz.report imports it from here)
 from .flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from .memory import measure_peak, tensor_bytes
 from .throughput import find_max_batch, fits_budget, median_time, time_interleaved
@@ -265,12 +266,12 @@ def run_bench(
     anything is timed, so a bad name or layer fails fast."""
     progress = progress or (lambda msg: log.info(msg))
     for rc in methods:
-        get_method(rc.name)  # unknown names raise, listing the valid ones
+        get_spec(rc.name)  # unknown names raise, listing the valid ones
     methods = _with_baseline(methods)
     progress(f"building {s.checkpoint or s.model}" + (f" at {s.image_size}px" if s.image_size else ""))
     model = build_bench_model(s)
     for rc in methods:
-        get_method(rc.name)(rc, model)  # validates layers / keep / options against this model ("none" too)
+        install(rc, model)  # validates layers / keep / options against this model ("none" too)
         model.clear_reducers()
     rows = []
     fwd = _Forward(model, s)
@@ -304,13 +305,6 @@ def add_speedups(rows: List[Dict]) -> None:
         thr, bthr = r.get("throughput"), None if base is None else base.get("throughput")
         r["speedup"] = thr / bthr if thr and bthr else None
         r["speedup_ratio"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
-
-
-def compact_tokens(tpl: Dict[str, List[int]]) -> str:
-    """Token counts after each layer, repeats collapsed: {'vision': [577, 577, 404]} -> '577>404'."""
-    seq = [n for g in tpl.values() for n in g]
-    out = [seq[0]] + [b for a, b in zip(seq, seq[1:]) if b != a] if seq else []
-    return ">".join(map(str, out))
 
 
 def _f(v, fmt: str) -> str:

@@ -12,19 +12,19 @@ def add_parser(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="DATASET", required=True)
     s = dsub.add_parser("scenes", help="procedural scenes: captions, VQA, NLVR2, SNLI-VE, object masks")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64, the small preset)")
+    s.add_argument("--images", type=int, default=2000, help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--image-size", type=int, default=64, help="image side in pixels (64 suits the small preset)")
     s.add_argument("--min-objects", type=int, default=3)
     s.add_argument("--max-objects", type=int, default=6)
     s.add_argument("--test-fraction", type=float, default=0.1, help="last fraction of images used as test split")
-    s.add_argument("--questions", type=int, default=4, help="VQA questions per image (default 4)")
+    s.add_argument("--questions", type=int, default=4, help="VQA questions per image")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from vlprune.cli import CLIError
+    from vlprune.errors import CLIError
     from vlprune.data.scenes import generate
 
     out = Path(args.out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .train import _floats, _ints, _option
+from .method_flags import add_method_flags, method_config
 
 TASKS = ("retrieval", "vqa", "nlvr2", "ve")
 
@@ -24,30 +24,19 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory (or a saved model directory)")
     p.add_argument("--test", default=None, help="test annotation JSON (default: the run's scenes test split)")
     p.add_argument("--images", default=None, help="image root (default: the test file's folder)")
-    p.add_argument("--method", default=None, help="reduction method at inference (default: the trained one; none = off)")
-    p.add_argument("--layers", type=_ints, default=None, help="1-based layers of the method, e.g. 5,10")
-    p.add_argument("--keep", type=_floats, default=None, help="keep rate, or one per layer")
-    p.add_argument("--option", action="append", default=[], help="method option NAME=VALUE (repeatable)")
-    p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
-    p.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranking candidates (default 128)")
+    add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranking candidates")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--predictions", default=None,
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def _method(args):
-    from vlprune.reduce.registry import ReduceConfig
-
-    if args.method is None:
-        if args.layers is not None or args.keep is not None or args.option:
-            raise ValueError("--layers, --keep and --option need --method")
-        return "saved"
-    if args.method == "none":
-        return None
-    options = dict(_option(o) for o in args.option)
-    return ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options)
+    """The method to evaluate with: "saved" (the trained one) without --method, else the configured one."""
+    rc = method_config(args)
+    return "saved" if rc is None else rc
 
 
 def _test_file(args, ckpt_run: Path, task) -> Path:

@@ -9,12 +9,31 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def describe_method(name: str) -> str:
+    """One line from a method's declaration: where it runs, its traits, defaults and options."""
+    from vlprune.reduce.registry import get_spec
+
+    spec = get_spec(name)
+    where = f"{'/'.join(spec.groups)} slots, {spec.placement}" if spec.groups else spec.placement
+    traits = [t for t, on in (("text-guided", spec.text_guided), ("learned", spec.learned),
+                              ("stages", spec.stages)) if on]
+    parts = [f"{name}: {where}"] + ([", ".join(traits)] if traits else [])
+    defaults = [f"{k}={v}" for k, v in (("layers", spec.layers), ("keep", spec.keep)) if v is not None]
+    if defaults:
+        parts.append("defaults (12 layers) " + " ".join(defaults))
+    if spec.options:
+        parts.append("options " + ", ".join(f"{k}={o.default!r} ({o.describe()})" for k, o in spec.options.items()))
+    return "; ".join(parts)
+
+
 def run(args) -> int:
     import vlprune
     from vlprune.config import to_dict
 
     print("presets:", ", ".join(vlprune.list_presets()))
     print("methods:", ", ".join(vlprune.list_methods()))
+    for name in vlprune.list_methods():
+        print("  " + describe_method(name))
     if args.model:
         cfg = vlprune.load_preset(args.model)
         model = vlprune.build_model(cfg)

@@ -11,14 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _floats(text: str):
-    vals = [float(v) for v in text.split(",")]
-    return vals[0] if len(vals) == 1 else tuple(vals)
-
-
-def _ints(text: str):
-    return tuple(int(v) for v in text.split(","))
+from .method_flags import add_method_flags, method_config
 
 
 def _pairs(text: str, cast=float) -> dict:
@@ -29,21 +22,6 @@ def _pairs(text: str, cast=float) -> dict:
         k, v = part.split("=", 1)
         out[k.strip()] = cast(v)
     return out
-
-
-def _option(text: str):
-    """One method option NAME=VALUE; VALUE is JSON when it parses (r=[19,12], lookahead=false) else a string."""
-    if "=" not in text:
-        raise ValueError(f"--option expects NAME=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    return k.strip(), _value(v)
-
-
-def _value(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
 
 
 def add_parser(sub) -> None:
@@ -61,19 +39,16 @@ def add_parser(sub) -> None:
                    help="TiP stage: 1 = frozen backbone, pruners + head, lam 0; 2 = + cross-modal layers, lam 1")
     p.add_argument("--answers", default=None, help="VQA: answer_list.json for the answer vocabulary (default: training answers)")
     p.add_argument("--k", type=int, default=None, help="retrieval: ITM re-ranking candidates for --val (default 128)")
-    p.add_argument("--method", default=None, help="reduction method (default none)")
-    p.add_argument("--layers", type=_ints, default=None, help="1-based layers of the method, e.g. 5,10")
-    p.add_argument("--keep", type=_floats, default=None, help="keep rate, or one per layer (0.9,0.65,0.4)")
-    p.add_argument("--option", action="append", default=[], help="method option NAME=VALUE (repeatable)")
+    add_method_flags(p, method_help="reduction method (default: none)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    g.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
-    p.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches (default 1)")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the data (1 when neither --steps nor --epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-mult", default="", help="per-module lr multipliers, e.g. vision=0.5,reducers=10")
     p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default 5%% of the steps)")
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (-1: 5%% of the steps)")
     p.add_argument("--grad-clip", type=float, default=0.0)
     p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
@@ -82,20 +57,17 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--tokenizer", default=None, help="directory with a checkpoint's tokenizer.json or vocab.txt")
     p.add_argument("--loss", default="", help="task options, e.g. itc=1,itm=1,mlm=1,alpha=0.4")
-    p.add_argument("--scenes-images", type=int, default=2000, help="size of the built-in data (default 2000)")
+    p.add_argument("--scenes-images", type=int, default=2000, help="size of the built-in data")
     p.add_argument("--scenes-seed", type=int, default=0)
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def build_config(args):
     from vlprune.config import from_dict
-    from vlprune.reduce.registry import ReduceConfig
     from vlprune.train import CONFIG_FILE, TrainConfig
 
     out = Path(args.out)
@@ -106,12 +78,7 @@ def build_config(args):
         saved["progress"] = not args.quiet
         saved["num_workers"] = args.workers
         return from_dict(TrainConfig, saved, str(out / CONFIG_FILE))
-    method = None
-    if args.method is not None:
-        options = dict(_option(o) for o in args.option)
-        method = ReduceConfig(args.method, layers=args.layers, keep=args.keep, options=options).to_dict()
-    elif args.layers is not None or args.keep is not None or args.option:
-        raise ValueError("--layers, --keep and --option need --method")
+    method = method_config(args)
     if args.model is not None and args.init is not None:
         raise ValueError("give --model or --init, not both (a fine-tuning run takes the init checkpoint's model config)")
     return TrainConfig(
@@ -142,7 +109,7 @@ def _task_options(args) -> dict:
 
 
 def run(args) -> int:
-    from vlprune.objectives.dist import rank
+    from vlprune.distributed import rank
     from vlprune.train import train
 
     if args.train is not None and not Path(args.train).is_file():
@@ -158,12 +125,6 @@ def run(args) -> int:
 
             checkpoint_dir(path)
     cfg = build_config(args)
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     res = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if rank() == 0:
         first, last = res["first"] or {}, res["last"] or {}

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Tuple
 
+from .method_flags import add_method_flags, method_config
+
 log = logging.getLogger(__name__)
 
 
@@ -21,10 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory (config.json + model.safetensors + tokenizer)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--text", required=True, help="the caption or question that guides the selection")
-    p.add_argument("--method", default=None, help="method to apply instead of the saved one")
-    p.add_argument("--layers", default=None, help="1-based layers for --method, e.g. 5,10")
-    p.add_argument("--keep", default=None, help="keep rate for --method (or one per layer)")
-    p.add_argument("--options", default=None, help="method options for --method as JSON")
+    add_method_flags(p, method_help="method to apply instead of the saved one")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(run=run)
@@ -74,8 +73,7 @@ def run(args) -> int:
     import torch
 
     import vlprune
-    from vlprune.cli import CLIError
-    from vlprune.commands.bench import method_configs
+    from vlprune.errors import CLIError
     from vlprune.viz.overlay import patch_status, save_overlay, trace_records
 
     out = Path(args.out)
@@ -86,13 +84,8 @@ def run(args) -> int:
     from vlprune.tasks.finetune import checkpoint_dir
 
     ckpt = checkpoint_dir(args.checkpoint)  # a run directory (its model/) or a saved model directory
-    if args.method is None and any(v is not None for v in (args.layers, args.keep, args.options)):
-        raise ValueError("--layers/--keep/--options configure --method; give --method too")
-    if args.method is not None:
-        args.methods = None
-        model = vlprune.load_pretrained(ckpt, method=method_configs(args)[0])
-    else:
-        model = vlprune.load_pretrained(ckpt)
+    rc = method_config(args)
+    model = vlprune.load_pretrained(ckpt) if rc is None else vlprune.load_pretrained(ckpt, method=rc)
     model.eval()
     if not model.reducers():
         raise CLIError("the model has no reduction method installed, so there is nothing to show; pass --method")

@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple, Union
 
+from ..fileio import read_json as read_json_file
+
 PathLike = Union[str, Path]
 
 NLVR2_LABELS = ("True", "False")
@@ -30,16 +32,9 @@ FORMATS = ("pretrain", "retrieval_train", "retrieval_test", "vqa", "nlvr2", "ve"
 
 
 def read_json(path: PathLike) -> Any:
-    """Parse a JSON file; a missing file raises FileNotFoundError, bad JSON a ValueError naming file and position."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"annotation file not found: {p}")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    """Parse an annotation JSON file; a missing file raises FileNotFoundError, bad JSON a ValueError naming file and
+    position."""
+    return read_json_file(path, "annotation file")
 
 
 def _is_str(v: Any) -> bool:

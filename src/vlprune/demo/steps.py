@@ -183,15 +183,22 @@ def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progre
 
 def bench(model_json: Path, configs: Sequence[Any], profile, progress: bool = False) -> List[Dict[str, Any]]:
     """``run_bench`` rows for ``configs`` (ReduceConfigs) on the profile's model (random weights), in order;
-    the first row is ``none``."""
+    the first row is ``none``.
+
+    Every lowres point runs in a ``run_bench`` call of its own, and its speed-ups are taken against the main
+    call's ``none``: run_bench checks every config by installing it before timing, and removing lowres that way
+    does not undo its input size, so in a shared call the methods after it would run at the smaller size."""
     from tqdm import tqdm
 
     from ..bench.runner import BenchSettings, run_bench
 
     s = BenchSettings(model=str(model_json), text_len=profile.bench_text_len, batch_size=profile.bench_batch,
                       repeats=profile.bench_repeats)
-    # one step per configuration counted, then the throughput and the latency rounds
-    bar = tqdm(total=len(configs) + 3, desc="bench", unit="step", disable=not progress, dynamic_ncols=True)
+    main = [c for c in configs if c.name != "lowres"]
+    lowres = [c for c in configs if c.name == "lowres"]
+    # one step per configuration counted, then the throughput and the latency rounds of each call
+    bar = tqdm(total=len(main) + 3 + 4 * len(lowres), desc="bench", unit="step", disable=not progress,
+               dynamic_ncols=True)
 
     def tick(msg: str) -> None:
         log.debug("bench: %s", msg)
@@ -199,12 +206,20 @@ def bench(model_json: Path, configs: Sequence[Any], profile, progress: bool = Fa
             bar.update(1)
 
     try:
-        rows = run_bench(s, list(configs), progress=tick)
+        rows = run_bench(s, main, progress=tick)
+        base = rows[0]
+        by_config = {json.dumps(r["config"], sort_keys=True): r for r in rows[1:]}
+        for c in lowres:
+            r = run_bench(s, [c], progress=tick)[-1]
+            r["speedup"] = r["throughput"] / base["throughput"] if r.get("throughput") else None
+            r["ideal_speedup"] = base["gflops_total"] / r["gflops_total"]
+            by_config[json.dumps(r["config"], sort_keys=True)] = r
     finally:
         bar.close()
     keep = ("method", "label", "gflops_image", "gflops_total", "throughput", "speedup", "latency_ms", "batch_size",
             "tokens_per_layer", "ideal_speedup")
-    return [{k: r.get(k) for k in keep} for r in rows]
+    ordered = [base] + [by_config[json.dumps(c.to_dict(), sort_keys=True)] for c in configs]
+    return [{k: r.get(k) for k in keep} for r in ordered]
 
 
 def overlays(runs: Dict[str, Any], data: Path, out: Path) -> List[Any]:

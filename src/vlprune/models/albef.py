@@ -1,7 +1,7 @@
 """ALBEF-style two-stream model: ViT image encoder, BERT text encoder, fusion encoder with cross-attention,
 ITC projections, ITM and MLM heads, optional momentum copies and feature queues.
 
-Data flow for one image-text pair (DESIGN.md): text -> text encoder -> ``t_cls`` (the guide) -> ViT layers,
+Data flow for one image-text pair: text -> text encoder -> ``t_cls`` (the guide) -> ViT layers,
 each of which may reduce the image tokens -> fusion encoder (text cross-attends to the fewer image tokens) -> heads.
 The momentum copies are never pruned (they are teachers); reducers live only in the main model's slots.
 """
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..reduce.state import ReduceContext, TokenState
+from ..reduce.registry import installed_spec
+from ..reduce.state import LayerTrace, ReduceContext, TokenState
 from .attention import activation
 from .text import FusionEncoder, TextEncoder
 from .vit import ImageEmbeddings, VisionTransformer, _init_weights
@@ -33,6 +34,19 @@ class ModelOutput:
     fused: Tensor
     fused_image: TokenState
     itm_logits: Tensor
+
+
+@dataclass
+class PairEncoding:
+    """One text-guided pass over image-caption pairs, the same on both model families (``model.encode_pair``).
+
+    cls: (B, D) the multimodal [CLS] the task heads read (ALBEF: the fused [CLS]; ViLT: the pooled [CLS]);
+    image: the image TokenState after every reduction (its aux records and traces cover all of them);
+    encoder_tokens: (B, T, D) the image tokens after the image encoder (ViLT: after the joint encoder)."""
+
+    cls: Tensor
+    image: TokenState
+    encoder_tokens: Tensor
 
 
 class MLMHead(nn.Module):
@@ -53,18 +67,34 @@ class MLMHead(nn.Module):
 class ReductionSlots:
     """Mixin: the models' reduction slots and their management."""
 
+    def _init_model(self, cfg: ModelConfig, arch: str) -> None:
+        """What both model families set first: the checked config, no method, no task heads."""
+        if cfg.arch != arch:
+            raise ValueError(f"{type(self).__name__} needs arch={arch!r}, got {cfg.arch!r}")
+        self.cfg = cfg
+        self.method_config = None
+        self.task_heads = nn.ModuleDict()  # filled by vlprune.models.heads.add_task_head
+
+    @staticmethod
+    def _check_pairs(images: Tensor, ids: Tensor) -> None:
+        if images.shape[0] != ids.shape[0]:
+            raise ValueError(f"image batch ({images.shape[0]}) and caption batch ({ids.shape[0]}) differ in size")
+
     def reduction_slots(self) -> Dict[str, List[nn.Module]]:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def clear_reducers(self) -> None:
+        """Remove the installed method: empty every slot, drop the modules it added (its ``owns``) and undo what
+        else it set (its ``clear``)."""
         for layers in self.reduction_slots().values():
             for layer in layers:
                 layer.reducer = None
-        for m in self.modules():  # the "lowres" method's input size
-            if isinstance(m, ImageEmbeddings):
-                m.input_size = None
-        if "laps" in self._modules:  # LAPS's head after both encoders (reduce/laps.py)
-            del self._modules["laps"]
+        spec = installed_spec(self)
+        if spec is not None:
+            for name in spec.owns:
+                self._modules.pop(name, None)
+            if spec.clear is not None:
+                spec.clear(self)
         self.method_config = None
 
     def reducers(self) -> Dict[str, nn.Module]:
@@ -80,11 +110,7 @@ class ReductionSlots:
 class ALBEF(nn.Module, ReductionSlots):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.arch != "albef":
-            raise ValueError(f"ALBEF needs arch='albef', got {cfg.arch!r}")
-        self.cfg = cfg
-        self.method_config = None
-        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
+        self._init_model(cfg, "albef")
         t, v = cfg.text, cfg.vision
         self.vision = VisionTransformer(v)
         self.text = TextEncoder(t)
@@ -168,12 +194,43 @@ class ALBEF(nn.Module, ReductionSlots):
         interpolate_pos: bool = False,
     ) -> ModelOutput:
         """One text-guided pass over matched image-text pairs: text -> guided image tokens -> fusion -> ITM."""
-        if images.shape[0] != ids.shape[0]:
-            raise ValueError(f"image batch ({images.shape[0]}) and caption batch ({ids.shape[0]}) differ in size")
+        self._check_pairs(images, ids)
         text = self.encode_text(ids, mask)
         image = self.encode_image(images, text, mask, generator, trace, interpolate_pos)
         fused, fused_image = self.fuse(text, mask, image, generator)
         return ModelOutput(image, text, fused, fused_image, self.itm_head(fused[:, 0]))
+
+    @staticmethod
+    def trace_records(output: ModelOutput) -> List[Tuple[str, LayerTrace]]:
+        """(slot group, LayerTrace) pairs of a traced forward pass (``trace=True``), in order."""
+        vis = tuple(output.image.trace or ())
+        fus = tuple(output.fused_image.trace or ())[len(vis):]
+        return [("vision", r) for r in vis] + [("fusion", r) for r in fus]
+
+    # -- the multimodal interface both model families share --------------------------------------------------
+    def shared_text(self, ids: Tensor, mask: Tensor) -> Optional[Tensor]:
+        """Text states that several images paired with the same caption can share: the text encoder's output."""
+        return self.encode_text(ids, mask)
+
+    def encode_pair(self, images: Tensor, ids: Tensor, mask: Tensor, generator: Optional[torch.Generator] = None,
+                    text: Optional[Tensor] = None) -> PairEncoding:
+        """Text-guided pairs (``text``: ``shared_text(ids, mask)`` when already computed)."""
+        text = self.encode_text(ids, mask) if text is None else text
+        image = self.encode_image(images, text, mask, generator)
+        fused, fused_image = self.fuse(text, mask, image, generator)
+        return PairEncoding(fused[:, 0], fused_image, image.x)
+
+    def image_pass(self, images: Tensor, ids: Tensor, mask: Tensor, text: Optional[Tensor] = None) -> TokenState:
+        """The image side of a text-guided pass, what an image's cost is counted on: the ViT guided by ``text``."""
+        return self.encode_image(images, self.encode_text(ids, mask) if text is None else text, mask)
+
+    def patch_embeddings(self) -> ImageEmbeddings:
+        """The main image encoder's input embedding (the momentum teacher's is not included)."""
+        return self.vision.embeddings
+
+    def cross_modal_modules(self) -> List[nn.Module]:
+        """The modules where image and text meet (trained in TiP's stage 2): the fusion encoder."""
+        return [self.fusion]
 
     # -- momentum ----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -87,6 +87,15 @@ class Attention(nn.Module):
         B, _, Tq, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, Tq, self.dim)), q, k
 
+    def project_key(self, h: Tensor) -> Tensor:
+        """The layer's own key projection of already-normalised tokens (self-attention): h (B, T, D) -> (B, H, T, d)."""
+        if self.cross:
+            raise ValueError("project_key is for self-attention; a cross-attention's keys come from its context")
+        w = self.qkv.weight[self.dim : 2 * self.dim]
+        b = None if self.qkv.bias is None else self.qkv.bias[self.dim : 2 * self.dim]
+        B, T, _ = h.shape
+        return F.linear(h, w, b).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+
     def project_query(self, h: Tensor) -> Tensor:
         """The layer's own query projection of already-normalised external rows: h (B, Lq, D) -> (B, H, Lq, d)."""
         if h.shape[-1] != self.dim:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-import torch
+
 from torch import Tensor, nn
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_json
 from ..config import ModelConfig, from_dict, load_preset, override, to_dict
-from ..reduce.registry import ReduceConfig, as_reduce_config, get_method
+from ..reduce.registry import ReduceConfig, as_reduce_config, install, owned_prefixes
 from .albef import ALBEF
 from .vilt import ViLT
 from .vit import interpolate_pos_embed
@@ -45,8 +44,9 @@ def attach(model: nn.Module, method: MethodLike) -> nn.Module:
     """Install ``method`` in ``model``'s reduction slots (replacing any installed method); returns the model."""
     rc = as_reduce_config(method)
     model.clear_reducers()
+    if rc is not None:
+        install(rc, model)  # "none" too, so that its config is checked (it takes no layers, keep or options)
     if rc is not None and rc.name != "none":
-        get_method(rc.name)(rc, model)
         model.method_config = rc
         # reducers follow the model's device and dtype
         p = next(model.parameters())
@@ -80,10 +80,7 @@ def read_config(directory: Union[str, Path]) -> Dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (not a vlprune checkpoint directory)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    meta = read_json(path, CONFIG_NAME)
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{path} has no 'model' section")
     return meta
@@ -112,7 +109,7 @@ def load_pretrained(
     chosen = (None if saved is None else ReduceConfig.from_dict(saved)) if not switched else method
     model = build_model(cfg, chosen)
     if meta.get("heads"):
-        from ..tasks.heads import add_task_head
+        from .heads import add_task_head
 
         for task, n in meta["heads"].items():
             add_task_head(model, task, n)
@@ -124,7 +121,7 @@ def load_pretrained(
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"cannot read weights {wpath}: {e}") from None
     if switched:
-        dropped = [k for k in state if ".reducer." in k or k.startswith("laps.")]
+        dropped = [k for k in state if ".reducer." in k or k.startswith(owned_prefixes())]
         for k in dropped:
             del state[k]
         if dropped:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TextConfig
+from ..reduce.slots import SlotInput
 from ..reduce.state import ReduceContext, TokenState
 from .attention import Attention, Mlp, padding_bias
 from .vit import _init_weights
@@ -84,10 +85,11 @@ class TextLayer(nn.Module):
         if self.cross is not None:
             if image is None:
                 raise ValueError("a fusion layer needs image tokens")
-            c, q, k = self.cross(x, context=image.x, bias=image.key_bias(x.dtype))
+            c, q, k = self.cross(x, context=image.x, bias=image.cross_attention_bias(x.dtype))
             x = self.cross_ln(x + self.drop(c))
             if self.reducer is not None:
-                image = self.reducer(image, q, k, self, ctx)
+                slot = SlotInput("fusion", self, q, k, self.cross.project_query, q, ctx.text_mask)
+                image = self.reducer(image, slot, ctx)
         x = self.mlp_ln(x + self.mlp(x))
         return x, image
 

@@ -2,7 +2,7 @@
 
 Each joint layer: ``x = x + attn(ln1(x))`` over the concatenation (text padding masked), then the reduction slot
 reduces the *image* part (the guide is the layer's multimodal [CLS], i.e. the text [CLS] row of the joint
-sequence, METHODS.md's TRIPS-S and TiP), then ``x = x + mlp(ln2(x))``.
+sequence, as TRIPS-S and TiP use it), then ``x = x + mlp(ln2(x))``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..reduce.state import ReduceContext, TokenState, policy_bias
-from .albef import MLMHead, ReductionSlots
+from ..reduce.slots import SlotInput
+from ..reduce.state import LayerTrace, ReduceContext, TokenState, policy_bias
+from .albef import MLMHead, PairEncoding, ReductionSlots
 from .attention import Attention, Mlp
 from .text import TextEmbeddings, check_text
 from .vit import ImageEmbeddings, _init_weights
@@ -69,7 +70,8 @@ class JointLayer(nn.Module):
         text, image = x[:, :L], image.replace(x=x[:, L:])
         if self.reducer is not None:
             ctx = dataclasses.replace(ctx, guide=text[:, 0], text=text, text_mask=text_mask)
-            image = self.reducer(image, q[:, :, L:], k[:, :, L:], self, ctx)
+            slot = SlotInput.pre_norm("joint", self, q[:, :, L:], k[:, :, L:], q[:, :, :L], text_mask)
+            image = self.reducer(image, slot, ctx)
         x = torch.cat([text, image.x], dim=1)
         x = x + self.mlp(self.ln2(x))
         return x[:, :L], image.replace(x=x[:, L:])
@@ -78,11 +80,7 @@ class JointLayer(nn.Module):
 class ViLT(nn.Module, ReductionSlots):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.arch != "vilt":
-            raise ValueError(f"ViLT needs arch='vilt', got {cfg.arch!r}")
-        self.cfg = cfg
-        self.method_config = None
-        self.task_heads = nn.ModuleDict()  # filled by vlprune.tasks.heads.add_task_head
+        self._init_model(cfg, "vilt")
         v, t = cfg.vision, cfg.text
         D = v.width
         self.text_embeddings = TextEmbeddings(t)
@@ -99,6 +97,32 @@ class ViLT(nn.Module, ReductionSlots):
     def reduction_slots(self) -> Dict[str, List[nn.Module]]:
         return {"joint": list(self.layers)}
 
+    # -- the multimodal interface both model families share (see ALBEF) ----------------------------------------
+    def shared_text(self, ids: Tensor, mask: Tensor) -> Optional[Tensor]:
+        """None: in a single-stream model the text is encoded together with each image."""
+        return None
+
+    def encode_pair(self, images: Tensor, ids: Tensor, mask: Tensor, generator: Optional[torch.Generator] = None,
+                    text: Optional[Tensor] = None) -> PairEncoding:
+        out = self(images, ids, mask, generator=generator)
+        return PairEncoding(out.pooled, out.image, out.image.x)
+
+    def image_pass(self, images: Tensor, ids: Tensor, mask: Tensor, text: Optional[Tensor] = None) -> ViLTOutput:
+        """The image side of a text-guided pass: here the whole joint encoder (text and image are not separable)."""
+        return self(images, ids, mask)
+
+    def patch_embeddings(self) -> ImageEmbeddings:
+        return self.image_embeddings
+
+    def cross_modal_modules(self) -> List[nn.Module]:
+        """The modules where image and text meet (trained in TiP's stage 2): the joint layers, norm and pooler."""
+        return [self.layers, self.norm, self.pooler]
+
+    @staticmethod
+    def trace_records(output: ViLTOutput) -> List[Tuple[str, LayerTrace]]:
+        """(slot group, LayerTrace) pairs of a traced forward pass (``trace=True``), in order."""
+        return [("joint", r) for r in (output.image.trace or ())]
+
     def forward(
         self,
         images: Tensor,
@@ -109,8 +133,7 @@ class ViLT(nn.Module, ReductionSlots):
         interpolate_pos: bool = False,
     ) -> ViLTOutput:
         check_text(ids, mask, self.cfg.text)
-        if images.shape[0] != ids.shape[0]:
-            raise ValueError(f"image batch ({images.shape[0]}) and caption batch ({ids.shape[0]}) differ in size")
+        self._check_pairs(images, ids)
         text = self.text_embeddings(ids) + self.modality.weight[0]
         img = self.image_embeddings(images, interpolate_pos) + self.modality.weight[1]
         image = TokenState.start(img, trace=trace)

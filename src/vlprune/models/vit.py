@@ -1,7 +1,7 @@
 """Vision Transformer image encoder: pre-norm layers, a [CLS] token, learned position embeddings
 (interpolable to other image sizes) and a reduction slot in every layer.
 
-Each layer computes ``x = x + attn(ln1(x)); state = reduce(state); x = x + mlp(ln2(x))`` (METHODS.md). With the
+Each layer computes ``x = x + attn(ln1(x)); state = reduce(state); x = x + mlp(ln2(x))`` (``docs/methods.md``). With the
 slot empty it is an ordinary ViT layer.
 """
 
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import VisionConfig
+from ..reduce.slots import SlotInput
 from ..reduce.state import ReduceContext, TokenState
 from .attention import Attention, Mlp
 
@@ -34,14 +35,26 @@ class ViTLayer(nn.Module):
     def forward(self, state: TokenState, ctx: ReduceContext) -> TokenState:
         r = self.reducer
         if r is not None and r.where == "pre":
-            state = r(state, None, None, self, ctx)
+            state = r(state, SlotInput.pre_norm("vision", self), ctx)
         x = state.x
         a, q, k = self.attn(self.ln1(x), bias=state.attn_bias(x.dtype))
         state = state.replace(x=x + a)
         if r is not None and r.where == "mid":
-            state = r(state, q, k, self, ctx)
+            state = r(state, SlotInput.pre_norm("vision", self, q, k), ctx)
         x = state.x
         return state.replace(x=x + self.mlp(self.ln2(x)))
+
+    def plain(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """The layer without its reducer on plain tokens x (B, T, D) (look-ahead passes such as ELIP's)."""
+        a, _, _ = self.attn(self.ln1(x), bias=bias)
+        x = x + a
+        return x + self.mlp(self.ln2(x))
+
+    def cls_query_and_keys(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """This layer's [CLS] query (B, H, 1, d) and keys (B, H, T, d) of tokens x (B, T, D), without the rest of
+        its attention."""
+        n = self.ln1(x)
+        return self.attn.project_query(n[:, :1]), self.attn.project_key(n)
 
 
 def interpolate_pos_embed(pos: Tensor, grid: int) -> Tensor:
@@ -73,8 +86,8 @@ class ImageEmbeddings(nn.Module):
         self.pre_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        # The "lowres" method sets this: images are resized to input_size x input_size before the patch embedding
-        # (position embeddings interpolated). None = as given. Reset by the model's clear_reducers().
+        # A method working on the input (lowres) sets this: images are resized to input_size x input_size before the patch embedding
+        # (position embeddings interpolated). None = as given. Reset when the method is removed.
         self.input_size: Optional[int] = None
 
     def check_images(self, images: Tensor, interpolate_pos: bool = False) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .distill import kl_distill
+from .methods import MethodLossInputs, register_loss
 
 def ratio_loss(masks: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
     """mean_l mean_b (mean_i D^l_bi - rho_l)^2: masks (B, N) hard keep masks per pruning layer over all N
@@ -55,3 +55,11 @@ def dynamicvit_loss(
         total = total + token_weight * out["token_distill"]
     out["total"] = total
     return out
+
+
+@register_loss("dynamicvit")
+def _dynamicvit_method_loss(inp: MethodLossInputs) -> Dict[str, Tensor]:
+    w = {"ratio": 2.0, "distill": 1.0, "token_distill": 0.5, **inp.weights}
+    return dynamicvit_loss(inp.task_loss, inp.aux, inp.logits, inp.teacher_logits, inp.student_tokens,
+                           inp.teacher_tokens, ratio_weight=w["ratio"], cls_weight=w["distill"] / 2,
+                           token_weight=w["token_distill"])

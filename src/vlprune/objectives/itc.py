@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dist import gather, gather_with_grad
+from ..distributed import gather, gather_with_grad
 
 
 def positive_targets(idx: Tensor, idx_keys: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distill import kl_distill
+from .methods import MethodLossInputs, register_loss
 
 NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -108,3 +109,10 @@ def grid_side(num_patches: int) -> int:
     if g * g != num_patches:
         raise ValueError(f"{num_patches} patches are not a square grid")
     return g
+
+
+@register_loss("tip")
+def _tip_method_loss(inp: MethodLossInputs) -> Dict[str, Tensor]:
+    w = {k: inp.weights[k] for k in ("distill", "sparsity", "contrast", "continuity") if k in inp.weights}
+    grid = grid_side(inp.model.cfg.vision.num_patches)
+    return tip_loss(inp.task_loss, inp.aux, grid, inp.logits, inp.teacher_logits, w or None, inp.lam)

@@ -27,13 +27,15 @@ candidates; inference records only ``keep_prob`` and ``target`` over the candida
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .registry import ReduceConfig, Reducer, check_layers, check_options, register, uniform_layers
+from .registry import ReduceConfig, Reducer, check_layers, register, uniform_layers
+from .select import slot_group
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.7
@@ -97,47 +99,33 @@ class DynamicViTReducer(Reducer):
     def keep_count(self, m: int) -> int:
         return max(1, min(m, math.floor(self.target * self.num_patches + 1e-9)))
 
-    def forward(
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
         x = state.x
         B, T, _ = x.shape
         prev = state.mask[:, 1:] if state.mask is not None else x.new_ones(B, T - 1)
         log_p = self.predictor(x[:, 1:], prev)  # (B, M, 2)
         if self.training:
             hard = Fn.st_keep_mask(log_p, ctx.generator, prev)  # (B, M) in {0, 1}
-            mask = torch.cat([hard.new_ones(B, 1), hard], dim=1)
-            new = state.replace(mask=mask).add_aux(
+            return apply_plan(state, Plan(mask=hard), ctx.layer, self.method).add_aux(
                 ctx.layer, self.method, mask=hard, keep_prob=log_p[..., 0].exp(), target=self.target
             )
-            return new.record(ctx.layer, self.method)
         if state.mask is not None:
             raise ValueError("dynamicvit inference got a masked state; run the whole model in eval mode")
         score = log_p[..., 0].float()
-        x2, size, source, kind = Fn.keep_and_fuse(x, state.size, state.source, score, self.keep_count(T - 1), fuse=None)
-        new = state.replace(x=x2, size=size, source=source).add_aux(
-            ctx.layer, self.method, keep_prob=score.exp(), target=self.target
-        )
-        return new.record(ctx.layer, self.method, kind)
+        new = apply_plan(state, Plan(scores=score, k=self.keep_count(T - 1)), ctx.layer, self.method)
+        return new.add_aux(ctx.layer, self.method, keep_prob=score.exp(), target=self.target)
 
 
-@register("dynamicvit")
-def build(cfg: ReduceConfig, model) -> None:
-    check_options("dynamicvit", cfg.options, {})
-    slots = model.reduction_slots()
-    if "vision" not in slots:
-        raise ValueError("dynamicvit prunes a ViT image encoder (ALBEF-style models); this model has none")
-    layers = cfg.layers if cfg.layers is not None else default_layers(len(slots["vision"]))
-    check_layers(layers, len(slots["vision"]), "dynamicvit")
+@register("dynamicvit", groups=("vision",), placement="pre", layers=(4, 7, 10), keep=DEFAULT_KEEP, learned=True,
+          losses=("ratio", "distill", "token_distill"), stages=True, distill_tokens=True)
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
+    _, vision = slot_group(model, "dynamicvit")
+    layers = cfg.layers if cfg.layers is not None else default_layers(len(vision))
+    check_layers(layers, len(vision), "dynamicvit")
     targets = keep_targets(DEFAULT_KEEP if cfg.keep is None else cfg.keep, len(layers))
     v = model.cfg.vision
     for layer, t in zip(layers, targets):
-        slots["vision"][layer - 1].reducer = DynamicViTReducer(v.width, t, v.num_patches)
+        vision[layer - 1].reducer = DynamicViTReducer(v.width, t, v.num_patches)
 
 
-def collect(state: TokenState, method: str = "dynamicvit") -> Sequence:
-    """The AuxRecords of ``method`` in ``state`` (in layer order)."""
-    return [a for a in state.aux if a.method == method]
-
-
-__all__ = ["ScorePredictor", "DynamicViTReducer", "keep_targets", "collect", "build"]
+__all__ = ["ScorePredictor", "DynamicViTReducer", "keep_targets", "build"]

@@ -1,4 +1,4 @@
-"""ELIP: vision token pruning and merging guided by a mixed [CLS] (METHODS.md; official code guoyang9/ELIP,
+"""ELIP: vision token pruning and merging guided by a mixed [CLS] (the ELIP paper; official code guoyang9/ELIP,
 ALBEF/models/vit.py, read to understand it).
 
 Blocks of the ViT: pruning blocks start at layers 3, 5 and 11 and span 2, 6 and 2 layers (of 12); layers before the
@@ -32,15 +32,15 @@ N is the original patch count of the forward pass, which the image encoder puts 
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import ReduceConfig, Reducer, check_layers, check_options, register
-from .select import check_unmasked, default_layers, key_bias, require_guide, select_tokens
+from .registry import Option, ReduceConfig, check_layers, register
+from .select import SelectReducer, check_unmasked, default_layers, outside_query_bias, require_guide, slot_group
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 DEFAULT_STARTS = (3, 5, 11)
@@ -48,41 +48,29 @@ DEFAULT_RATIOS = (0.90, 0.65, 0.40)
 DEFAULT_LAM = 0.8
 
 
-def _keys(attn: nn.Module, h: Tensor) -> Tensor:
-    """The keys of a fused-qkv self-attention for normalised tokens h (B, T, D) -> (B, H, T, d)."""
-    D = attn.dim
-    w = attn.qkv.weight[D : 2 * D]
-    b = None if attn.qkv.bias is None else attn.qkv.bias[D : 2 * D]
-    B, T, _ = h.shape
-    return torch.nn.functional.linear(h, w, b).view(B, T, attn.heads, attn.head_dim).transpose(1, 2)
-
-
 @torch.no_grad()
 def lookahead_scores(x: Tensor, guide: Tensor, lam: float, layers: Sequence[nn.Module], bias: Optional[Tensor]) -> Tensor:
     """Where ELIP (look-ahead) picks its tokens: [CLS]-row attention of the block's last layer, (B, M), no grad.
 
     x (B, 1 + M, D) is the block input; its [CLS] is replaced by cls' in a detached copy that runs through all
-    but the last layer of the block (plain pre-norm layers, no reducers); the last layer gives keys and the cls'
-    query only. bias: the state's self-attention bias (B, 1, 1 or T, T) or None.
+    but the last layer of the block (``layer.plain``: no reducer); the last layer gives keys and the cls' query
+    only (``cls_query_and_keys``). bias: the state's self-attention bias (B, 1, 1 or T, T) or None.
     """
     h = x.detach()
     h = torch.cat([F.elip_guide(h[:, :1], guide.detach()[:, None], lam), h[:, 1:]], dim=1)  # cls'
     for layer in layers[:-1]:
-        a, _, _ = layer.attn(layer.ln1(h), bias=bias)
-        h = h + a
-        h = h + layer.mlp(layer.ln2(h))
-    last = layers[-1]
-    n = last.ln1(h)
-    q_cls = last.attn.project_query(n[:, :1])
+        h = layer.plain(h, bias)
+    q_cls, k = layers[-1].cls_query_and_keys(h)
     row_bias = None if bias is None else bias[:, :, :1]
-    return F.cls_attention_scores(q_cls, _keys(last.attn, n), row_bias)
+    return F.cls_attention_scores(q_cls, k, row_bias)
 
 
-def guided_scores(state: TokenState, layer: nn.Module, k: Tensor, guide: Tensor, lam: float) -> Tensor:
+def guided_scores(state: TokenState, slot: SlotInput, guide: Tensor, lam: float) -> Tensor:
     """Where ELIP (no look-ahead) picks its tokens: cls' against this layer's own keys, (B, M), no grad."""
     cls_p = F.elip_guide(state.x[:, 0], guide, lam)
-    q = layer.attn.project_query(layer.ln1(cls_p[:, None]))
-    return F.cls_attention_scores(q, k, key_bias(state, k.dtype)).detach()  # stop-gradient on the weights
+    q = slot.project_query(cls_p[:, None])
+    k = slot.keys
+    return F.cls_attention_scores(q, k, outside_query_bias(state, k.dtype)).detach()  # stop-gradient on the weights
 
 
 def original_patch_count(state: TokenState, ctx: ReduceContext) -> int:
@@ -93,7 +81,7 @@ def original_patch_count(state: TokenState, ctx: ReduceContext) -> int:
     return int(round(float(state.size[0].float().sum()))) - 1
 
 
-class ElipReducer(Reducer):
+class ElipReducer(SelectReducer):
     """One ELIP pruning step. ``lookahead=True``: "pre" at the block's first layer; else "mid" in the layer before."""
 
     method = "elip"
@@ -106,22 +94,23 @@ class ElipReducer(Reducer):
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, span={self.span}, lam={self.lam}, lookahead={self.lookahead}"
 
-    def forward(self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module,
-                ctx: ReduceContext) -> TokenState:
+    def check(self, state: TokenState, ctx: ReduceContext) -> None:
         check_unmasked(state, self.method)
-        guide = require_guide(ctx, state, self.method)
+        require_guide(ctx, state, self.method)
+
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:
         M = state.num_tokens - 1
-        kk = F.original_keep_count(self.ratio, original_patch_count(state, ctx), M)  # k_b = floor(ratio_b * N)
-        if kk >= M:
-            return state.record(ctx.layer, self.method)
+        return F.original_keep_count(self.ratio, original_patch_count(state, ctx), M)  # k_b = floor(ratio_b * N)
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
         if self.lookahead:
             if ctx.encoder is None:
                 raise ValueError("elip lookahead=True needs ctx.encoder (the encoder running the layers)")
             block = list(ctx.encoder.layers[ctx.layer : ctx.layer + self.span])
-            a = lookahead_scores(state.x, guide, self.lam, block, state.attn_bias(state.x.dtype))
+            a = lookahead_scores(state.x, ctx.guide, self.lam, block, state.attn_bias(state.x.dtype))
         else:
-            a = guided_scores(state, layer, k, guide, self.lam)
-        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="renorm")  # a_i / (sum a + 1e-6)
+            a = guided_scores(state, slot, ctx.guide, self.lam)
+        return Plan(scores=a, k=k, fuse="renorm")  # a_i / (sum a + 1e-6)
 
 
 def block_spans(starts: Sequence[int], spans: Optional[Sequence[int]], num_layers: int) -> List[int]:
@@ -142,20 +131,17 @@ def block_spans(starts: Sequence[int], spans: Optional[Sequence[int]], num_layer
     return list(spans)
 
 
-@register("elip")
-def build_elip(cfg: ReduceConfig, model: nn.Module) -> None:
+OPTIONS = {"lam": Option(DEFAULT_LAM, "float", lo=0.0, hi=1.0), "lookahead": Option(True, "bool"),
+           "spans": Option(None, optional=True, allowed="one span (an integer >= 1) per block start")}
+
+
+@register("elip", groups=("vision",), placement="pre (lookahead=False: mid of the layer before)",
+          layers=DEFAULT_STARTS, keep=DEFAULT_RATIOS, options=OPTIONS, text_guided=True)
+def build_elip(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install ELIP in the ViT of a two-stream model (layers = block starts, keep = ratios of N)."""
-    opts = check_options("elip", cfg.options, {"lam": DEFAULT_LAM, "lookahead": True, "spans": None})
-    slots = model.reduction_slots()
-    if "vision" not in slots:
-        raise ValueError(f"elip prunes a two-stream model's ViT ('vision' slots); this model has {sorted(slots)}")
-    layers_ = slots["vision"]
+    _, layers_ = slot_group(model, "elip")
     L = len(layers_)
     lam, lookahead = opts["lam"], opts["lookahead"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0 <= lam <= 1:
-        raise ValueError(f"elip: lam must be in [0, 1], got {lam!r}")
-    if not isinstance(lookahead, bool):
-        raise ValueError(f"elip: lookahead must be True or False, got {lookahead!r}")
     starts = cfg.layers if cfg.layers is not None else default_layers("elip", DEFAULT_STARTS, L)
     first = 1 if lookahead else 2
     if not lookahead and starts and starts[0] == 1:

@@ -1,4 +1,4 @@
-"""EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (youweiliang/evit; METHODS.md).
+"""EViT: keep the patches the image [CLS] attends to, fuse the inattentive ones (official code youweiliang/evit).
 
 At layers 4, 7 and 10 of a 12-layer ViT (keep 0.7 at each; on another depth without ``layers=``, the three
 layers of ``uniform_layers(3, L)``, with a logged warning), after the attention residual and before the MLP:
@@ -9,60 +9,44 @@ proportional attention), and the candidates' part is taken (as the official ``at
 appended last. Gradients flow through the weights and the tokens. In a single-stream model's joint layers the
 reducer sees only the image part of the keys, so there the row is the [CLS] softmax over the image keys.
 
-Keep-rate warm-up for training (EViT's cosine schedule from 1 to ``keep``): ``keep_rate_at(step, total, keep)``
-is the pure schedule; ``set_keep_rate(model, step=s, total=n)`` sets the current rate of every installed EViT
-reducer (each towards its own configured rate); ``set_keep_rate(model, keep=r)`` sets one rate for all.
+EViT's optional keep-rate warm-up (a cosine from 1 to ``keep`` during training) is not implemented: the keep rate
+is fixed from the first step.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
-
-from torch import Tensor, nn
+from torch import nn
 
 from . import functional as F
-from .functional import keep_rate_at
-from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import (RateReducer, check_keeps, check_unmasked, cls_row_bias, default_layers, select_tokens, set_keep_rate,
-                     slot_group)
+from .registry import ReduceConfig, register
+from .select import RateReducer, cls_row_bias, rate_schedule
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (4, 7, 10)
 DEFAULT_KEEP = 0.7
 
-__all__ = ["EViTReducer", "attentive_select", "keep_rate_at", "set_keep_rate"]
+__all__ = ["EViTReducer", "attentive_plan"]
 
 
-def attentive_select(q: Tensor, k: Tensor, state: TokenState, keep: float) -> Tuple[Tensor, int]:
-    """Where EViT picks its tokens: the [CLS] attention row (B, M) over the candidates and the keep count.
-
-    q, k (B, H, 1 + M, d) are the layer's own queries and keys; the row uses the same bias as the attention.
-    """
-    a = F.cls_attention_scores(q[:, :, :1], k, cls_row_bias(state, k.dtype))
-    return a, F.keep_count(keep, a.shape[1])
+def attentive_plan(slot: SlotInput, state: TokenState, k: int) -> Plan:
+    """Where EViT picks its tokens: the top k by the [CLS] attention row over the candidates, the inattentive rest
+    fused with the raw weights. The row uses the layer's own [CLS] query, its keys and the attention's bias."""
+    a = F.cls_attention_scores(slot.queries[:, :, :1], slot.keys, cls_row_bias(state, slot.keys.dtype))
+    return Plan(scores=a, k=k, fuse="raw")  # inattentive fusion, raw a
 
 
 class EViTReducer(RateReducer):
     where = "mid"
     method = "evit"
 
-    def forward(self, state: TokenState, q: Tensor, k: Tensor, layer: nn.Module, ctx: ReduceContext) -> TokenState:
-        check_unmasked(state, self.method)
-        M = state.num_tokens - 1
-        if F.keep_count(self.keep, M) >= M:
-            return state.record(ctx.layer, self.method)
-        a, kk = attentive_select(q, k, state, self.keep)
-        return select_tokens(state, a, kk, ctx.layer, self.method, fuse="raw")  # inattentive fusion, raw a
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
+        return attentive_plan(slot, state, k)
 
 
-@register("evit")
-def build_evit(cfg: ReduceConfig, model: nn.Module) -> None:
+@register("evit", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP)
+def build_evit(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install EViT in the ViT layers (two-stream) or the joint layers (single-stream)."""
-    check_options("evit", cfg.options, {})
-    _, layers_ = slot_group(model, "evit", ("vision", "joint"))
-    L = len(layers_)
-    layers = cfg.layers if cfg.layers is not None else default_layers("evit", DEFAULT_LAYERS, L)
-    check_layers(layers, L, "evit")
-    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "evit"), layers, "evit")
-    for l, kp in zip(layers, keeps):
-        layers_[l - 1].reducer = EViTReducer(kp)
+    slots, schedule = rate_schedule(cfg, model)
+    for layer, keep in schedule:
+        slots[layer - 1].reducer = EViTReducer(keep)

@@ -7,7 +7,7 @@ Tensor letters used in shapes:
     N  original patches (provenance columns are 1 + N: [CLS] first)
     L  text length
 
-Conventions (METHODS.md): index 0 of a token sequence is the image [CLS] and is never removed or merged; kept
+Conventions (``docs/methods.md``): index 0 of a token sequence is the image [CLS] and is never removed or merged; kept
 tokens keep their spatial order (sorted indices); a fused token is appended last; ties break towards the lowest
 index; attention scores are softmaxed in fp32 and averaged over heads.
 """
@@ -205,21 +205,6 @@ def original_keep_count(ratio: float, n: int, m: int) -> int:
     return max(1, min(m, math.floor(ratio * n + 1e-9)))
 
 
-def keep_rate_at(step: float, total: float, keep: float) -> float:
-    """Cosine keep-rate warm-up (EViT): 1 at ``step`` 0, falling to ``keep`` at ``step >= total``.
-
-    ``keep + (1 - keep) * (1 + cos(pi * step / total)) / 2``; ``step`` counts epochs or iterations, as ``total``.
-    """
-    check_keep(keep)
-    if isinstance(total, bool) or not isinstance(total, (int, float)) or math.isnan(total) or total <= 0:
-        raise ValueError(f"total must be > 0, got {total!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or math.isnan(step) or step < 0:
-        raise ValueError(f"step must be >= 0, got {step!r}")
-    if step >= total:
-        return float(keep)
-    return float(keep + (1.0 - keep) * 0.5 * (1.0 + math.cos(math.pi * step / total)))
-
-
 def random_scores(batch: int, m: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """Uniform scores (B, M) drawn row by row from ``generator`` (on the generator's device), moved to ``device``.
 
@@ -360,7 +345,6 @@ __all__ = [
     "external_key_bias",
     "elip_guide",
     "original_keep_count",
-    "keep_rate_at",
     "random_scores",
     "check_merge_count",
     "bipartite_soft_matching",

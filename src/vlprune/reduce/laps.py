@@ -24,7 +24,7 @@ Per image-caption pair (P pairs are processed at once, vectorised over images x 
 top-k also in training), leaky-ReLU(0.1) on A; its loss (``objectives.laps``) sums the hinge over all negatives
 in the first epoch (``hardest=False``) and uses the hardest negative afterwards.
 Choices: cosines (L2-normalised features) in a^s / a^r as the official code; the score net's hidden width E/2;
-the aggregation's learnable scale of the official code is left out (METHODS.md does not have it).
+the aggregation's learnable scale of the official code is left out (the paper does not have it).
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .registry import ReduceConfig, check_options, register
+from .registry import Option, ReduceConfig, register
 from .state import TokenState
 
 DEFAULT_KEEP = 0.5
-DEFAULTS = {"beta": 0.8, "lam": 0.4, "official": False, "dim": None, "tau": 1.0}
+OPTIONS = {"beta": Option(0.8, "float", lo=0.0, hi=1.0), "lam": Option(0.4, "float", lo=0.0, hi=1.0),
+           "official": Option(False, "bool"), "dim": Option(None, "int", lo=2, optional=True), "tau": Option(1.0, "positive")}
 
 
 def masked_word_mean(t: Tensor, mask: Tensor) -> Tensor:
@@ -171,9 +172,9 @@ def laps_similarity(model: nn.Module, image: Union[TokenState, Tensor], text: Te
     return (S, D) if return_decisions else S
 
 
-@register("laps")
-def build(cfg: ReduceConfig, model) -> None:
-    opts = check_options("laps", cfg.options, DEFAULTS)
+@register("laps", placement="after encoders", keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True, learned=True,
+          scores_pairs=True, owns=("laps",))
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
     if cfg.layers is not None:
         raise ValueError(f"laps works after both encoders and takes no layers, got {list(cfg.layers)}")
     if "vision" not in model.reduction_slots():
@@ -182,13 +183,8 @@ def build(cfg: ReduceConfig, model) -> None:
         raise ValueError(f"laps takes one keep rate rho, got {list(cfg.keep)}")
     rho = Fn.check_keep(DEFAULT_KEEP if cfg.keep is None else cfg.keep, "laps: keep")
     beta, lam = opts["beta"], opts["lam"]
-    for name, val in (("beta", beta), ("lam", lam)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val <= 1:
-            raise ValueError(f"laps: {name} must be in [0, 1], got {val!r}")
     c = model.cfg
     dim = c.embed_dim if opts["dim"] is None else opts["dim"]
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"laps: dim must be an integer >= 2, got {dim!r}")
     head = LapsHead(c.vision.width, c.text.width, dim, c.vision.num_patches, rho, float(lam), float(beta),
                     bool(opts["official"]), float(opts["tau"]))
     p = next(model.parameters())

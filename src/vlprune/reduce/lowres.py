@@ -1,4 +1,4 @@
-"""Lower resolution: the unpruned model at a smaller input size (METHODS.md baselines).
+"""Lower resolution: the unpruned model at a smaller input size (a baseline, ``docs/methods.md``).
 
 Images are resized (bilinear, antialiased) to ``image_size x image_size`` before the patch embedding and the
 position embeddings are interpolated (bicubic) to the smaller grid; no layer is changed and no reducer installed.
@@ -15,7 +15,7 @@ import math
 
 from torch import nn
 
-from .registry import ReduceConfig, check_options, register
+from .registry import Option, ReduceConfig, register
 
 
 def lowres_size(grid: int, patch: int) -> int:
@@ -23,21 +23,19 @@ def lowres_size(grid: int, patch: int) -> int:
     return max(1, math.floor(grid / math.sqrt(2) + 1e-9)) * patch
 
 
-def image_embeddings(model: nn.Module) -> nn.Module:
-    """The model's main ImageEmbeddings (ALBEF: ``vision.embeddings``; ViLT: ``image_embeddings``)."""
-    if hasattr(model, "vision"):
-        return model.vision.embeddings
-    if hasattr(model, "image_embeddings"):
-        return model.image_embeddings
-    raise ValueError(f"lowres: {type(model).__name__} has no image embeddings")
+def reset_input_size(model: nn.Module) -> None:
+    """Undo ``build_lowres``: the image encoder takes images at their given size again."""
+    model.patch_embeddings().input_size = None
 
 
-@register("lowres")
-def build_lowres(cfg: ReduceConfig, model: nn.Module) -> None:
+OPTIONS = {"image_size": Option(None, optional=True, allowed="a multiple of the patch size, at most the model's image size")}
+
+
+@register("lowres", placement="input", options=OPTIONS, clear=reset_input_size)
+def build_lowres(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Set the main image encoder's input size (reset by ``clear_reducers``)."""
     if cfg.layers is not None or cfg.keep is not None:
         raise ValueError("lowres takes no layers or keep; give options={'image_size': S}")
-    opts = check_options("lowres", cfg.options, {"image_size": None})
     v = model.cfg.vision
     size = opts["image_size"]
     if size is None:
@@ -47,4 +45,4 @@ def build_lowres(cfg: ReduceConfig, model: nn.Module) -> None:
             f"lowres: image_size must be a multiple of the patch size {v.patch_size} in "
             f"[{v.patch_size}, {v.image_size}], got {size!r}"
         )
-    image_embeddings(model).input_size = size
+    model.patch_embeddings().input_size = size

@@ -1,4 +1,4 @@
-"""Random selection: the schedule of the method it is compared with, indices from a seeded generator (METHODS.md).
+"""Random selection: the schedule of the method it is compared with, indices from a seeded generator.
 
 Options:
     like:  "trips" (default), "evit" or "elip": copy that method's default layers, keep rates, place and keep
@@ -20,15 +20,16 @@ another position gets other random patches; nothing more is possible without a p
 
 from __future__ import annotations
 
-from typing import Optional
+
 
 import torch
 from torch import Tensor, nn
 
 from . import elip, evit, trips
 from . import functional as F
-from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, select_tokens, slot_group
+from .registry import Option, ReduceConfig, check_layers, per_layer, register
+from .select import RateReducer, check_keeps, default_layers, slot_group
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 # like -> (default layers, default keep, where, count): count "current" = ceil(keep * M), "original" = floor(r * N)
@@ -64,34 +65,27 @@ class RandomReducer(RateReducer):
     def extra_repr(self) -> str:
         return f"keep={self.keep}, where={self.where}, count={self.count}, fuse={self.fuse}, seed={self.seed}"
 
-    def forward(self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module,
-                ctx: ReduceContext) -> TokenState:
-        check_unmasked(state, self.method)
-        M = state.num_tokens - 1
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:
         if self.count == "original":
-            kk = F.original_keep_count(self.keep, elip.original_patch_count(state, ctx), M)
-        else:
-            kk = F.keep_count(self.keep, M)
-        if kk >= M:
-            return state.record(ctx.layer, self.method)
+            return F.original_keep_count(self.keep, elip.original_patch_count(state, ctx), state.num_tokens - 1)
+        return super().keep_count(state, ctx)
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
         scores = random_select(state, ctx, self.seed)
-        ones = torch.ones_like(scores) if self.fuse else None
-        return select_tokens(state, scores, kk, ctx.layer, self.method, "renorm" if self.fuse else None, ones)
+        ones = torch.ones_like(scores) if self.fuse else None  # fuse: the plain mean of the rest
+        return Plan(scores=scores, k=k, fuse="renorm" if self.fuse else None, fuse_weights=ones)
 
 
-@register("random")
-def build_random(cfg: ReduceConfig, model: nn.Module) -> None:
+OPTIONS = {"like": Option("trips", "choice", choices=tuple(SCHEDULES)), "fuse": Option(False, "bool"),
+           "seed": Option(0, "int", lo=0)}
+
+
+@register("random", groups=("vision", "joint"), placement="mid (like elip: pre)", options=OPTIONS)
+def build_random(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install random selection with the schedule of ``like`` (or the config's own layers/keep)."""
-    opts = check_options("random", cfg.options, {"like": "trips", "fuse": False, "seed": 0})
     like, fuse, seed = opts["like"], opts["fuse"], opts["seed"]
-    if like not in SCHEDULES:
-        raise ValueError(f"random: like must be one of {sorted(SCHEDULES)}, got {like!r}")
-    if not isinstance(fuse, bool):
-        raise ValueError(f"random: fuse must be True or False, got {fuse!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"random: seed must be an integer >= 0, got {seed!r}")
     d_layers, d_keep, where, count = SCHEDULES[like]
-    group, layers_ = slot_group(model, "random", ("vision", "joint"))
+    group, layers_ = slot_group(model, "random")
     if where == "pre" and group != "vision":
         raise ValueError(f"random like='elip' prunes before a ViT layer; this model has only "
                          f"{sorted(model.reduction_slots())} slots")

@@ -1,30 +1,165 @@
 """Method registry, the reduction config and the base class of reduction modules.
 
-A method registers a builder with ``@register("name")``. The builder takes a ``ReduceConfig`` and a model and
-installs ``Reducer`` modules in the model's reduction slots (``model.reduction_slots()``); it returns nothing.
-Layer numbers in ``ReduceConfig`` are 1-based (as in the papers); ``slot_index`` converts in one place.
+A method declares itself once, in its own module, with ``@register(name, **traits)`` on its builder: where it
+runs (slot groups, placement), its defaults for a 12-layer encoder, its options with their types and ranges, and
+its traits (text-guided, learned, whether it distils image tokens, the model attributes it adds). Tasks, models,
+the benchmark, the CLI and the tests read these traits (``get_spec(name)``, ``installed_spec(model)``) instead of
+naming methods. ``install(cfg, model)`` is the one generic builder: it checks the options against the declaration
+and calls the method's builder ``build(cfg, model, options)``, which installs ``Reducer`` modules in the model's
+reduction slots (``model.reduction_slots()``). Layer numbers in ``ReduceConfig`` are 1-based (as in the papers).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from torch import Tensor, nn
+from torch import nn
 
 from .state import ReduceContext, TokenState
 
-_REGISTRY: Dict[str, Callable] = {}
+if TYPE_CHECKING:  # pragma: no cover
+    from .slots import SlotInput
 
 
-def register(name: str) -> Callable:
-    """Decorator registering a method builder under ``name``; a duplicate name raises."""
+@dataclass(frozen=True)
+class Option:
+    """One method option: its default, what values it accepts (``kind``) and, for the error, how to say so.
+
+    kind: "bool", "int" (``lo`` the minimum), "float" (in [lo, hi]), "positive" (a number > 0), "choice" (one of
+    ``choices``) or "any" (the
+    builder checks it; ``allowed`` says what it accepts). ``optional``: None is accepted too (the default then
+    means "derive it")."""
+
+    default: Any
+    kind: str = "any"
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    choices: Tuple[Any, ...] = ()
+    optional: bool = False
+    allowed: str = ""
+
+    def describe(self) -> str:
+        text = self._describe()
+        return text + " or None" if self.optional and not self.allowed else text
+
+    def _describe(self) -> str:
+        if self.allowed:
+            return self.allowed
+        if self.kind == "bool":
+            return "True or False"
+        if self.kind == "int":
+            return f"an integer >= {self.lo:g}" if self.lo is not None else "an integer"
+        if self.kind == "float":
+            return f"in [{self.lo:g}, {self.hi:g}]"
+        if self.kind == "positive":
+            return "a number > 0"
+        if self.kind == "choice":
+            return f"one of {list(self.choices)}"
+        return "any value"
+
+    def check(self, method: str, name: str, value: Any) -> Any:
+        """The value, or a ValueError naming the method, the option, the value and what is accepted."""
+        if value is None and self.optional:
+            return value
+        ok = True
+        if self.kind == "bool":
+            ok = isinstance(value, bool)
+        elif self.kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and (self.lo is None or value >= self.lo)
+        elif self.kind == "float":
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+                  and self.lo <= value <= self.hi)
+        elif self.kind == "positive":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        elif self.kind == "choice":
+            ok = value in self.choices
+        if not ok:
+            raise ValueError(f"{method}: {name} must be {self.describe()}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is, declared once in its module with ``@register``.
+
+    build:        ``build(cfg, model, options)`` installs the method (options already checked and defaulted).
+    groups:       reduction slot groups it can use, in order of preference ("vision", "fusion", "joint"); empty
+                  for a method that installs no reducer (it works on the input or after the encoders).
+    placement:    where in a layer (or the model) it reduces: "mid" (after the attention residual, before the
+                  MLP), "pre" (before the layer), "input" (the image itself) or "after encoders".
+    layers, keep: defaults for a 12-layer encoder (None: the method derives them).
+    options:      ``{name: Option}``.
+    text_guided:  its image tokens depend on the caption (so retrieval's text-free first stage runs unpruned).
+    learned:      it has trainable parameters.
+    losses:       the loss terms it adds to a fine-tuning task's loss (registered in ``vlprune.objectives.methods``
+                  under its name); the tasks then accept a distillation teacher. LAPS has none: its triplet loss is
+                  the retrieval task's own objective.
+    stages:       the fine-tuning tasks may train it in TiP's two stages (``--stage 1|2``).
+    distill_tokens: its training distils the image-encoder tokens from the teacher (DynamicViT).
+    scores_pairs: it scores image-caption pairs itself after the encoders (LAPS's similarity head): the retrieval
+                  task then trains and ranks with that similarity instead of ITC + ITM.
+    owns:         model attributes it adds besides the slots (removed with the method, e.g. LAPS's ``laps``).
+    clear:        undoes what it set outside the slots and ``owns`` (e.g. lowres's input size), or None.
+    """
+
+    name: str
+    build: Callable[..., None]
+    groups: Tuple[str, ...] = ()
+    placement: str = "mid"
+    layers: Optional[Tuple[int, ...]] = None
+    keep: Optional[Union[float, Tuple[float, ...]]] = None
+    options: Mapping[str, Option] = field(default_factory=dict)
+    text_guided: bool = False
+    learned: bool = False
+    losses: Tuple[str, ...] = ()
+    stages: bool = False
+    distill_tokens: bool = False
+    scores_pairs: bool = False
+    owns: Tuple[str, ...] = ()
+    clear: Optional[Callable[[nn.Module], None]] = None
+
+    @property
+    def runs_in_text_free_stage(self) -> bool:
+        """Whether it can encode an image without a caption (retrieval's first stage)."""
+        return not self.text_guided
+
+    def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Options merged over the defaults; unknown names and bad values raise naming the valid ones."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(self.options)}")
+        out = {k: o.default for k, o in self.options.items()}
+        for k, v in options.items():
+            out[k] = self.options[k].check(self.name, k, v)
+        return out
+
+    def slots(self, model: nn.Module) -> Tuple[str, List[nn.Module]]:
+        """The first of the method's slot groups the model has, and its layers."""
+        available: Dict[str, List[nn.Module]] = model.reduction_slots()
+        for g in self.groups:
+            if g in available:
+                return g, available[g]
+        want = ", ".join(f"{g!r} ({GROUPS.get(g, 'custom')})" for g in self.groups) or "no slot group"
+        raise ValueError(f"{self.name} runs in {want}; this model has none of them (its slot groups: {sorted(available)})")
+
+
+_REGISTRY: Dict[str, MethodSpec] = {}
+
+# the reduction slot groups of the built-in models
+GROUPS = {"vision": "a two-stream model's ViT image encoder", "fusion": "a two-stream model's fusion encoder",
+          "joint": "a single-stream model's joint encoder"}
+
+
+def register(name: str, **traits: Any) -> Callable:
+    """Decorator registering a method builder ``build(cfg, model, options)`` under ``name`` with its traits (the
+    fields of ``MethodSpec``); a duplicate name raises. Registration order is the order of ``list_methods()``."""
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"reduction method {name!r} is already registered")
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = MethodSpec(name, fn, **traits)
         return fn
 
     return deco
@@ -33,18 +168,46 @@ def register(name: str) -> Callable:
 def list_methods() -> List[str]:
     """Names of the registered reduction methods: the built-in ones in a fixed order ("none" first, the
     text-guided methods, then the baselines), then any registered by the user, in registration order."""
-    from .methods import ORDER
+    from .methods import BUILTIN
 
     _load_builtin()
-    builtin = [n for n in ORDER if n in _REGISTRY]
-    return builtin + [n for n in _REGISTRY if n not in ORDER]
+    rank = {f"{__package__}.{m}": i for i, m in enumerate(BUILTIN)}
+    rank[f"{__package__}.methods"] = -1  # "none"
+    builtin = sorted((n for n, s in _REGISTRY.items() if s.build.__module__ in rank),
+                     key=lambda n: rank[_REGISTRY[n].build.__module__])
+    return builtin + [n for n, s in _REGISTRY.items() if s.build.__module__ not in rank]
+
+
+def get_spec(name: str) -> MethodSpec:
+    """The declaration of method ``name``; an unknown name raises listing the valid ones."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reduction method {name!r}; valid methods: {list_methods()}")
+    return _REGISTRY[name]
 
 
 def get_method(name: str) -> Callable:
+    """The builder of method ``name`` as ``fn(cfg, model)`` (options checked by ``install``)."""
+    get_spec(name)
+    return install
+
+
+def install(cfg: "ReduceConfig", model: nn.Module) -> None:
+    """The one generic builder: check ``cfg``'s options against the method's declaration and build it."""
+    spec = get_spec(cfg.name)
+    spec.build(cfg, model, spec.check_options(cfg.options))
+
+
+def installed_spec(model: nn.Module) -> Optional[MethodSpec]:
+    """The declaration of the method installed in ``model`` (None without one, or for "none")."""
+    rc = getattr(model, "method_config", None)
+    return None if rc is None or rc.name == "none" else get_spec(rc.name)
+
+
+def owned_prefixes() -> Tuple[str, ...]:
+    """State-dict prefixes of the parameters methods add outside the slots (e.g. ``"laps."``)."""
     _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reduction method {name!r}; valid methods: {list(_REGISTRY)}")
-    return _REGISTRY[name]
+    return tuple(f"{a}." for spec in _REGISTRY.values() for a in spec.owns)
 
 
 def _load_builtin() -> None:
@@ -132,14 +295,6 @@ def per_layer(value: Union[float, Sequence[float]], layers: Sequence[int], metho
     return [value] * len(layers)
 
 
-def check_options(method: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
-    """Method options merged over ``defaults``; unknown option names raise, listing the valid ones."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(f"{method}: unknown option(s) {unknown}; valid options: {sorted(defaults)}")
-    return {**defaults, **options}
-
-
 def uniform_layers(t: int, num_layers: int) -> Tuple[int, ...]:
     """``t`` 1-based layer numbers spread evenly over ``num_layers`` layers: s = L / (t + 1), layer i*s + 1."""
     if t < 1 or t >= num_layers:
@@ -151,16 +306,14 @@ def uniform_layers(t: int, num_layers: int) -> Tuple[int, ...]:
 class Reducer(nn.Module):
     """Base class of the modules that sit in a layer's reduction slot.
 
-    ``where = "mid"``: called after the attention residual, before the MLP, with the layer's attention ``q``
-    and ``k`` (B, H, T, d) of this layer's tokens. ``where = "pre"``: called before the layer's attention
-    (q and k are None). ``layer`` is the layer module itself (its ``attn`` gives the projections, its ``ln1``
-    the pre-attention norm). The reducer returns a new TokenState; it records a LayerTrace when tracing.
+    ``where = "mid"``: called after the attention residual, before the MLP; ``where = "pre"``: called before the
+    layer's attention. ``slot`` (``reduce.slots.SlotInput``) holds what the reducer may score with in its kind of
+    slot (vision / joint / fusion): the query rows, the keys and ``project_query`` for outside rows. The reducer
+    returns a new TokenState (``slots.apply_plan`` of its ``Plan``); it records a LayerTrace when tracing.
     """
 
     where: str = "mid"
     method: str = "base"
 
-    def forward(  # pragma: no cover - interface
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: "SlotInput", ctx: ReduceContext) -> TokenState:  # pragma: no cover
         raise NotImplementedError

@@ -1,5 +1,5 @@
-"""Shared plumbing of the score-and-select methods (TRIPS, ELIP, EViT, random): turning scores into a new
-TokenState, the attention bias a score row must use, default-schedule checks and the keep-rate setter.
+"""Shared plumbing of the score-and-select methods (TRIPS, ELIP, EViT, random): their base class (check, count,
+plan), the attention bias a score row must use and default-schedule checks.
 
 The maths is in ``functional.py``; this module only moves TokenState fields around.
 """
@@ -7,37 +7,17 @@ The maths is in ``functional.py``; this module only moves TokenState fields arou
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import Reducer, uniform_layers
+from .registry import Reducer, check_layers, get_spec, per_layer, uniform_layers
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 log = logging.getLogger(__name__)
-
-
-def select_tokens(
-    state: TokenState,
-    scores: Tensor,
-    k: int,
-    layer_index: int,
-    method: str,
-    fuse: Optional[str],
-    fuse_weights: Optional[Tensor] = None,
-) -> TokenState:
-    """Keep [CLS] and the top-``k`` candidates by ``scores`` (B, M); fuse or drop the rest; record the trace.
-
-    When ``k`` equals the number of candidates nothing is removed and the state passes through unchanged (so a
-    keep rate of 1.0 is exactly the unpruned model).
-    """
-    M = state.num_tokens - 1
-    if k >= M:
-        return state.record(layer_index, method)
-    x, size, source, kind = F.keep_and_fuse(state.x, state.size, state.source, scores, k, fuse, fuse_weights)
-    return state.replace(x=x, size=size, source=source).record(layer_index, method, kind)
 
 
 def check_unmasked(state: TokenState, method: str) -> None:
@@ -54,8 +34,10 @@ def cls_row_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
     return bias
 
 
-def key_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
-    """Bias (B, 1, 1, T) for a query row from outside the tokens (a text or guide query), or None."""
+def outside_query_bias(state: TokenState, dtype: torch.dtype) -> Optional[Tensor]:
+    """Bias (B, 1, 1, T) for a query row from outside the tokens (a text or guide query) scored as if it were a
+    row of the tokens' own self-attention: log(size) under ToMe's proportional attention and the training mask;
+    None if neither. (The fusion encoder's cross-attention uses ``TokenState.cross_attention_bias`` instead.)"""
     return F.external_key_bias(state.size, state.mask, state.prop_attn, dtype)
 
 
@@ -95,51 +77,58 @@ def default_layers(method: str, defaults: Sequence[int], num_layers: int, depth:
     return layers
 
 
-def slot_group(model: nn.Module, method: str, allowed: Sequence[str]) -> Tuple[str, List[nn.Module]]:
-    """The first of ``allowed`` slot groups the model has ("vision" for ALBEF, "joint" for ViLT)."""
-    slots: Dict[str, List[nn.Module]] = model.reduction_slots()
-    for g in allowed:
-        if g in slots:
-            return g, slots[g]
-    raise ValueError(f"{method} runs in the slot group(s) {list(allowed)}; this model has {sorted(slots)}")
+def slot_group(model: nn.Module, method: str) -> Tuple[str, List[nn.Module]]:
+    """The first of the method's declared slot groups that the model has ("vision" for ALBEF, "joint" for ViLT)."""
+    return get_spec(method).slots(model)
 
 
 def check_keeps(values: Sequence[float], layers: Sequence[int], method: str, name: str = "keep") -> List[float]:
     return [F.check_keep(v, f"{method}: {name} at layer {l}") for v, l in zip(values, layers)]
 
 
-def set_keep_rate(model: nn.Module, keep: Optional[float] = None, step: Optional[float] = None,
-                  total: Optional[float] = None) -> Dict[str, float]:
-    """Set the current keep rate of every installed reducer that has a ``target_keep`` (EViT, TRIPS, random).
-
-    Either ``keep`` (one rate for all of them) or ``step`` and ``total`` (the cosine warm-up of EViT: each
-    reducer's rate is ``keep_rate_at(step, total, its target_keep)``). Returns {slot: rate now}. The target (the
-    configured rate, saved with the model) never changes; ``set_keep_rate(model, step=total, total=total)``
-    restores it.
-    """
-    if (keep is None) == (step is None):
-        raise ValueError("set_keep_rate needs either keep=... or step=... with total=...")
-    out = {}
-    for name, r in model.reducers().items():
-        if not hasattr(r, "target_keep"):
-            continue
-        if keep is not None:
-            r.keep = F.check_keep(keep)
-        else:
-            if total is None:
-                raise ValueError("set_keep_rate(step=...) needs total=... (the warm-up length)")
-            r.keep = F.keep_rate_at(step, total, r.target_keep)
-        out[name] = r.keep
-    return out
+def rate_schedule(cfg, model: nn.Module, depth: int = 12) -> Tuple[List[nn.Module], List[Tuple[int, float]]]:
+    """The slots of a keep-rate method and its checked (1-based layer, keep) pairs: ``cfg.layers`` / ``cfg.keep``
+    or the defaults its declaration gives for a ``depth``-layer encoder (``default_layers`` on another depth)."""
+    spec = get_spec(cfg.name)
+    _, slots = spec.slots(model)
+    L = len(slots)
+    layers = cfg.layers if cfg.layers is not None else default_layers(cfg.name, spec.layers, L, depth)
+    check_layers(layers, L, cfg.name)
+    keeps = check_keeps(per_layer(spec.keep if cfg.keep is None else cfg.keep, layers, cfg.name), layers, cfg.name)
+    return slots, list(zip(layers, keeps))
 
 
-class RateReducer(Reducer):
-    """A reducer with a keep rate: ``target_keep`` (configured) and ``keep`` (current, set by warm-ups)."""
+class SelectReducer(Reducer):
+    """A score-and-select reducer (TRIPS, ELIP, EViT, random): ``check`` the inputs, count the tokens to keep
+    (``keep_count``, the one place a method computes it), and unless that keeps everything (then the state passes
+    through untouched, so keep 1.0 is exactly the unpruned model) build the ``plan`` and apply it."""
+
+    def check(self, state: TokenState, ctx: ReduceContext) -> None:
+        check_unmasked(state, self.method)
+
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
+        self.check(state, ctx)
+        k = self.keep_count(state, ctx)
+        if k >= state.num_tokens - 1:
+            return state.record(ctx.layer, self.method)
+        return apply_plan(state, self.plan(state, slot, ctx, k), ctx.layer, self.method)
+
+
+class RateReducer(SelectReducer):
+    """A reducer with a keep rate ``keep`` in (0, 1]: keeps ``ceil(keep * M)`` of the M candidates."""
 
     def __init__(self, keep: float) -> None:
         super().__init__()
-        self.target_keep = F.check_keep(keep)
-        self.keep = self.target_keep
+        self.keep = F.check_keep(keep)
+
+    def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:
+        return F.keep_count(self.keep, state.num_tokens - 1)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}"

@@ -141,8 +141,12 @@ class TokenState:
             bias = m if bias is None else (bias + m).clamp_min(neg)
         return bias
 
-    def key_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
-        """Additive mask (B, 1, 1, T) for queries from elsewhere (text cross-attention) over these tokens."""
+    def cross_attention_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """Additive mask (B, 1, 1, T) for the fusion encoder's text queries cross-attending to these tokens: only
+        masked-out keys of a training path (or None). It deliberately does not add log(size): ToMe's proportional
+        attention belongs to the merged tokens' own self-attention (as in ToMe, which has no cross-attention), and
+        the fusion encoder is trained and evaluated without it. A guide row scored as if it were one of the
+        tokens' own queries uses ``reduce.select.outside_query_bias`` instead, which does add log(size)."""
         if self.mask is None:
             return None
         if self.mask.requires_grad:  # differentiable policy (see POLICY_FLOOR)

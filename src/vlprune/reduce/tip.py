@@ -5,7 +5,7 @@ fusion encoder (slot group "fusion"), pruning the image tokens that the later fu
 cross-attend to. Default layers ``uniform_layers(3, L)`` (4, 7, 10 of 12; 2, 4, 5 of ALBEF's 6 fusion layers);
 keep 0.5 of the current image tokens at each pruner (a float, or one per layer).
 
-Placement (METHODS.md says "applied to the layer's output image tokens"): the reduction slot of a joint/fusion
+Placement (the paper applies the pruner to "the layer's output image tokens"): the reduction slot of a joint/fusion
 layer sits after its (cross-)attention and before its MLP, so the pruner scores the post-attention, pre-MLP image
 tokens of layer l; the first attention that loses the pruned tokens is layer l + 1's, exactly as when pruning
 layer l's output (an MLP acts on each token alone).
@@ -15,7 +15,7 @@ LogSoftmax over the candidates ([CLS] excluded); channel 0 = keep probability p_
 
 Training: hard mask = straight-through Gumbel-softmax (tau 1, ``ctx.generator``) x the previous mask; tokens stay
 in the tensor, masked as keys in image self-attention / ViLT's joint attention (a token attends to itself) and in
-the fusion encoder's text-to-image cross-attention (``TokenState.key_bias``); straight-through gradients reach
+the fusion encoder's text-to-image cross-attention (``TokenState.cross_attention_bias``); straight-through gradients reach
 the mask (``state.POLICY_FLOOR``). Inference: keep the top ``ceil(keep * M)`` by p_i physically, spatial order.
 
 Each reduction appends an ``AuxRecord(layer, "tip", values)`` to ``state.aux``; values (training):
@@ -31,8 +31,8 @@ Each reduction appends an ``AuxRecord(layer, "tip", values)`` to ``state.aux``; 
                        projections and learnable temperature (saved with the reducer).
 Inference records only keep_prob and target. Losses: ``vlprune.objectives.tip``.
 
-Two-stage training (the paper): ``training_stage(model, 1)`` freezes the backbone (pruners + head train, lam 0),
-``training_stage(model, 2)`` also unfreezes the cross-modal layers (lam 1).
+Two-stage training (the paper): stage 1 freezes the backbone (pruners + task head train, lam 0), stage 2 also
+unfreezes the cross-modal layers (lam 1); the fine-tuning tasks set the stages (``tasks.finetune.set_stage``).
 
 Text states for the contrastive term: in ViLT the joint layer's text states after its attention; in ALBEF the
 fusion encoder's input text states (the text encoder's output), since a fusion reducer does not see the fusion
@@ -42,18 +42,20 @@ layer's own text states.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
 from .dynamicvit import default_layers
-from .registry import ReduceConfig, Reducer, check_layers, check_options, per_layer, register
+from .registry import Option, ReduceConfig, Reducer, check_layers, per_layer, register
+from .select import slot_group
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.5
-DEFAULTS = {"proj_dim": 192, "tau": 1.0}
+OPTIONS = {"proj_dim": Option(192, "int", lo=1), "tau": Option(1.0, "positive")}
 
 
 class Pruner(nn.Module):
@@ -94,9 +96,7 @@ class TipReducer(Reducer):
     def extra_repr(self) -> str:
         return f"keep={self.keep}, target={self.target:.4g}"
 
-    def forward(
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
         x = state.x
         B, T, _ = x.shape
         M = T - 1
@@ -106,10 +106,8 @@ class TipReducer(Reducer):
         if not self.training:
             if state.mask is not None:
                 raise ValueError("tip inference got a masked state; run the whole model in eval mode")
-            k_keep = Fn.keep_count(self.keep, M)
-            x2, size, source, kind = Fn.keep_and_fuse(x, state.size, state.source, p.float(), k_keep, fuse=None)
-            new = state.replace(x=x2, size=size, source=source)
-            return new.add_aux(ctx.layer, self.method, keep_prob=p, target=self.target).record(ctx.layer, self.method, kind)
+            new = apply_plan(state, Plan(scores=p.float(), k=Fn.keep_count(self.keep, M)), ctx.layer, self.method)
+            return new.add_aux(ctx.layer, self.method, keep_prob=p, target=self.target)
         prev = None if state.mask is None else state.mask[:, 1:]
         hard = Fn.st_keep_mask(log_p, ctx.generator, prev, self.tau)
         cum = p if prev is None else p * prev
@@ -122,51 +120,20 @@ class TipReducer(Reducer):
             tmask = torch.ones(ctx.text.shape[:2], device=x.device) if ctx.text_mask is None else ctx.text_mask
             text_emb = self.text_proj(masked_mean(ctx.text, tmask))
             image_emb = self.image_proj(masked_mean(cand, hard))
-        new = state.replace(mask=torch.cat([hard.new_ones(B, 1), hard], dim=1))
-        new = new.add_aux(
+        return apply_plan(state, Plan(mask=hard), ctx.layer, self.method).add_aux(
             ctx.layer, self.method, keep_prob=p, cum_prob=cum, target=self.target, mask=hard, positions=pos,
             text_emb=text_emb, image_emb=image_emb, temp=self.temp,
         )
-        return new.record(ctx.layer, self.method)
 
 
 def cumulative(keeps: List[float]) -> List[float]:
     return [math.prod(keeps[: j + 1]) for j in range(len(keeps))]
 
 
-def training_stage(model: nn.Module, stage: int, heads: Sequence[str] = ("itm_head",)) -> float:
-    """Set ``requires_grad`` for TiP's two-stage training and return the continuity weight lam.
-
-    Stage 1: only the TiP reducers (pruners, contrastive projections, temperature) and the task ``heads``
-    (attribute names of the model) train; lam = 0. Stage 2: the cross-modal layers (ALBEF's fusion encoder, ViLT's
-    joint layers) train as well; lam = 1. Everything else stays frozen in both stages.
-    """
-    if stage not in (1, 2):
-        raise ValueError(f"tip: training stage must be 1 or 2, got {stage!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = [r for r in model.reducers().values() if isinstance(r, TipReducer)]
-    if not trainable:
-        raise ValueError("tip: the model has no TiP reducers installed")
-    for name in heads:
-        if not hasattr(model, name):
-            raise ValueError(f"tip: the model has no head {name!r}")
-        trainable.append(getattr(model, name))
-    if stage == 2:
-        slots = model.reduction_slots()
-        trainable += list(slots["joint"] if "joint" in slots else slots["fusion"])
-    for module in trainable:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return 0.0 if stage == 1 else 1.0
-
-
-@register("tip")
-def build(cfg: ReduceConfig, model) -> None:
-    opts = check_options("tip", cfg.options, DEFAULTS)
-    slots = model.reduction_slots()
-    group = "joint" if "joint" in slots else "fusion"
-    layers_ = slots[group]
+@register("tip", groups=("joint", "fusion"), placement="mid", layers=(4, 7, 10), keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True,
+          learned=True, losses=("distill", "sparsity", "contrast", "continuity"), stages=True)
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
+    group, layers_ = slot_group(model, "tip")
     layers = cfg.layers if cfg.layers is not None else default_layers(len(layers_))
     check_layers(layers, len(layers_), "tip")
     keeps = [Fn.check_keep(v, "tip: keep") for v in per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "tip")]
@@ -179,4 +146,4 @@ def build(cfg: ReduceConfig, model) -> None:
         )
 
 
-__all__ = ["Pruner", "TipReducer", "training_stage", "build"]
+__all__ = ["Pruner", "TipReducer", "build"]

@@ -18,8 +18,8 @@ Options (``ReduceConfig("tome", layers=..., options={...})``; ``keep`` is not us
                first reduction layer down to 0 at the last (the same total number of merges). Only with an int r.
     prop_attn: proportional attention after the first merge (default True).
 
-Choices where METHODS.md is silent:
-- r larger than (M - 1) // 2 for the M candidates at a layer raises (METHODS.md), also when checked at build time
+Choices where the paper and the official code leave room:
+- r larger than (M - 1) // 2 for the M candidates at a layer raises (never a silent clamp), also when checked at build time
   for the configured image size. This is one stricter than ToMe's clamp, which allows M // 2.
 - r = 0 at a layer is exactly the identity (the layer is skipped, no bias is added).
 - Token order follows ToMe, not spatial order: [CLS, unmerged A tokens (spatial order), B tokens (spatial
@@ -29,22 +29,17 @@ Choices where METHODS.md is silent:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
-
-from torch import Tensor, nn
+from typing import List, Sequence, Union
 
 from . import functional as Fn
-from .registry import ReduceConfig, Reducer, check_layers, check_options, register
+from .registry import Option, ReduceConfig, Reducer, check_layers, register
+from .select import slot_group
+from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
-DEFAULTS = {"r": None, "schedule": "constant", "prop_attn": True}
 SCHEDULES = ("constant", "decreasing")
-
-
-def reduction_group(model) -> str:
-    """ToMe (and other vision-side methods) reduce the ViT of an ALBEF-style model, or ViLT's joint encoder."""
-    slots = model.reduction_slots()
-    return "vision" if "vision" in slots else "joint"
+OPTIONS = {"r": Option(None, optional=True, allowed="an integer >= 0 or one per layer"),
+           "schedule": Option("constant", "choice", choices=SCHEDULES), "prop_attn": Option(True, "bool")}
 
 
 def tome_schedule(r: Union[None, int, Sequence[int]], layers: Sequence[int], num_patches: int, schedule: str) -> List[int]:
@@ -92,31 +87,20 @@ class ToMeReducer(Reducer):
     def extra_repr(self) -> str:
         return f"r={self.r}, prop_attn={self.prop_attn}"
 
-    def forward(
-        self, state: TokenState, q: Optional[Tensor], k: Optional[Tensor], layer: nn.Module, ctx: ReduceContext
-    ) -> TokenState:
+    def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
         if state.mask is not None:
             raise ValueError("tome cannot merge tokens on a masked training path (state.mask is set)")
         if self.r == 0:
             return state.record(ctx.layer, self.method)  # exactly the identity
-        B, T, _ = state.x.shape
-        unm, src, dst = Fn.bipartite_soft_matching(k.mean(dim=1), self.r)  # keys averaged over heads
-        x, size = Fn.merge_wavg(state.x, state.size, unm, src, dst)
-        source = None if state.source is None else Fn.merge_source(state.source, unm, src, dst)
-        kind = None
-        if state.tracing:
-            kind = Fn.merge_kind(B, (T + 1) // 2, T // 2, unm, dst, x.device)
-        new = state.replace(x=x, size=size, source=source, prop_attn=state.prop_attn or self.prop_attn)
-        return new.record(ctx.layer, self.method, kind)
+        matching = Fn.bipartite_soft_matching(slot.keys.mean(dim=1), self.r)  # keys averaged over heads
+        return apply_plan(state, Plan(merge=matching, prop_attn=self.prop_attn), ctx.layer, self.method)
 
 
-@register("tome")
-def build(cfg: ReduceConfig, model) -> None:
+@register("tome", groups=("vision", "joint"), placement="mid", options=OPTIONS)
+def build(cfg: ReduceConfig, model, opts: dict) -> None:
     if cfg.keep is not None:
         raise ValueError(f"tome merges r tokens per layer (options={{'r': ...}}); keep must be None, got {cfg.keep!r}")
-    opts = check_options("tome", cfg.options, DEFAULTS)
-    group = reduction_group(model)
-    slots = model.reduction_slots()[group]
+    _, slots = slot_group(model, "tome")
     layers = cfg.layers if cfg.layers is not None else tuple(range(1, len(slots) + 1))
     check_layers(layers, len(slots), "tome")
     rs = tome_schedule(opts["r"], layers, model.cfg.vision.num_patches, opts["schedule"])

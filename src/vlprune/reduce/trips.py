@@ -1,4 +1,4 @@
-"""TRIPS: Text-Relevant Image Patch Selection (METHODS.md; no official code exists).
+"""TRIPS: Text-Relevant Image Patch Selection (the TRIPS paper; no official code exists).
 
 At each selection layer of the ViT, after the attention residual and before the MLP:
 
@@ -6,7 +6,7 @@ At each selection layer of the ViT, after the attention residual and before the 
    projection (no new parameters) and the layer's own keys of the candidates (reused from the attention). Per
    head ``a = softmax(q_text K^T / sqrt(d))`` over the M candidates (image [CLS] excluded), mean over heads, fp32.
    The paper writes eq. 2 against the layer's output features; we score against the keys so that ``a`` is a true
-   attention row (METHODS.md).
+   attention row (``docs/methods.md``).
 2. Keep ``k = ceil(r * M)`` candidates with the largest ``a`` (spatial order kept; ties to the lowest index).
 3. ITF (eq. 3): one fused token ``v_f = sum_{i unselected} a_i v_i`` with the **raw** weights (not renormalised),
    appended last. Gradients flow through ``a`` (into the text encoder, ``W_q``, ``LN1`` and the keys) and
@@ -23,38 +23,35 @@ the model (two-stream: "vision", single-stream: "joint").
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import ReduceConfig, check_layers, check_options, per_layer, register
-from .select import RateReducer, check_keeps, check_unmasked, default_layers, key_bias, require_guide, slot_group
+from .registry import ReduceConfig, register
+from .select import RateReducer, check_unmasked, outside_query_bias, rate_schedule, require_guide
+from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
 DEFAULT_LAYERS = (5, 10)
 DEFAULT_KEEP = 0.7
 
 
-def text_relevant_scores(layer: nn.Module, k: Tensor, guide: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def text_relevant_scores(project_query: Callable[[Tensor], Tensor], k: Tensor, guide: Tensor,
+                         bias: Optional[Tensor] = None) -> Tensor:
     """TD-ATT: the guide's attention over the candidates with the layer's own LN1 and W_q.
 
-    layer: a ViT/joint layer (``ln1``, ``attn.project_query``); k (B, H, 1 + M, d) its keys; guide (B, D) -> (B, M).
+    project_query: the slot's (``SlotInput.project_query``); k (B, H, 1 + M, d) the layer's keys; guide (B, D)
+    -> (B, M).
     """
-    q_text = layer.attn.project_query(layer.ln1(guide[:, None, :]))  # W_q(LN1(t_cls)): (B, H, 1, d)
+    q_text = project_query(guide[:, None, :])  # W_q(LN1(t_cls)): (B, H, 1, d)
     return F.text_query_scores(q_text, k, bias)  # eq. 2 on keys
 
 
-def text_relevant_select(
-    x: Tensor, size: Tensor, source: Optional[Tensor], scores: Tensor, keep: float
-) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """Where TRIPS picks its tokens: keep ceil(r * M) by TD-ATT, fuse the rest with the raw weights (ITF, eq. 3).
-
-    x (B, 1 + M, D), size (B, 1 + M), source or None, scores (B, M) -> (x, size, source, kind) of
-    [cls, kept (spatial order), v_f].
-    """
-    k = F.keep_count(keep, scores.shape[1])
-    return F.keep_and_fuse(x, size, source, scores, k, fuse="raw")  # eq. 3: v_f = sum a_i v_i, raw a
+def text_relevant_plan(scores: Tensor, k: int) -> Plan:
+    """Where TRIPS picks its tokens: keep the k = ceil(r * M) best by TD-ATT, fuse the rest with the raw weights
+    (ITF, eq. 3: v_f = sum a_i v_i, appended last)."""
+    return Plan(scores=scores, k=k, fuse="raw")
 
 
 class TripsReducer(RateReducer):
@@ -63,32 +60,24 @@ class TripsReducer(RateReducer):
     where = "mid"
     method = "trips"
 
-    def forward(self, state: TokenState, q: Tensor, k: Tensor, layer: nn.Module, ctx: ReduceContext) -> TokenState:
+    def check(self, state: TokenState, ctx: ReduceContext) -> None:
         check_unmasked(state, self.method)
-        guide = require_guide(ctx, state, self.method)
-        M = state.num_tokens - 1
-        kk = F.keep_count(self.keep, M)
-        if kk >= M:
-            return state.record(ctx.layer, self.method)
-        a = text_relevant_scores(layer, k, guide, key_bias(state, k.dtype))
-        x, size, source, kind = text_relevant_select(state.x, state.size, state.source, a, self.keep)
-        return state.replace(x=x, size=size, source=source).record(ctx.layer, self.method, kind)
+        require_guide(ctx, state, self.method)
+
+    def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
+        a = text_relevant_scores(slot.project_query, slot.keys, ctx.guide, outside_query_bias(state, slot.keys.dtype))
+        return text_relevant_plan(a, k)
 
 
-@register("trips")
-def build_trips(cfg: ReduceConfig, model: nn.Module) -> None:
+@register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
+def build_trips(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
-    check_options("trips", cfg.options, {})
-    _, layers_ = slot_group(model, "trips", ("vision", "joint"))
-    L = len(layers_)
-    layers = cfg.layers if cfg.layers is not None else default_layers("trips", DEFAULT_LAYERS, L)
-    check_layers(layers, L, "trips")
-    keeps = check_keeps(per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "trips"), layers, "trips")
+    slots, schedule = rate_schedule(cfg, model)
     tw, vw = model.cfg.text.width, model.cfg.vision.width
     if tw != vw:
         raise ValueError(
             f"trips scores the text [CLS] with the ViT's own query projection, so text and vision widths must "
             f"match; got text.width={tw}, vision.width={vw}"
         )
-    for l, kp in zip(layers, keeps):
-        layers_[l - 1].reducer = TripsReducer(kp)
+    for layer, keep in schedule:
+        slots[layer - 1].reducer = TripsReducer(keep)

@@ -2,7 +2,7 @@
 images, each fused with the statement, the two multimodal [CLS] concatenated, true / false).
 
 Each pair is encoded text-guided (the question / statement guides its image's tokens), the head sits on the
-multimodal [CLS] (``tasks.heads``). With a learned method (TiP, DynamicViT) the training loss adds the method's
+multimodal [CLS] (``models.heads``). With a learned method (TiP, DynamicViT) the training loss adds the method's
 losses, distilled from ``teacher`` (a run of the same task fine-tuned without pruning): KL of the head's softmax
 outputs (for VQA too, over the answer vocabulary), and for DynamicViT also the image-token features.
 
@@ -26,27 +26,25 @@ from ..data.datasets import NLVR2Dataset, VEDataset, VQADataset
 from ..data.formats import VE_LABELS, load_annotations, load_answer_list
 from ..reduce.state import TokenState
 from .base import StepContext, Task, register_task
-from .finetune import learned_method, load_teacher, method_losses, set_stage
-from .heads import add_task_head
+from ..reduce.registry import get_spec
+from .finetune import learned_method, learned_methods, load_teacher, method_losses, set_stage
+from ..models.heads import add_task_head, task_head
 from .metrics import accuracy, build_answer_vocab, normalize_answer, soft_targets, vqa_accuracy
 
 
 def encode_pairs(model, images: Tensor, ids: Tensor, mask: Tensor, generator=None, text: Optional[Tensor] = None):
     """Text-guided pairs -> (multimodal [CLS] (B, D), final image state (aux of every reduction), image tokens
-    after the image encoder (B, T, D)). ALBEF: the fused [CLS]; ViLT: the pooled [CLS]."""
-    if model.cfg.arch == "albef":
-        text = model.encode_text(ids, mask) if text is None else text
-        image = model.encode_image(images, text, mask, generator)
-        fused, fused_image = model.fuse(text, mask, image, generator)
-        return fused[:, 0], fused_image, image.x
-    out = model(images, ids, mask, generator=generator)
-    return out.pooled, out.image, out.image.x
+    after the image encoder (B, T, D)), through the interface both model families share (``encode_pair``)."""
+    enc = model.encode_pair(images, ids, mask, generator, text)
+    return enc.cls, enc.image, enc.encoder_tokens
 
 
 class ClassificationTask(Task):
     head = ""
     format = ""
     scenes_test = ""
+    text_field = "sentence"  # the entry field holding the text (VQA: "question")
+    dataset: type = VEDataset  # the Dataset class of the task's entries
 
     def __init__(self, teacher: Optional[str] = None, stage: Optional[int] = None, lam: Optional[float] = None,
                  distill: float = 1.0, sparsity: float = 1.0, contrast: float = 1.0, continuity: float = 1.0,
@@ -57,13 +55,19 @@ class ClassificationTask(Task):
                 raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         self.teacher_path, self.stage = teacher, stage
         self.lam = float(lam) if lam is not None else (0.0 if stage == 1 else 1.0)
-        self.tip_weights = {"distill": distill, "sparsity": sparsity, "contrast": contrast, "continuity": continuity}
-        self.dvit_weights = {"ratio_weight": ratio, "cls_weight": distill / 2, "token_weight": token_distill}
+        self.loss_weights = {"distill": distill, "sparsity": sparsity, "contrast": contrast, "continuity": continuity,
+                             "ratio": ratio, "token_distill": token_distill}
         self.teacher = None
 
     # -- data ------------------------------------------------------------------------------------------------
     def load(self, path) -> List[Dict[str, Any]]:
         return load_annotations(path, self.format)
+
+    def texts(self, entries):
+        return [e[self.text_field] for e in entries]
+
+    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
+        return self.dataset(entries, loader, skip_bad_images)
 
     def num_outputs(self, entries, out: Path) -> Optional[int]:
         return None
@@ -74,7 +78,7 @@ class ClassificationTask(Task):
         set_stage(model, self.stage)
         if self.teacher_path is not None:
             if learned_method(model) is None:
-                raise ValueError("--teacher is for the learned methods (tip, dynamicvit); the model has none")
+                raise ValueError(f"--teacher is for the learned methods ({', '.join(learned_methods())}); the model has none")
             self.teacher = load_teacher(self.teacher_path, device)
             if self.head not in self.teacher.task_heads:
                 raise ValueError(f"the teacher {self.teacher_path} has no {self.head!r} head (fine-tune it on {self.name} first)")
@@ -83,7 +87,7 @@ class ClassificationTask(Task):
     def forward(self, model, batch, generator=None) -> Tuple[Tensor, List[TokenState], List[Tensor]]:
         """(logits, image states, image-encoder tokens) of a batch."""
         cls, state, tokens = encode_pairs(model, batch["images"], batch["ids"], batch["mask"], generator)
-        return model.task_heads[self.head](cls), [state], [tokens]
+        return task_head(model, self.head)(cls), [state], [tokens]
 
     def task_loss(self, logits: Tensor, batch) -> Tensor:
         return F.cross_entropy(logits.float(), batch["label"])
@@ -97,10 +101,10 @@ class ClassificationTask(Task):
             with torch.no_grad():
                 t_logits, _, t_tokens = self.forward(self.teacher, batch)
         aux = [a for s in states for a in s.aux]
-        student = torch.cat([t[:, 1:] for t in tokens]) if name == "dynamicvit" and t_tokens is not None else None
+        distill_tokens = name is not None and get_spec(name).distill_tokens
+        student = torch.cat([t[:, 1:] for t in tokens]) if distill_tokens and t_tokens is not None else None
         teacher = torch.cat([t[:, 1:] for t in t_tokens]) if student is not None else None
-        weights = self.tip_weights if name == "tip" else self.dvit_weights
-        out = method_losses(model, loss, aux, logits, t_logits, student, teacher, self.lam, weights)
+        out = method_losses(model, loss, aux, logits, t_logits, student, teacher, self.lam, self.loss_weights)
         out[self.name] = loss.detach()
         return out
 
@@ -130,6 +134,8 @@ class ClassificationTask(Task):
 class VQATask(ClassificationTask):
     name = head = "vqa"
     format = "vqa"
+    text_field = "question"
+    dataset = VQADataset
     scenes_file, scenes_test = "vqa_train.json", "vqa_test.json"
 
     def __init__(self, answers: Optional[str] = None, max_answers: int = 3129, **kw):
@@ -137,11 +143,6 @@ class VQATask(ClassificationTask):
         self.answers_path, self.max_answers = answers, int(max_answers)
         self.vocab: Optional[Dict[str, int]] = None
 
-    def texts(self, entries):
-        return [e["question"] for e in entries]
-
-    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
-        return VQADataset(entries, loader, skip_bad_images)
 
     def num_outputs(self, entries, out: Path) -> int:
         saved = out / "answer_vocab.json"
@@ -199,13 +200,8 @@ class VQATask(ClassificationTask):
 class VETask(ClassificationTask):
     name = head = "ve"
     format = "ve"
+    dataset = VEDataset
     scenes_file, scenes_test = "ve_train.json", "ve_test.json"
-
-    def texts(self, entries):
-        return [e["sentence"] for e in entries]
-
-    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
-        return VEDataset(entries, loader, skip_bad_images)
 
     def label_of(self, e) -> int:
         return VE_LABELS.index(e["label"])
@@ -218,25 +214,20 @@ class VETask(ClassificationTask):
 class NLVR2Task(ClassificationTask):
     name = head = "nlvr2"
     format = "nlvr2"
+    dataset = NLVR2Dataset
     scenes_file, scenes_test = "nlvr2_train.json", "nlvr2_test.json"
-
-    def texts(self, entries):
-        return [e["sentence"] for e in entries]
-
-    def build_dataset(self, entries, loader, skip_bad_images: bool = False):
-        return NLVR2Dataset(entries, loader, skip_bad_images)
 
     def forward(self, model, batch, generator=None):
         """The statement guides and is fused with each image; the two [CLS] are concatenated (``heads``)."""
         ids, mask, pair = batch["ids"], batch["mask"], batch["images"]
-        text = model.encode_text(ids, mask) if model.cfg.arch == "albef" else None
+        text = model.shared_text(ids, mask)  # the statement is encoded once where the model allows it
         cls, states, tokens = [], [], []
         for j in range(2):
             c, s, t = encode_pairs(model, pair[:, j], ids, mask, generator, text)
             cls.append(c)
             states.append(s)
             tokens.append(t)
-        return model.task_heads["nlvr2"](torch.cat(cls, dim=-1)), states, tokens
+        return task_head(model, "nlvr2")(torch.cat(cls, dim=-1)), states, tokens
 
     def label_of(self, e) -> int:
         return int(e["label"] == "True")

@@ -17,36 +17,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from ..data.datasets import Collate
-
-
-def _counter():
-    """A FlopCounterMode that also counts SDPA attention on CPU (the bench helper's, when it is installed)."""
-    try:
-        from ..bench.flops import flop_counter_mode
-
-        return flop_counter_mode()
-    except ImportError:
-        from torch.utils import flop_counter
-
-        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-        extra = {}
-        if op is not None and op not in flop_counter.flop_registry:
-            extra[op] = lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)
-        return flop_counter.FlopCounterMode(display=False, custom_mapping=extra)
+from ..flopcount import flop_counter_mode
 
 
 def image_encoder_gflops(model, images: Tensor, ids: Tensor, mask: Tensor) -> float:
     """GFLOPs of encoding one example's image(s): images (1, 3, S, S) or an NLVR2 pair (1, 2, 3, S, S)."""
     imgs = images if images.dim() == 5 else images.unsqueeze(1)
-    albef = model.cfg.arch == "albef"
     with torch.inference_mode():
-        text = model.encode_text(ids, mask) if albef else None
-        with _counter() as fc:
+        text = model.shared_text(ids, mask)  # outside the count
+        with flop_counter_mode() as fc:
             for j in range(imgs.shape[1]):
-                if albef:
-                    model.encode_image(imgs[:, j], text, mask)
-                else:
-                    model(imgs[:, j], ids, mask)
+                model.image_pass(imgs[:, j], ids, mask, text)
     return fc.get_total_flops() / 1e9
 
 

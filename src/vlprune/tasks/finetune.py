@@ -5,7 +5,7 @@ Checkpoints are given as a run directory (``RUN/model/config.json``, ``RUN/token
 ``save_pretrained`` directory (``config.json`` + ``model.safetensors``; its tokenizer is found through the
 config's ``"tokenizer"`` entry, a ``tokenizer/`` folder inside it, or one beside it).
 
-TiP's stages (METHODS.md): stage 1 freezes the backbone and trains the pruners and the task head with lam = 0
+TiP's stages (the TiP paper): stage 1 freezes the backbone and trains the pruners and the task head with lam = 0
 (no continuity loss); stage 2 also trains the cross-modal layers (ViLT: the joint encoder, its final norm and
 pooler; ALBEF: the fusion encoder) with lam = 1. Without a stage everything trains with lam = 1.
 """
@@ -21,15 +21,16 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, from_dict
 from ..models.build import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_state_strict, read_config
+from ..objectives.methods import MethodLossInputs, method_loss
+from ..reduce.registry import get_spec, installed_spec, list_methods, owned_prefixes
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
-LEARNED = ("tip", "dynamicvit")
 
 
 def _new_part(key: str) -> bool:
     """Parameters a fine-tuning run may add to (or drop from) a pre-trained checkpoint."""
-    return ".reducer." in key or key.startswith(("laps.", "task_heads."))
+    return ".reducer." in key or key.startswith(owned_prefixes() + ("task_heads.",))
 
 
 def checkpoint_dir(path: PathLike) -> Path:
@@ -92,34 +93,35 @@ def load_teacher(path: PathLike, device: torch.device) -> nn.Module:
     return teacher
 
 
-def cross_modal(model: nn.Module) -> List[nn.Module]:
-    if model.cfg.arch == "vilt":
-        return [model.layers, model.norm, model.pooler]
-    return [model.fusion]
-
-
 def set_stage(model: nn.Module, stage: Optional[int]) -> None:
     """Freeze for TiP's stage 1 (reducers + task heads train) or stage 2 (also the cross-modal layers)."""
     if stage is None:
         return
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    rc = getattr(model, "method_config", None)
-    if rc is None or rc.name not in LEARNED:
-        raise ValueError(f"training stages need a learned method ({', '.join(LEARNED)}), got {rc.name if rc else 'none'}")
+    spec = installed_spec(model)
+    if spec is None or not spec.stages:
+        staged = [n for n in list_methods() if get_spec(n).stages]
+        raise ValueError(f"training stages need a learned method ({', '.join(staged)}), got {spec.name if spec else 'none'}")
     for p in model.parameters():
         p.requires_grad_(False)
     train: List[nn.Module] = list(model.reducers().values()) + [model.task_heads]
     if stage == 2:
-        train += cross_modal(model)
+        train += model.cross_modal_modules()
     for m in train:
         for name, p in m.named_parameters():
             p.requires_grad_(True)
 
 
+def learned_methods() -> List[str]:
+    """The registered methods that add losses to the fine-tuning tasks (``losses`` in their declaration)."""
+    return [n for n in list_methods() if get_spec(n).losses]
+
+
 def learned_method(model: nn.Module) -> Optional[str]:
-    rc = getattr(model, "method_config", None)
-    return rc.name if rc is not None and rc.name in LEARNED else None
+    """The name of the installed method when it adds losses to the fine-tuning tasks, else None."""
+    spec = installed_spec(model)
+    return spec.name if spec is not None and spec.losses else None
 
 
 def method_losses(
@@ -127,20 +129,15 @@ def method_losses(
     student_tokens: Optional[Tensor] = None, teacher_tokens: Optional[Tensor] = None, lam: float = 1.0,
     weights: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Tensor]:
-    """{"loss": total, parts...} of a training pass: the task loss plus TiP's or DynamicViT's losses (from the
-    AuxRecords ``aux`` of the pass); just the task loss for other methods."""
+    """{"loss": total, parts...} of a training pass: the task loss plus the installed learned method's losses
+    (``objectives.methods``, from the AuxRecords ``aux`` of the pass); just the task loss for other methods.
+    ``weights`` use the common names of ``objectives.methods`` (distill, sparsity, contrast, continuity, ratio,
+    token_distill)."""
     name = learned_method(model) if model.training else None
-    if name == "tip":
-        from ..objectives.tip import grid_side, tip_loss
-
-        res = tip_loss(task_loss, aux, grid_side(model.cfg.vision.num_patches), logits, teacher_logits, weights, lam)
-    elif name == "dynamicvit":
-        from ..objectives.dynamicvit import dynamicvit_loss
-
-        w = {"ratio_weight": 2.0, "cls_weight": 0.5, "token_weight": 0.5, **(weights or {})}
-        res = dynamicvit_loss(task_loss, aux, logits, teacher_logits, student_tokens, teacher_tokens, **w)
-    else:
+    if name is None:
         return {"loss": task_loss}
+    res = method_loss(name, MethodLossInputs(model, task_loss, aux, logits, teacher_logits, student_tokens,
+                                             teacher_tokens, lam, dict(weights or {})))
     out: Dict[str, Any] = {"loss": res["total"]}
     out.update({k: v.detach() for k, v in res.items() if k not in ("total", "task")})
     return out

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..reduce.state import KEPT
-from ..viz.overlay import patch_status, trace_records
+from ..reduce.trace import patch_status
 
 
 def object_patches(labels: np.ndarray, object_ids: Sequence[int], grid: int) -> np.ndarray:
@@ -82,7 +82,7 @@ def grounding_scores(
         ids, mask = tokenizer.encode([e["question"] for e in chunk], model.cfg.text.max_len)
         p = next(model.parameters())
         out = model(images.to(p.device), ids.to(p.device), mask.to(p.device), trace=True)
-        records = [r for r in trace_records(model, out) if r[0] in ("vision", "joint")]
+        records = [r for r in model.trace_records(out) if r[0] in ("vision", "joint")]
         for i, e in enumerate(chunk):
             labels = load_labels(root, masks[e["image"]], cfg.image_size)
             grid = cfg.grid

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.datasets import CaptionDataset
-from ..data.formats import load_annotations, read_json, validate
+from ..data.formats import load_annotations
 from ..objectives.itc import itc
 from ..objectives.itm import itm_loss, sample_negatives
 from ..objectives.mlm import mask_tokens, mlm_loss
@@ -129,8 +129,3 @@ class PretrainTask(Task):
         out["loss"] = total
         return out
 
-
-def pretrain_pairs_from(path) -> List[Dict[str, Any]]:
-    """Pre-training pairs from a retrieval-test file (one pair per caption), for held-out evaluation."""
-    data = validate(read_json(path), "retrieval_test", str(path))
-    return [{"image": e["image"], "caption": c} for e in data for c in e["caption"]]

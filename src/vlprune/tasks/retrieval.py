@@ -1,4 +1,4 @@
-"""Two-stage image-text retrieval evaluation (METHODS.md "Retrieval with text-guided methods", as ALBEF does).
+"""Two-stage image-text retrieval evaluation, as ALBEF does (``docs/methods.md``, "Retrieval with text-guided methods").
 
 Stage 1 (ITC): every image is encoded once *without text guidance* — unpruned when the installed method is
 text-guided, with the method itself when it needs no text — and every caption once; all pairs are scored by the
@@ -12,16 +12,13 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..reduce.registry import installed_spec
 from .metrics import retrieval_metrics
-
-# methods whose image tokens depend on the caption; everything else can encode an image without text
-TEXT_GUIDED = {"trips", "elip", "tip", "laps"}
-
 
 @contextlib.contextmanager
 def reducers_disabled(model: nn.Module) -> Iterator[None]:
@@ -39,8 +36,9 @@ def reducers_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def is_text_guided(model: nn.Module) -> bool:
-    rc = getattr(model, "method_config", None)
-    return rc is not None and rc.name in TEXT_GUIDED
+    """Whether the installed method's image tokens depend on the caption (it cannot run in the text-free stage)."""
+    spec = installed_spec(model)
+    return spec is not None and not spec.runs_in_text_free_stage
 
 
 @dataclass

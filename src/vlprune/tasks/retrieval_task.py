@@ -21,6 +21,7 @@ from torch import Tensor
 from ..data.formats import load_annotations
 from ..objectives.laps import laps_loss
 from ..reduce.laps import laps_similarity
+from ..reduce.registry import installed_spec
 from .base import StepContext, register_task
 from .metrics import retrieval_metrics
 from .pretrain import PretrainTask
@@ -28,7 +29,9 @@ from .retrieval import evaluate_retrieval
 
 
 def is_laps(model) -> bool:
-    return getattr(model, "laps", None) is not None
+    """Whether the installed method scores image-caption pairs itself (``scores_pairs``: LAPS's similarity)."""
+    spec = installed_spec(model)
+    return spec is not None and spec.scores_pairs
 
 
 @register_task("retrieval")

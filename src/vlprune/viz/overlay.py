@@ -1,93 +1,27 @@
 """Which patches a method keeps: the image with kept, fused/merged and dropped patches marked at every reduction.
 
-The input is the trace of a traced forward pass (``model(images, ids, mask, trace=True)``): one ``LayerTrace``
-per reduction, whose ``source`` (B, T, 1 + N) says which original patches each surviving token covers and whose
-``kind`` (B, T) says what the token is (CLS / KEPT / FUSED / MERGED, ``vlprune.reduce.state``).
-
-A patch's status after a reduction (``patch_status``):
-  kept    - a surviving token covers this patch alone;
-  fused   - it is inside a token that stands for several patches and was made by fusion (TRIPS, EViT, ELIP);
-  merged  - the same, made by merging (ToMe);
-  dropped - no surviving token covers it (or its token is masked out on a masked training path).
-A token covering several patches that an earlier reduction made, and that is kept again, keeps the label its
-patches had (a fused token that survives stays "fused").
+The patch statuses (kept / fused / merged / dropped) come from ``vlprune.reduce.trace.patch_status``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..reduce.state import FUSED, KEPT, MERGED, LayerTrace
-
-DROPPED = -1
-STATUS_NAMES = {KEPT: "kept", FUSED: "fused", MERGED: "merged", DROPPED: "dropped"}
-# RGBA tints drawn over the patches: dropped dark, fused blue, merged orange, kept untouched
-TINTS = {DROPPED: (0.0, 0.0, 0.0, 0.72), FUSED: (0.12, 0.35, 0.95, 0.5), MERGED: (1.0, 0.55, 0.0, 0.5)}
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One reduction: where it ran and each patch's status as a (grid, grid) int array (KEPT/FUSED/MERGED/DROPPED)."""
-
-    group: str
-    layer: int
-    method: str
-    tokens: int
-    status: np.ndarray
-    owner: Optional[np.ndarray] = None  # (grid, grid) index of the token covering each patch, -1 if dropped
-
-    @property
-    def title(self) -> str:
-        counts = {name: int((self.status == s).sum()) for s, name in STATUS_NAMES.items()}
-        parts = [f"{n} {counts[n]}" for n in ("kept", "fused", "merged", "dropped") if counts[n] or n == "kept"]
-        return f"{self.group} layer {self.layer} ({self.method}): {self.tokens} tokens\n" + ", ".join(parts)
+from ..reduce.state import FUSED, MERGED, LayerTrace
+from ..reduce.trace import DROPPED, STATUS_NAMES, Panel, patch_status  # noqa: F401  (re-exported)
 
 
 def trace_records(model: torch.nn.Module, output) -> List[Tuple[str, LayerTrace]]:
-    """(slot group, record) pairs of a traced forward pass of an ALBEF or ViLT model, in order."""
-    if model.cfg.arch == "albef":
-        vis = tuple(output.image.trace or ())
-        fus = tuple(output.fused_image.trace or ())[len(vis):]
-        return [("vision", r) for r in vis] + [("fusion", r) for r in fus]
-    return [("joint", r) for r in (output.image.trace or ())]
+    """(slot group, record) pairs of a traced forward pass: ``model.trace_records(output)``."""
+    return model.trace_records(output)
 
 
-def patch_status(records: Sequence[Tuple[str, LayerTrace]], sample: int = 0) -> List[Panel]:
-    """The status of every patch of one sample after each reduction (see the module docstring)."""
-    panels: List[Panel] = []
-    prev: Optional[np.ndarray] = None
-    for group, rec in records:
-        if rec.source is None or rec.kind is None:
-            raise ValueError(f"trace record of {group} layer {rec.layer} has no provenance; run with trace=True")
-        src = rec.source[sample, :, 1:].bool().cpu()  # (T, N)
-        kind = rec.kind[sample].cpu()  # (T,)
-        alive = torch.ones_like(kind, dtype=torch.bool) if rec.mask is None else rec.mask[sample].bool().cpu()
-        N = src.shape[1]
-        grid = int(round(N**0.5))
-        if grid * grid != N:
-            raise ValueError(f"{N} patches do not form a square grid")
-        src = src & alive[:, None]
-        single = src.sum(dim=1) == 1
-        covered = src.any(dim=0)
-        status = np.full(N, DROPPED, dtype=np.int64)
-        kept = (src & (single & (kind == KEPT))[:, None]).any(dim=0)
-        fused = (src & (kind == FUSED)[:, None]).any(dim=0)
-        merged = (src & (kind == MERGED)[:, None]).any(dim=0)
-        carried = covered & ~kept & ~fused & ~merged  # multi-patch tokens from an earlier reduction, kept again
-        c = carried.numpy()
-        status[c] = MERGED if prev is None else np.where(np.isin(prev[c], (FUSED, MERGED)), prev[c], MERGED)
-        status[merged.numpy()] = MERGED
-        status[fused.numpy()] = FUSED
-        status[kept.numpy()] = KEPT
-        prev = status
-        owner = torch.where(covered, src.float().argmax(dim=0), torch.full((N,), -1)).numpy()
-        panels.append(Panel(group, rec.layer, rec.method, rec.tokens, status.reshape(grid, grid), owner.reshape(grid, grid)))
-    return panels
+# RGBA tints drawn over the patches: dropped dark, fused blue, merged orange, kept untouched
+TINTS = {DROPPED: (0.0, 0.0, 0.0, 0.72), FUSED: (0.12, 0.35, 0.95, 0.5), MERGED: (1.0, 0.55, 0.0, 0.5)}
 
 
 def _image_array(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:

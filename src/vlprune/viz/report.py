@@ -85,7 +85,7 @@ def _place(path: Union[str, Path], out_dir: Path) -> str:
 
 def bench_columns(train: bool = False) -> List[Column]:
     """Columns for the rows of ``vlprune.bench.run_bench`` (inference, or ``train=True`` for ``--train`` rows)."""
-    from ..bench.runner import compact_tokens
+    from ..reduce.trace import compact_tokens
 
     cols: List[Column] = [("label", "method", ""), ("gflops_image", "GFLOPs image", ".2f"),
                           ("gflops_total", "GFLOPs total", ".2f"), ("gflops_select", "GFLOPs select", ".3f"),

@@ -1,6 +1,6 @@
 """Deliberately naive per-sample references for ToMe, DynamicViT/TiP inference selection and LAPS similarity.
 
-Explicit Python loops over samples and tokens; clarity over speed. Used only by tests/test_methods_b.py.
+Explicit Python loops over samples and tokens; clarity over speed. Used by tests/test_reduce_tome_tip_dynamicvit.py and tests/test_reduce_laps_and_learned_losses.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""TRIPS, ELIP, EViT, random and lowres against naive references and the invariants of TESTING.md."""
+"""TRIPS, ELIP, EViT and random against naive references, and the invariants of score-and-select methods: keep
+counts, provenance, fusion weights, permutation, batch independence, padding, missing guides, identity at keep 1,
+determinism, bad schedules, gradients and default layers."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from conftest import make_batch
-from reference import naive
+from reference import naive_select as naive
 
 import vlprune
 from vlprune import ReduceConfig as RC
@@ -17,6 +19,7 @@ from vlprune.reduce import functional as F
 from vlprune.reduce.elip import ElipReducer
 from vlprune.reduce.evit import EViTReducer
 from vlprune.reduce.state import CLS, FUSED, KEPT, ReduceContext, TokenState
+from vlprune.reduce.slots import SlotInput
 from vlprune.reduce.trips import TripsReducer, text_relevant_scores
 
 N = 16  # tiny: 32 / 8 = 4 x 4 patches
@@ -140,6 +143,11 @@ def test_provenance_and_sizes_add_up(name, batch):
     torch.testing.assert_close(img.size, img.source.sum(-1).to(img.size.dtype))
 
 
+def vit_slot(layer, q=None, k=None):
+    """The slot input a ViT layer hands its reducer (q, k None before the attention)."""
+    return SlotInput.pre_norm("vision", layer, q, k)
+
+
 def _layer_state(model, seed=0, T=1 + N):
     """A state after layer 1's attention residual, with that layer's q, k (for unit tests of reducers)."""
     g = torch.Generator().manual_seed(seed)
@@ -157,14 +165,14 @@ def test_fusion_weights_raw_for_trips_and_evit_renormalised_for_elip():
     ctx = ReduceContext(guide=guide, layer=1, encoder=model.vision, num_patches=N)
     kk = F.keep_count(0.5, N)
     cases = [
-        (TripsReducer(0.5), text_relevant_scores(layer, k, guide), "raw"),
+        (TripsReducer(0.5), text_relevant_scores(vit_slot(layer).project_query, k, guide), "raw"),
         (EViTReducer(0.5), F.head_mean_attention(q[:, :, :1], k)[:, 0, 1:], "raw"),
         (ElipReducer(0.5, 1, 0.8, False),
          F.head_mean_attention(layer.attn.project_query(layer.ln1((0.8 * state.x[:, 0] + 0.2 * guide)[:, None])), k)[:, 0, 1:],
          "renorm"),
     ]
     for red, a, mode in cases:
-        out = red(state, q, k, layer, ctx)
+        out = red(state, vit_slot(layer, q, k), ctx)
         _, drop = F.topk_keep(a, kk)
         for b in range(2):
             w = a[b, drop[b]]
@@ -190,10 +198,10 @@ def test_permuting_candidates_permutes_the_kept_set(which):
     for inp in (x, xp):
         ctx = ReduceContext(guide=guide, layer=1, encoder=model.vision, num_patches=N)
         if red.where == "pre":
-            results.append(red(TokenState.start(inp, trace=True), None, None, layer, ctx))
+            results.append(red(TokenState.start(inp, trace=True), vit_slot(layer), ctx))
         else:
             a, q, k = layer.attn(layer.ln1(inp))
-            results.append(red(TokenState.start(inp + a, trace=True), q, k, layer, ctx))
+            results.append(red(TokenState.start(inp + a, trace=True), vit_slot(layer, q, k), ctx))
     base, permuted = results
     for b in range(2):
         kept = set(torch.nonzero(base.source[b, 1:-1, 1:])[:, 1].tolist())
@@ -241,8 +249,9 @@ def test_padding_leaves_text_guided_selection_unchanged(name, tiny_cfg):
     torch.testing.assert_close(a.image.x, b.image.x, atol=1e-5, rtol=0)
     # the scores themselves, with each guide
     layer, _, _, k, _ = _layer_state(model)
-    torch.testing.assert_close(text_relevant_scores(layer, k[:1].expand(3, -1, -1, -1), a.text[:, 0]),
-                               text_relevant_scores(layer, k[:1].expand(3, -1, -1, -1), b.text[:, 0]), atol=1e-6, rtol=0)
+    proj = vit_slot(layer).project_query
+    torch.testing.assert_close(text_relevant_scores(proj, k[:1].expand(3, -1, -1, -1), a.text[:, 0]),
+                               text_relevant_scores(proj, k[:1].expand(3, -1, -1, -1), b.text[:, 0]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["trips", "elip", "elip-nola"])
@@ -359,7 +368,7 @@ def test_vilt_trips_s_runs_with_the_multimodal_guide(tiny_vilt_cfg):
     assert [t.tokens for t in out.image.trace] == [1 + 8 + 1, 1 + 5 + 1]
     assert torch.isfinite(out.itm_logits).all()
     seen = []
-    h = model.layers[1].reducer.register_forward_pre_hook(lambda m, args: seen.append(args[4].guide))
+    h = model.layers[1].reducer.register_forward_pre_hook(lambda m, args: seen.append(args[2].guide))
     model(images, ids, mask)
     h.remove()
     assert seen[0].shape == (3, 32)
@@ -383,7 +392,7 @@ def test_scores_use_the_states_attention_bias():
     outs = []
     for red in (EViTReducer(0.5), TripsReducer(0.5)):
         h = red.register_forward_hook(lambda m, a, o: outs.append(o))
-        red(state, q, k, layer, ctx)
+        red(state, vit_slot(layer, q, k), ctx)
         h.remove()
     evit_row = full_attention_map(q[:, :, :1], k, bias)[:, :, 0, 1:].mean(1)
     qt = layer.attn.project_query(layer.ln1(guide[:, None]))

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 import vlprune
 from vlprune.data.tokenizer import TextTokenizer
-from vlprune.objectives.dist import wrap_ddp
+from vlprune.distributed import wrap_ddp
 from vlprune.tasks.base import StepContext, StepModule
 from vlprune.tasks.pretrain import PretrainTask
 

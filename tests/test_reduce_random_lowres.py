@@ -1,5 +1,5 @@
-"""EViT's keep-rate warm-up, random's seeding and fusion, lowres, and low precision for the methods of
-methods-a (the reference parity and invariants are in test_methods_a.py)."""
+"""Random's seeding and fusion, lowres, and low precision of TRIPS, ELIP, EViT, random and lowres (their reference
+parity and invariants are in test_reduce_trips_elip_evit.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from conftest import make_batch
 
 import vlprune
 from vlprune import ReduceConfig as RC
-from vlprune.reduce.evit import keep_rate_at, set_keep_rate
 
 N = 16
 
@@ -30,26 +29,6 @@ def test_random_prefix_of_a_batch_chooses_as_the_smaller_batch(batch):
     for a, b in zip(big.image.trace, small.image.trace):
         assert torch.equal(a.source[:2], b.source)
     assert not all(torch.equal(a.source, b.source) for a, b in zip(big.image.trace, other.image.trace))
-
-
-def test_evit_keep_rate_warmup():
-    assert keep_rate_at(0, 10, 0.7) == 1.0
-    assert keep_rate_at(10, 10, 0.7) == 0.7 and keep_rate_at(25, 10, 0.7) == 0.7
-    assert abs(keep_rate_at(5, 10, 0.7) - 0.85) < 1e-12
-    vals = [keep_rate_at(t, 10, 0.5) for t in range(11)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))
-    for bad in ((-1, 10, 0.7), (1, 0, 0.7), (1, 10, 0.0), (float("nan"), 10, 0.7)):
-        with pytest.raises(ValueError):
-            keep_rate_at(*bad)
-    model = model_with(RC("evit", layers=(2, 3), keep=(0.5, 0.25)))
-    assert set_keep_rate(model, step=0, total=4) == {"vision.2": 1.0, "vision.3": 1.0}
-    images, ids, mask = make_batch(model.cfg)
-    assert model(images, ids, mask, trace=True).image.trace[0].tokens == 1 + N
-    rates = set_keep_rate(model, step=4, total=4)
-    assert rates == {"vision.2": 0.5, "vision.3": 0.25}
-    assert model(images, ids, mask, trace=True).image.trace[0].tokens == 1 + 8 + 1
-    set_keep_rate(model, keep=0.75)
-    assert model(images, ids, mask, trace=True).image.trace[0].tokens == 1 + 12 + 1
 
 
 def test_random_fuse_is_the_mean_and_seeds_differ(batch):

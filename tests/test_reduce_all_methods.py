@@ -1,6 +1,6 @@
-"""Generic invariants of every registered method (TESTING.md), on the working configuration of each in
-tests/method_cases.py: the no-op setting is the unpruned model, token counts and provenance add up, batch
-independence, eval determinism and the save/load round trip."""
+"""Generic invariants of every registered method, on the working configuration of each in tests/method_cases.py:
+the configured method really reduces, the no-op setting is the unpruned model, token counts and provenance add
+up, batch independence, eval determinism and the save/load round trip. A registered method without a case fails."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ METHODS = vlprune.list_methods()
 
 def _case(name: str, check: str) -> dict:
     if name not in CASES:
-        pytest.skip(f"method {name!r} has no entry in tests/method_cases.py CASES (add one with its module)")
+        pytest.fail(f"method {name!r} has no entry in tests/method_cases.py CASES (add one with its module)")
     case = CASES[name]
     if check in case.get("skip", {}):
         pytest.skip(f"{name}: {case['skip'][check]}")
@@ -30,13 +30,25 @@ def _build(name: str, noop: bool = False, method: bool = True, seed: int = 0):
     return vlprune.build_model(cfg, method=reduce_config(name, noop) if method else None).eval(), cfg
 
 
-def _outputs(model, batch, generator=None, trace=False) -> dict:
+def _outputs(model, batch, generator=None, trace=False, name=None) -> dict:
+    """The model's outputs, plus those of a method working outside the encoders (the case's ``outputs``)."""
     images, ids, mask = batch
     with torch.no_grad():
         out = model(images, ids, mask, generator=generator, trace=trace)
+        extra = CASES[name]["outputs"](model, batch, out) if name and "outputs" in CASES[name] else {}
     if hasattr(out, "fused"):
-        return {"image": out.image.x, "fused": out.fused, "itm": out.itm_logits, "_state": out.image}
-    return {"image": out.image.x, "text": out.text, "pooled": out.pooled, "itm": out.itm_logits, "_state": out.image}
+        res = {"image": out.image.x, "fused": out.fused, "itm": out.itm_logits, "_state": out.fused_image}
+    else:
+        res = {"image": out.image.x, "text": out.text, "pooled": out.pooled, "itm": out.itm_logits, "_state": out.image}
+    return {**res, **extra}
+
+
+def _final_tokens(model, batch) -> int:
+    """Image tokens after the encoders and the fusion / joint layers (eval mode)."""
+    images, ids, mask = batch
+    with torch.no_grad():
+        out = model(images, ids, mask)
+    return getattr(out, "fused_image", out.image).num_tokens
 
 
 def _assert_equal(a: dict, b: dict, rows=None) -> None:
@@ -50,6 +62,16 @@ def _assert_equal(a: dict, b: dict, rows=None) -> None:
 def test_cases_name_registered_methods():
     unknown = sorted(set(CASES) - set(METHODS))
     assert not unknown, f"CASES has entries for unregistered methods {unknown}"
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "none"])
+def test_configured_method_reduces_tokens(name):
+    case = _case(name, "reduces")
+    model, cfg = _build(name)
+    batch = make_batch(cfg)
+    before = 1 + cfg.vision.num_patches
+    after = case.get("tokens", _final_tokens)(model, batch)
+    assert after < before, f"{name} configured as {reduce_config(name)} kept all {before} tokens"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -87,11 +109,11 @@ def test_batch_independence(name):
     _case(name, "batch")
     model, cfg = _build(name)
     batch = make_batch(cfg)
-    a = _outputs(model, batch, generator=torch.Generator().manual_seed(3))
+    a = _outputs(model, batch, generator=torch.Generator().manual_seed(3), name=name)
     images, ids, mask = batch
     images = images.clone()
     images[2] = torch.randn_like(images[2])
-    b = _outputs(model, (images, ids, mask), generator=torch.Generator().manual_seed(3))
+    b = _outputs(model, (images, ids, mask), generator=torch.Generator().manual_seed(3), name=name)
     _assert_equal(a, b, rows=slice(0, 2))
 
 
@@ -100,7 +122,7 @@ def test_eval_is_deterministic(name):
     _case(name, "determinism")
     model, cfg = _build(name)
     batch = make_batch(cfg)
-    _assert_equal(_outputs(model, batch), _outputs(model, batch))
+    _assert_equal(_outputs(model, batch, name=name), _outputs(model, batch, name=name))
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -111,4 +133,4 @@ def test_save_load_round_trip(name, tmp_path):
     vlprune.save_pretrained(model, tmp_path / "ckpt")
     loaded = vlprune.load_pretrained(tmp_path / "ckpt").eval()
     assert loaded.method_config == model.method_config
-    _assert_equal(_outputs(model, batch), _outputs(loaded, batch))
+    _assert_equal(_outputs(model, batch, name=name), _outputs(loaded, batch, name=name))

@@ -15,7 +15,7 @@ from torch import nn
 
 import vlprune
 from conftest import make_batch
-from reference import naive_b
+from reference import naive_merge_learned as naive_b
 from vlprune import ReduceConfig as RC
 from vlprune.objectives import dynamicvit as dvl
 from vlprune.objectives import laps as lapl
@@ -135,8 +135,8 @@ class NaiveToMe(Reducer):
         super().__init__()
         self.r = r
 
-    def forward(self, state, q, k, layer, ctx):
-        metric = k.mean(1)
+    def forward(self, state, slot, ctx):
+        metric = slot.keys.mean(1)
         outs = [naive_b.tome_merge_one(state.x[b], state.size[b], state.source[b], metric[b], self.r)
                 for b in range(state.x.shape[0])]
         x, size, src = (torch.stack(t) for t in zip(*outs))
@@ -190,7 +190,7 @@ class Forced(Reducer):
         super().__init__()
         self.where, self.idx = where, idx
 
-    def forward(self, state, q, k, layer, ctx):
+    def forward(self, state, slot, ctx):
         i = torch.tensor([[0] + [j + 1 for j in self.idx]])
         return state.replace(x=Fn.gather_tokens(state.x, i), size=Fn.gather_tokens(state.size, i))
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vlprune
 from conftest import make_batch
-from reference import naive_b
+from reference import naive_merge_learned as naive_b
 from vlprune import ReduceConfig as RC
 from vlprune.objectives import dynamicvit as dvl
 from vlprune.objectives import laps as lapl
@@ -185,17 +185,19 @@ def test_tip_aux_records_and_positions(tiny_cfg, batch):
 
 
 def test_tip_training_stages(tiny_cfg):
-    from vlprune.reduce.tip import training_stage
+    from vlprune.models.heads import add_task_head
+    from vlprune.tasks.finetune import set_stage
 
     m = vlprune.build_model(tiny_cfg, method=RC("tip", layers=(1, 2)))
-    assert training_stage(m, 1) == 0.0
+    add_task_head(m, "ve")
+    set_stage(m, 1)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable and all(".reducer." in n or n.startswith("itm_head.") for n in trainable)
-    assert training_stage(m, 2) == 1.0
+    assert trainable and all(".reducer." in n or n.startswith("task_heads.") for n in trainable)
+    set_stage(m, 2)
     trainable2 = {n for n, p in m.named_parameters() if p.requires_grad}
     assert "fusion.layers.0.cross.q.weight" in trainable2 and not any(n.startswith("vision.") for n in trainable2)
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
-        training_stage(m, 3)
+        set_stage(m, 3)
 
 
 from hypothesis import given, settings  # noqa: E402

@@ -1,0 +1,93 @@
+"""torch.distributed helpers that are no-ops in a single process.
+
+``gather_with_grad`` all-gathers rows from every rank *with* gradient: the backward all-reduces (sums) the
+gradient of the gathered tensor and returns this rank's slice, so that each rank's features receive the
+gradient of every rank's loss. With DDP averaging parameter gradients over ranks, a loss that averages over the
+local rows then gives exactly the gradient of the loss over the concatenated global batch. Ranks may hold
+different numbers of rows (e.g. after skipped bad images): rows are padded to the largest count and trimmed.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def _sizes(n: int, device) -> List[int]:
+    t = torch.tensor([n], device=device, dtype=torch.long)
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return [int(s) for s in out]
+
+
+def _gather(x: Tensor) -> Tuple[Tensor, List[int]]:
+    sizes = _sizes(x.shape[0], x.device)
+    top = max(sizes)
+    pad = x if x.shape[0] == top else torch.cat([x, x.new_zeros((top - x.shape[0],) + x.shape[1:])])
+    out = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(out, pad.contiguous())
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]), sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        full, sizes = _gather(x)
+        ctx.sizes = sizes
+        return full
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: rank()])
+        return grad[start : start + ctx.sizes[rank()]]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """(n_r, ...) on each rank -> (sum n_r, ...) in rank order, differentiable; identity in one process."""
+    return _GatherWithGrad.apply(x) if world_size() > 1 else x
+
+
+@torch.no_grad()
+def gather(x: Tensor) -> Tensor:
+    """All-gather without gradient (momentum features, ids for the queues); identity in one process."""
+    return _gather(x)[0] if world_size() > 1 else x
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel without per-forward buffer broadcasts: the ITC queues are filled identically on
+    every rank from gathered features, so rank 0 need not overwrite them (``forward_sync_buffers`` in new torch,
+    ``broadcast_buffers`` before). Unused parameters are allowed (a zero loss weight, a method's idle parts)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+        else {"broadcast_buffers": False}
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, find_unused_parameters=True, **kw)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean over ranks of a (detached) tensor, for logging."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / world_size()

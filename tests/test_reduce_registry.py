@@ -1,0 +1,82 @@
+"""Method declarations: options with types and ranges, traits read by the tasks, the order of list_methods()."""
+
+import pytest
+
+import vlprune
+from vlprune import ReduceConfig as RC
+from vlprune.objectives import methods as method_objectives
+from vlprune.reduce import registry
+from vlprune.reduce.registry import MethodSpec, Option, get_spec
+from vlprune.tasks.finetune import learned_method, learned_methods
+from vlprune.tasks.retrieval import is_text_guided
+
+
+def test_builtin_order_and_none_first():
+    names = vlprune.list_methods()
+    assert names[0] == "none"
+    assert names[:5] == ["none", "trips", "elip", "tip", "laps"]
+
+
+@pytest.mark.parametrize("option,value,match", [
+    (Option(0.5, "float", lo=0.0, hi=1.0), 1.5, r"x: o must be in \[0, 1\], got 1.5"),
+    (Option(0.5, "float", lo=0.0, hi=1.0), float("nan"), "must be in"),
+    (Option(True, "bool"), 1, "must be True or False, got 1"),
+    (Option(1, "int", lo=1), 0, "must be an integer >= 1, got 0"),
+    (Option(1, "int", lo=1), True, "must be an integer >= 1, got True"),
+    (Option(1.0, "positive"), 0.0, "must be a number > 0"),
+    (Option("a", "choice", choices=("a", "b")), "c", r"must be one of \['a', 'b'\], got 'c'"),
+])
+def test_option_checks_name_value_and_range(option, value, match):
+    with pytest.raises(ValueError, match=match):
+        option.check("x", "o", value)
+
+
+def test_options_are_checked_before_the_builder_runs(tiny_cfg):
+    with pytest.raises(ValueError, match=r"laps: beta must be in \[0, 1\], got 2"):
+        vlprune.build_model(tiny_cfg, method=RC("laps", options={"beta": 2}))
+    with pytest.raises(ValueError, match=r"tip: tau must be a number > 0, got -1"):
+        vlprune.build_model(tiny_cfg, method=RC("tip", options={"tau": -1}))
+    with pytest.raises(ValueError, match="random: seed must be an integer >= 0"):
+        vlprune.build_model(tiny_cfg, method=RC("random", options={"seed": -3}))
+
+
+def test_every_method_with_losses_has_them_registered():
+    names = learned_methods()
+    assert set(names) == {"tip", "dynamicvit"}
+    assert {n for n in vlprune.list_methods() if get_spec(n).learned} == {"tip", "laps", "dynamicvit"}
+    from vlprune.objectives import dynamicvit, tip  # noqa: F401  (they register their losses)
+
+    missing = [n for n in names if n not in method_objectives._LOSSES]
+    assert not missing, f"methods declaring losses without a registered loss: {missing}"
+
+
+def test_tasks_read_traits_not_names(tiny_cfg, monkeypatch):
+    """A new method is text-guided / learned for the tasks because it says so, not because of its name."""
+    def build(cfg, model, opts):
+        pass
+
+    spec = MethodSpec("mine", build, groups=("vision",), text_guided=True, learned=True, losses=("ratio",))
+    monkeypatch.setitem(registry._REGISTRY, "mine", spec)
+    model = vlprune.build_model(tiny_cfg, method="mine")
+    assert is_text_guided(model) and learned_method(model) == "mine"
+    assert "mine" in vlprune.list_methods() and vlprune.list_methods()[-1] == "mine"
+    vlprune.attach(model, None)
+    assert not is_text_guided(model) and learned_method(model) is None
+
+
+def test_clear_removes_what_a_method_added(tiny_cfg):
+    model = vlprune.build_model(tiny_cfg, method="laps")
+    assert hasattr(model, "laps")
+    vlprune.attach(model, RC("lowres", options={"image_size": 16}))
+    assert not hasattr(model, "laps") and model.vision.embeddings.input_size == 16
+    vlprune.attach(model, None)
+    assert model.vision.embeddings.input_size is None
+
+
+def test_none_with_settings_raises_everywhere(tiny_cfg):
+    import pytest as _pytest
+
+    model = vlprune.build_model(tiny_cfg)
+    with _pytest.raises(ValueError, match="takes no layers, keep or options"):
+        vlprune.attach(model, RC("none", layers=(2,)))
+    assert vlprune.attach(model, RC("none")).method_config is None
