@@ -39,7 +39,10 @@ def test_sentences_say_when_the_comparison_is_uninformative():
     tests = [{"a": "none", "b": "blind", "setup": "fine-tuned", "keep": None, **compare(good, blind, 500)},
              {"a": "trips", "b": "evit", "setup": "at inference", "keep": min(prof.sweep), **compare(trips, evit, 500)},
              {"a": "trips", "b": "random", "setup": "at inference", "keep": min(prof.sweep), **compare(trips, trips, 500)}]
-    said, clear = sentences(prof, _rows(75.0, 30.0), tests)
+    rows = _rows(75.0, 30.0) + [{"method": "chance", "setup": "uniform over 9 answers", "r_mean": 10.0}]
+    rows[0]["r_mean"] = 35.0
+    said, clear = sentences(prof, rows, tests)
+    assert "Retrieval (unpruned): r_mean 35.0 against 10.0 for a random ranking (3.5x chance)." in said[1]
     assert clear and "the model uses the image" in said[1] and said[0].startswith("Smoke run")
     assert "TRIPS (60.0%) is 15.0 points above EViT (45.0%" in said[2] and "McNemar p < 0.001" in said[2]
     assert "TRIPS (60.0%) is not significantly different from random (60.0%)" in said[3]

@@ -27,9 +27,8 @@ LAYERS: List[Set[str]] = [
     {"__init__", "__main__"},
 ]
 
-# Edges against the order that live in files being rewritten for the demo (issue 10): the demo still runs the CLI
-# in-process, and the report imports ``compact_tokens`` through ``bench.runner`` (it now lives in
-# ``reduce.trace``). Remove an entry once its import is gone; add nothing else here.
+# Edges against the order that are known and accepted (none since the demo calls the Python API and the report
+# imports ``compact_tokens`` from ``reduce.trace``). Add nothing here without a reason.
 KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = set()
 
 

@@ -11,8 +11,10 @@ def add_parser(sub) -> None:
         help="generate scenes data, fine-tune VQA and retrieval, sweep every method's accuracy against cost, "
         "and write a report (continues an existing run)",
         description="Runs the demo's stages one at a time; each is kept under OUT/<stage>/ once finished, so running "
-        "the same command again continues where it stopped. Profiles: the default (its budget: 20 minutes on 2 idle CPU cores), "
-        "--quick (a smoke run, meaningless accuracies) and --full (longer, several seeds).",
+        "the same command again continues where it stopped. Profiles: the default (its budget: 20 minutes on 2 idle "
+        "CPU cores), --quick (a smoke run, meaningless accuracies) and --full (longer, several seeds). --threads: "
+        "torch threads for every stage (default here: the cores available); --quiet: no progress bars or stage "
+        "messages.",
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); an existing demo "
                    "directory is continued")
@@ -20,7 +22,8 @@ def add_parser(sub) -> None:
     size.add_argument("--quick", action="store_true", help="the smoke-run profile (under 2 minutes; for the tests)")
     size.add_argument("--full", action="store_true", help="the long profile (more data and steps, 3 seeds)")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first and start over")
-    # --threads (default here: the cores available) and --quiet (no bars, no stage messages) are global flags
+    # --threads (default here: the cores available) and --quiet (no progress bars, no stage messages) are the
+    # global flags every command takes (vlprune.cli)
     p.set_defaults(run=run)
 
 

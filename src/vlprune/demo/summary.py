@@ -135,6 +135,10 @@ def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]],
     else:
         out = [head + ": the unpruned model is not clearly above the blind baseline, so the comparisons between "
                       "methods below are uninformative."]
+    chance = by.get(("chance", next((k[1] for k in by if k[0] == "chance"), "")), {}).get("r_mean")
+    if u.get("r_mean") is not None and chance:
+        out[0] += (f" Retrieval (unpruned): r_mean {u['r_mean']:.1f} against {chance:.1f} for a random ranking "
+                   f"({u['r_mean'] / chance:.1f}x chance).")
     low = min(prof.sweep)
     pick = [t for t in tests[1:] if t["setup"] == "at inference" and t["keep"] == low]
     pick += [t for t in tests[1:] if t["setup"] == "fine-tuned with it" and t["b"] == "evit"]
