@@ -325,3 +325,12 @@ def test_time_interleaved_rotates_and_sets_up_each_call():
     assert runs[:3] == ["a", "b", "c"]  # warm-up
     assert runs[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating rounds
     assert all(log[i - 1] == ("setup", n) for i, (kind, n) in enumerate(log) if kind == "run")  # setup before each
+
+
+def test_a_lowres_row_does_not_shrink_the_next_methods_images():
+    from vlprune.bench.runner import BenchSettings, run_bench
+
+    rcs = [vlprune.ReduceConfig("lowres", options={"image_size": 16}), vlprune.ReduceConfig("tome", options={"r": 3})]
+    rows = run_bench(BenchSettings(model="tiny", flops_only=True), rcs)
+    tokens = {r["method"]: r["tokens_per_layer"] for r in rows}
+    assert tokens["lowres"]["vision"][0] == 1 + 4 and tokens["tome"]["vision"][0] == 1 + 16 - 3
