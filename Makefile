@@ -22,7 +22,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(VENV)/bin/vlprune demo --out runs/demo --overwrite
+	$(VENV)/bin/vlprune demo --out runs/demo
 
 bench: $(STAMP)
 	$(VENV)/bin/vlprune bench --model albef-base --method none --method trips --method elip --method evit --method tome --image-size 384 --text-len 40

@@ -327,10 +327,14 @@ def test_time_interleaved_rotates_and_sets_up_each_call():
     assert all(log[i - 1] == ("setup", n) for i, (kind, n) in enumerate(log) if kind == "run")  # setup before each
 
 
-def test_a_lowres_row_does_not_shrink_the_next_methods_images():
+def test_bench_lowres_before_another_method_leaves_the_input_size(tmp_path):
+    """Validating a lowres config must not leave the smaller input size behind for the next method."""
     from vlprune.bench.runner import BenchSettings, run_bench
+    from vlprune.reduce.registry import ReduceConfig
 
-    rcs = [vlprune.ReduceConfig("lowres", options={"image_size": 16}), vlprune.ReduceConfig("tome", options={"r": 3})]
-    rows = run_bench(BenchSettings(model="tiny", flops_only=True), rcs)
-    tokens = {r["method"]: r["tokens_per_layer"] for r in rows}
-    assert tokens["lowres"]["vision"][0] == 1 + 4 and tokens["tome"]["vision"][0] == 1 + 16 - 3
+    s = BenchSettings(model="tiny", text_len=6, batch_size=2, repeats=1, flops_only=True)
+    rows = run_bench(s, [ReduceConfig("lowres", options={"image_size": 16}), ReduceConfig("tome", layers=(2,), options={"r": 6})])
+    by = {r["method"]: r for r in rows}
+    assert by["tome"]["image_size"] == by["none"]["image_size"]
+    assert by["lowres"]["gflops_image"] < by["tome"]["gflops_image"] < by["none"]["gflops_image"]
+    assert by["lowres"]["tokens_per_layer"]["vision"][0] == 1 + 4 and by["tome"]["tokens_per_layer"]["vision"][0] == 1 + 16

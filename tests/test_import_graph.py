@@ -27,10 +27,8 @@ LAYERS: List[Set[str]] = [
     {"__init__", "__main__"},
 ]
 
-# Edges against the order that live in files being rewritten for the demo (issue 10): the demo ran the CLI
-# in-process, and the report imports ``compact_tokens`` through ``bench.runner`` (it now lives in
-# ``reduce.trace``). Remove an entry once its import is gone; add nothing else here.
-KNOWN_EXCEPTIONS = {("demo", "cli"), ("viz.report", "bench.runner")}
+# Edges allowed against the order: none. Keep it so.
+KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

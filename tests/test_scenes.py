@@ -142,3 +142,24 @@ def test_cli_writes_scenes_and_rejects_bad_args(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["data", "scenes", "--out", str(tmp_path / "t"), "--images", "1"]) == 2
     assert "images must be" in capsys.readouterr().err
+
+
+def test_question_types_and_object_scale(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(a, images=16, seed=3, question_types=("colour", "shape"))
+    generate(b, images=16, seed=3, object_scale=1.5)
+    vqa = json.loads((a / "vqa_train.json").read_text())
+    assert vqa and {q["type"] for q in vqa} == {"colour", "shape"}
+    objs = _objects(a)
+    for q in vqa:  # still true by construction
+        assert answer(q, objs[q["image"]]["objects"]) == q["answer"][0], q
+    area = {}
+    for root in (a, b):  # larger objects cover more pixels (same seeds, same first object kinds)
+        meta = json.loads((root / "scenes.json").read_text())["scenes"]
+        area[root] = sum((o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1])
+                         for s in meta for o in s["objects"]) / sum(len(s["objects"]) for s in meta)
+    assert area[b] > 1.5 * area[a]
+    with pytest.raises(ValueError, match="question_types"):
+        generate(tmp_path / "c", images=8, question_types=("colour", "size"))
+    with pytest.raises(ValueError, match="object_scale"):
+        generate(tmp_path / "c", images=8, object_scale=5.0)

@@ -30,8 +30,9 @@ from torch import nn
 
 from ..config import load_preset, override
 from ..models.build import attach, build_model, load_pretrained
-from ..reduce.registry import ReduceConfig, get_spec, install
-from ..reduce.trace import compact_tokens  # noqa: F401  (re-exported: viz.report imports it from here)
+from ..reduce.registry import ReduceConfig, get_spec
+from ..reduce.trace import compact_tokens
+
 from .flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from .memory import measure_peak, tensor_bytes
 from .throughput import find_max_batch, fits_budget, median_time, time_interleaved
@@ -270,8 +271,8 @@ def run_bench(
     methods = _with_baseline(methods)
     progress(f"building {s.checkpoint or s.model}" + (f" at {s.image_size}px" if s.image_size else ""))
     model = build_bench_model(s)
-    for rc in methods:
-        install(rc, model)  # validates layers / keep / options against this model ("none" too)
+    for rc in methods:  # validates layers / keep / options against this model ("none" too); attach records the
+        attach(model, rc)  # config, so that clear_reducers also undoes what a method set outside the slots (lowres)
         model.clear_reducers()
     rows = []
     fwd = _Forward(model, s)
@@ -344,4 +345,4 @@ def format_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BenchSettings", "run_bench", "format_table", "compact_tokens", "add_speedups", "build_bench_model", "make_inputs"]
+__all__ = ["BenchSettings", "run_bench", "format_table", "add_speedups", "build_bench_model", "make_inputs"]

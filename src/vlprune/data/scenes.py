@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .formats import write_json
-from .scenes_text import answers_of, captions, nlvr2_statements, questions, ve_statements
+from .scenes_text import QUESTION_TYPES, answers_of, captions, nlvr2_statements, questions, ve_statements
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,16 @@ def _pick_objects(rng: np.random.Generator, n: int) -> List[Tuple[str, str, str]
     return [picked[i] for i in order]
 
 
-def render_scene(rng: np.random.Generator, S: int, min_objects: int, max_objects: int):
-    """One scene: pixels (S, S, 3) uint8, labels (S, S) uint8 (object id k, 0 = background), objects, texture."""
+def render_scene(rng: np.random.Generator, S: int, min_objects: int, max_objects: int, object_scale: float = 1.0):
+    """One scene: pixels (S, S, 3) uint8, labels (S, S) uint8 (object id k, 0 = background), objects, texture.
+    ``object_scale`` multiplies the object radii of ``SIZES``."""
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float64) + 0.5
     img, texture = _background(rng, S, xx, yy)
     labels = np.zeros((S, S), dtype=np.uint8)
     objects: List[Dict[str, Any]] = []
     placed: List[Tuple[float, float, float]] = []
     for shape, colour, size in _pick_objects(rng, int(rng.integers(min_objects, max_objects + 1))):
-        r = SIZES[size] * S
+        r = SIZES[size] * object_scale * S
         for _ in range(60):  # rejection sampling of a free position
             cx, cy = rng.uniform(r + 1, S - r - 1, size=2)
             if all((cx - px) ** 2 + (cy - py) ** 2 > (r + pr + 2) ** 2 for px, py, pr in placed):
@@ -129,7 +130,8 @@ def render_scene(rng: np.random.Generator, S: int, min_objects: int, max_objects
     return np.clip(img, 0, 255).round().astype(np.uint8), labels, objects, texture
 
 
-def _check_args(images: int, image_size: int, min_objects: int, max_objects: int, test_fraction: float) -> None:
+def _check_args(images: int, image_size: int, min_objects: int, max_objects: int, test_fraction: float,
+                object_scale: float = 1.0, question_types=None) -> None:
     if isinstance(images, bool) or not isinstance(images, int) or images < 4:
         raise ValueError(f"images must be an integer >= 4 (train and test splits of >= 2), got {images!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 32 <= image_size <= 1024:
@@ -138,6 +140,12 @@ def _check_args(images: int, image_size: int, min_objects: int, max_objects: int
         raise ValueError(f"need 2 <= min_objects <= max_objects <= 8, got {min_objects!r}, {max_objects!r}")
     if not (isinstance(test_fraction, float) and 0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    if isinstance(object_scale, bool) or not isinstance(object_scale, (int, float)) or not 0.5 <= object_scale <= 2.0:
+        raise ValueError(f"object_scale must be a number in [0.5, 2], got {object_scale!r}")
+    if question_types is not None:
+        bad = [t for t in question_types if t not in QUESTION_TYPES]
+        if bad or not question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {list(QUESTION_TYPES)}, got {question_types!r}")
 
 
 def generate(
@@ -149,9 +157,14 @@ def generate(
     max_objects: int = 6,
     test_fraction: float = 0.1,
     questions_per_image: int = 4,
+    object_scale: float = 1.0,
+    question_types: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
-    """Write the scenes dataset to ``out`` (created; existing files are overwritten). Returns a summary."""
-    _check_args(images, image_size, min_objects, max_objects, test_fraction)
+    """Write the scenes dataset to ``out`` (created; existing files are overwritten). Returns a summary.
+
+    ``object_scale`` scales every object's radius; ``question_types`` (default: all of ``QUESTION_TYPES``) limits
+    the VQA questions to those kinds (e.g. ``("colour", "shape")``: questions about one named object)."""
+    _check_args(images, image_size, min_objects, max_objects, test_fraction, object_scale, question_types)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -162,7 +175,7 @@ def generate(
     scenes = []
     for i in range(images):
         rng = np.random.default_rng([seed, i])
-        pixels, labels, objects, texture = render_scene(rng, image_size, min_objects, max_objects)
+        pixels, labels, objects, texture = render_scene(rng, image_size, min_objects, max_objects, object_scale)
         name = f"{i:06d}.png"
         Image.fromarray(pixels, mode="RGB").save(out / "images" / name, compress_level=1)
         Image.fromarray(labels, mode="L").save(out / "masks" / name, compress_level=1)
@@ -170,7 +183,8 @@ def generate(
     write_json(out / "scenes.json", {"seed": seed, "image_size": image_size, "scenes": scenes})
     files: Dict[str, List] = {}
     for part, idx in split.items():
-        files.update(_annotations(part, [scenes[i] for i in idx], list(idx), seed, questions_per_image, image_size))
+        files.update(_annotations(part, [scenes[i] for i in idx], list(idx), seed, questions_per_image, image_size,
+                                  question_types))
     files["answer_list"] = answers_of(files["vqa_train"] + files["vqa_test"])
     for name, data in files.items():
         write_json(out / f"{name}.json", data)
@@ -180,7 +194,8 @@ def generate(
     return summary
 
 
-def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: int, S: int) -> Dict[str, List]:
+def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: int, S: int,
+                 kinds: Optional[Sequence[str]] = None) -> Dict[str, List]:
     """The annotation files of one split; text randomness is seeded per image (and per pair) as well."""
     pre, ret_train, ret_test, vqa, nlvr, ve = [], [], [], [], [], []
     for sc, i in zip(scenes, ids):
@@ -191,7 +206,7 @@ def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: 
             ret_train += [{"image": sc["image"], "caption": c, "image_id": i} for c in caps]
         else:
             ret_test.append({"image": sc["image"], "caption": caps})
-        for k, q in enumerate(questions(rng, sc, n_q)):
+        for k, q in enumerate(questions(rng, sc, n_q, kinds)):
             vqa.append({"question_id": i * 100 + k, "image": sc["image"], **q})
         ve += [{"image": sc["image"], **s} for s in ve_statements(rng, sc)]
     n = len(scenes)

@@ -17,6 +17,7 @@ MATERIALS = ("wood", "metal", "glass", "paper", "plastic")
 PROPERTIES = ("heavy", "warm", "new", "expensive", "old", "wet")
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+QUESTION_TYPES = ("colour", "shape", "exists", "count", "left")
 Obj = Dict[str, Any]
 
 
@@ -89,8 +90,10 @@ def captions(rng: np.random.Generator, scene: Dict[str, Any], S: int, n: int = 2
 
 
 # -- VQA ---------------------------------------------------------------------------------------------------------
-def questions(rng: np.random.Generator, scene: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
-    """Up to ``n`` questions of different types about specific objects: {question, answer: [a], type, objects}."""
+def questions(rng: np.random.Generator, scene: Dict[str, Any], n: int,
+              kinds: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Up to ``n`` questions of different types (``kinds``, default all of ``QUESTION_TYPES``) about specific
+    objects: {question, answer: [a], type, objects}."""
     objs = scene["objects"]
 
     def colour():
@@ -139,7 +142,7 @@ def questions(rng: np.random.Generator, scene: Dict[str, Any], n: int) -> List[D
         return f"which is further left, the {phrase(a)} or the {phrase(b)}?", answer, [a["id"], b["id"]]
 
     makers = {"colour": colour, "shape": shape, "exists": exists, "count": count, "left": left}
-    names = list(makers)
+    names = [k for k in makers if kinds is None or k in kinds]
     out, seen = [], set()
     for k in range(3 * len(names)):
         if len(out) == n:

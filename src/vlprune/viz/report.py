@@ -85,7 +85,7 @@ def _place(path: Union[str, Path], out_dir: Path) -> str:
 
 def bench_columns(train: bool = False) -> List[Column]:
     """Columns for the rows of ``vlprune.bench.run_bench`` (inference, or ``train=True`` for ``--train`` rows)."""
-    from ..bench.runner import compact_tokens
+    from ..reduce.trace import compact_tokens
 
     cols: List[Column] = [("label", "method", ""), ("gflops_image", "GFLOPs image", ".2f"),
                           ("gflops_total", "GFLOPs total", ".2f"), ("gflops_select", "GFLOPs select", ".3f"),
@@ -101,7 +101,54 @@ def bench_columns(train: bool = False) -> List[Column]:
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}figure{margin:1.5em 0}"
-        "img{max-width:100%}figcaption{color:#555;font-size:0.9em}")
+        "img{max-width:100%}figcaption,.cap{color:#555;font-size:0.9em}")
+
+
+@dataclass(frozen=True)
+class Table:
+    rows: Sequence[Dict]
+    columns: Optional[Sequence[Column]] = None
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of a report: a heading, then paragraphs, bullet points, tables and figures, in that order."""
+
+    heading: str
+    text: Sequence[str] = ()
+    bullets: Sequence[str] = ()
+    tables: Sequence[Table] = ()
+    figures: Sequence[Figure] = ()
+
+
+def write_sections(out_dir: Union[str, Path], title: str, sections: Sequence[Section]) -> Tuple[Path, Path]:
+    """Write ``out_dir/report.md`` and ``out_dir/report.html`` made of ``sections``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    e = html.escape
+    md, body = [f"# {title}", ""], [f"<h1>{e(title)}</h1>"]
+    for s in sections:
+        md += [f"## {s.heading}", ""]
+        body.append(f"<h2>{e(s.heading)}</h2>")
+        for t in s.text:
+            md += [t, ""]
+            body.append(f"<p>{e(t)}</p>")
+        if s.bullets:
+            md += [f"- {b}" for b in s.bullets] + [""]
+            body.append("<ul>" + "".join(f"<li>{e(b)}</li>" for b in s.bullets) + "</ul>")
+        for t in s.tables:
+            md += [markdown_table(t.rows, t.columns), ""] + ([f"*{t.caption}*", ""] if t.caption else [])
+            body.append(html_table(t.rows, t.columns) + (f"<p class=\"cap\">{e(t.caption)}</p>" if t.caption else ""))
+        for f in s.figures:
+            rel = _place(f.path, out)
+            md += [f"![{f.caption}]({rel})", "", f"*{f.caption}*" if f.caption else "", ""]
+            body.append(f'<figure><img src="{e(rel)}" alt="{e(f.caption)}"><figcaption>{e(f.caption)}</figcaption></figure>')
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text("\n".join(md))
+    html_path.write_text(f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+                         f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    return md_path, html_path
 
 
 def write_report(
@@ -147,4 +194,4 @@ def write_report(
     return md_path, html_path
 
 
-__all__ = ["Figure", "write_report", "bench_columns", "markdown_table", "html_table", "format_cell"]
+__all__ = ["Figure", "Table", "Section", "write_sections", "write_report", "bench_columns", "markdown_table", "html_table", "format_cell"]

@@ -1,0 +1,277 @@
+"""``run_demo``: the stages of the demo in order, each cached under ``OUT/<stage>/`` (see ``stages``).
+
+data -> [pretrain] -> vqa-none, vqa-<method> (fine-tuned with each method at the main keep), vqa-blind,
+retrieval-none -> eval-vqa-* (the unpruned model with every method at every sweep keep, each fine-tuned run,
+the blind run; grounding with each), eval-ret-* -> bench -> overlays -> report (always rewritten).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from .profiles import METHODS, Profile, get_profile, label, model_config, point, validate
+from .stages import Stages
+
+log = logging.getLogger(__name__)
+MARKER = "demo.json"
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _prepare_out(out: Path, overwrite: bool, say: Callable[[str], None]) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory")
+    if overwrite and out.exists():
+        say(f"--overwrite: deleting {out} and everything in it")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file() and (out / "report.md").is_file():
+            raise FileExistsError(f"{out} holds the output of an older vlprune demo (no {MARKER}); pass --overwrite "
+                                  "to replace it, or choose another --out")
+        if not (out / MARKER).is_file():
+            raise FileExistsError(f"{out} exists, is not empty and holds no demo run ({MARKER}); choose another "
+                                  "--out or pass --overwrite to replace it")
+        say(f"continuing the demo in {out}: finished stages with the same settings are kept (--overwrite starts over)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class _Plan:
+    """The names and settings of the stages, shared by the runner and the report."""
+
+    def __init__(self, out: Path, prof: Profile):
+        self.out, self.prof = out, prof
+        self.data = out / "data"
+        self.model_json = out / "model.json"
+        self.cfg = model_config(prof)
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.out)
+
+    def vqa_runs(self) -> List[tuple]:
+        """(stage name, row, seed) of every VQA fine-tune."""
+        rows = ["none"] + list(self.prof.tuned) + ["blind"]
+        out = []
+        for i, seed in enumerate(self.prof.seeds):
+            for r in rows:
+                if i == 0 or r in self.prof.seed_rows:
+                    out.append((f"vqa-{r}" + ("" if i == 0 else f"-s{seed}"), r, seed))
+        return out
+
+    def sweep_points(self) -> List[tuple]:
+        return [(m, f) for m in list(METHODS) + ["lowres"] for f in self.prof.sweep]
+
+    def weights(self) -> Dict[str, float]:
+        """Every stage's rough cost, in training samples (measured ratios on CPU: an evaluated question costs
+        about 0.35 of a trained sample, a grounding question 0.7, an ITM re-ranking pair 0.4, a benchmarked pair
+        0.8), so that the overall progress bar's ETA means something."""
+        p, sc = self.prof, self.prof.scenes
+        test_images = max(2, round(sc.images * sc.test_fraction))
+        questions = test_images * sc.questions_per_image
+        ground = 0.7 * (p.grounding_questions or questions)
+        ret_images = min(p.retrieval_images or test_images, test_images)
+        w: Dict[str, float] = {"data": 0.07 * sc.images, "baselines": 1.0, "overlays": 10.0,
+                               "retrieval-none": float(p.retrieval.steps * p.retrieval.batch_size),
+                               "bench": 0.8 * (len(self.sweep_points()) + 1) * (p.bench_repeats + 1) * (p.bench_batch + 1)}
+        if p.pretrain.steps:
+            first = float(p.pretrain.steps * p.pretrain.batch_size)
+            seeds = p.seeds if p.pretrain_task == "vqa" else p.seeds[:1]
+            for i, seed in enumerate(seeds):
+                tail = "" if i == 0 else f"-s{seed}"
+                w["pretrain" + tail] = first
+                if p.pretrain_task == "vqa" and (i == 0 or "blind" in p.seed_rows):
+                    w["pretrain-blind" + tail] = first
+        for name, row, _ in self.vqa_runs():
+            w[name] = float(p.vqa.steps * p.vqa.batch_size)
+            if name != "vqa-none":
+                w[f"eval-{name}"] = 0.35 * questions + (ground if row not in ("none", "blind") else 0.0)
+        w["eval-vqa-none"] = 0.35 * questions + ground
+        for m, f in self.sweep_points():
+            w[f"eval-vqa-{m}-{label(f)}"] = 0.35 * questions + (ground if p.grounding_sweep or f == p.main_keep else 0)
+        for m in ("none",) + tuple(p.retrieval_methods):
+            w[f"eval-ret-{m}"] = 0.4 * p.retrieval_k * 3 * ret_images  # image and caption queries (2 captions each)
+        return w
+
+
+def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", overwrite: bool = False,
+             threads: Optional[int] = None, quiet: bool = False, say: Optional[Callable[[str], None]] = None) -> Path:
+    """Run (or continue) the demo in ``out``; returns the path of ``report.md``. ``say`` receives one line per
+    stage event (default: logging at INFO); ``threads``: torch threads (default: the available cores)."""
+    import torch
+
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    say = say or log.info
+    threads = threads or available_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+    validate(prof)
+    out = Path(out)
+    _prepare_out(out, overwrite, say)
+    t_start = time.perf_counter()
+    plan = _Plan(out, prof)
+    (out / MARKER).write_text(json.dumps({"profile": prof.name}))
+    from ..config import to_dict
+
+    plan.model_json.write_text(json.dumps(to_dict(plan.cfg), indent=2))
+    say(f"profile {prof.name}, {threads} torch thread(s), output {out}")
+    st = Stages(out, plan.weights(), say, quiet)
+    finished = False
+    try:
+        results = _run_stages(st, plan, not quiet)
+        finished = True
+    finally:
+        st.close(finished)
+    from .report import write_demo_report
+
+    return write_demo_report(plan, results, st, threads, time.perf_counter() - t_start)
+
+
+def _train_settings(plan: _Plan, cfg, after: List[str]) -> Dict[str, Any]:
+    from ..config import to_dict
+
+    d = {k: (v.replace(str(plan.out), "OUT") if isinstance(v, str) else v) for k, v in to_dict(cfg).items()}
+    return {"train": d, "model": plan.prof.model, "after": after}
+
+
+def _train_cfg(plan: _Plan, task: str, recipe, seed: int, train_file: str, method=None, init: Optional[Path] = None,
+               options: Optional[Dict[str, Any]] = None):
+    from ..train import TrainConfig
+
+    return TrainConfig(task=task, train=str(plan.data / train_file), images=str(plan.data),
+                       model=str(plan.model_json), init=None if init is None else str(init),
+                       method=None if method is None else method.to_dict(), steps=recipe.steps,
+                       batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=seed,
+                       log_every=max(1, recipe.steps // 20), ckpt_every=plan.prof.ckpt_every,
+                       task_options={**recipe.options, **(options or {})})
+
+
+def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
+    from . import steps
+
+    prof, data = plan.prof, plan.data
+    size = plan.cfg.vision.image_size
+    res: Dict[str, Any] = {"vqa": {}, "retrieval": {}, "train": {}}
+    res["data"] = st.run("data", {"scenes": asdict(prof.scenes), "image_size": size},
+                         lambda d: steps.make_data(data, prof.scenes, size), keep_dir=True)
+    answers = {"answers": str(data / "answer_list.json")}
+    firsts: Dict[tuple, Path] = {}
+
+    def first_stage(seed: int, blind: bool) -> Optional[Path]:
+        """The first stage's run for ``seed`` (None without one); with a VQA first stage the blind row has its own."""
+        if prof.pretrain.steps == 0:
+            return None
+        vqa_first = prof.pretrain_task == "vqa"
+        blind = blind and vqa_first
+        key = (seed if vqa_first else prof.seeds[0], blind)
+        if key not in firsts:
+            name = "pretrain" + ("-blind" if blind else "") + ("" if key[0] == prof.seeds[0] else f"-s{key[0]}")
+            if vqa_first:
+                train_file = "vqa_train_blind.json" if blind else "vqa_train.json"
+                cfg = _train_cfg(plan, "vqa", prof.pretrain, key[0], train_file, options=answers)
+            else:
+                cfg = _train_cfg(plan, "pretrain", prof.pretrain, key[0], "pretrain.json")
+            res["train"][name] = st.run(name, _train_settings(plan, cfg, [st.keys["data"]]),
+                                        lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
+            firsts[key] = plan.out / name
+        return firsts[key]
+
+    def after(init: Optional[Path]) -> List[str]:
+        return [st.keys["data"]] + ([st.keys[init.name]] if init is not None else [])
+
+    for name, row, seed in plan.vqa_runs():
+        method = None if row in ("none", "blind") else point(prof, row, prof.main_keep, plan.cfg)
+        train_file = "vqa_train_blind.json" if row == "blind" else "vqa_train.json"
+        init = first_stage(seed, row == "blind")
+        cfg = _train_cfg(plan, "vqa", prof.vqa, seed, train_file, method, init, answers)
+        res["train"][name] = st.run(name, _train_settings(plan, cfg, after(init)),
+                                    lambda d, c=cfg: steps.train_run(d, c, progress), keep_dir=True)
+    init = first_stage(prof.seeds[0], False)
+    up = after(init)
+    cfg = _train_cfg(plan, "retrieval", prof.retrieval, prof.seeds[0], "retrieval_train.json", None, init)
+    res["train"]["retrieval-none"] = st.run("retrieval-none", _train_settings(plan, cfg, up),
+                                            lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
+    res["baselines"] = st.run("baselines", {"after": [st.keys["data"]], "retrieval_images": prof.retrieval_images},
+                              lambda d: {**steps.vqa_baselines(data),
+                                         "retrieval_chance": steps.retrieval_chance(data, prof.retrieval_images)})
+    _vqa_evals(st, plan, res, progress)
+    _retrieval_evals(st, plan, res, progress)
+    configs = [point(prof, m, f, plan.cfg) for m, f in plan.sweep_points()]
+    rows = st.run("bench", {"configs": [c.to_dict() for c in configs], "batch": prof.bench_batch,
+                            "repeats": prof.bench_repeats, "text_len": prof.bench_text_len, "model": prof.model},
+                  lambda d: {"rows": steps.bench(plan.model_json, configs, prof, progress)})["rows"]
+    res["bench"] = {"none": rows[0], **{f"{m}-{label(f)}": r for (m, f), r in zip(plan.sweep_points(), rows[1:])}}
+    # overlays: TRIPS and EViT fine-tuned with the method, else applied at inference to the unpruned model
+    runs = {m: (f"vqa-{m}", "saved") if m in prof.tuned else ("vqa-none", point(prof, m, prof.main_keep, plan.cfg))
+            for m in ("trips", "evit")}
+    res["overlays"] = st.run(
+        "overlays", {"after": [st.keys[r] for r, _ in runs.values()],
+                     "methods": {m: str(rc) for m, (_, rc) in runs.items()}},
+        lambda d: {"figures": [[plan.rel(Path(f.path)), f.caption] for f in steps.overlays(
+            {m: (plan.out / r, rc) for m, (r, rc) in runs.items()}, data, d)]})
+    return res
+
+
+def _eval_stage(st: Stages, plan: _Plan, name: str, run: str, method, test_file: str, f: Optional[float],
+                ground: bool, progress: bool) -> Dict[str, Any]:
+    from . import steps
+
+    prof, m = plan.prof, method  # m: "saved", None or a ReduceConfig
+    settings = {"run": st.keys[run], "method": m if isinstance(m, str) or m is None else m.to_dict(),
+                "test": test_file, "grounding": prof.grounding_questions if ground else None,
+                "batch": prof.eval_batch}
+
+    def go(d: Path) -> Dict[str, Any]:
+        r = steps.eval_vqa(plan.out / run, m, plan.data, test_file, prof.eval_batch, progress)
+        (d / "predictions.json").write_text(json.dumps(r.pop("predictions")))
+        if ground:
+            r["grounding"] = steps.grounding(plan.out / run, m, plan.data, prof.grounding_questions, prof.eval_batch,
+                                             progress)
+        return r
+
+    return {**st.run(name, settings, go), "keep": f, "run": run}
+
+
+def _vqa_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> None:
+    prof = plan.prof
+    ev = res["vqa"]
+    ev["none"] = {**_eval_stage(st, plan, "eval-vqa-none", "vqa-none", None, "vqa_test.json", 1.0, True, progress),
+                  "method": "none", "setup": "fine-tuned unpruned"}
+    for m, f in plan.sweep_points():
+        ground = prof.grounding_sweep or f == prof.main_keep
+        key = f"{m}-{label(f)}"
+        ev[key] = {**_eval_stage(st, plan, f"eval-vqa-{key}", "vqa-none", point(prof, m, f, plan.cfg), "vqa_test.json",
+                                 f, ground, progress), "method": m, "setup": "at inference"}
+    for name, row, seed in plan.vqa_runs():
+        if row == "none" and seed == prof.seeds[0]:
+            continue
+        blind = row == "blind"
+        test = "vqa_test_blind.json" if blind else "vqa_test.json"
+        f = None if row in ("none", "blind") else prof.main_keep
+        r = _eval_stage(st, plan, f"eval-{name}", name, "saved", test, f, not blind and row != "none", progress)
+        ev[name] = {**r, "method": row, "seed": seed, "setup": "blind" if blind else "fine-tuned with it"}
+
+
+def _retrieval_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> None:
+    from . import steps
+
+    prof = plan.prof
+    for m in ["none"] + list(prof.retrieval_methods):
+        rc = point(prof, m, prof.main_keep, plan.cfg)
+        settings = {"run": st.keys["retrieval-none"], "method": None if rc is None else rc.to_dict(),
+                    "k": prof.retrieval_k, "batch": prof.eval_batch, "images": prof.retrieval_images}
+        r = st.run(f"eval-ret-{m}", settings, lambda d, rc=rc: steps.eval_retrieval(
+            plan.out / "retrieval-none", rc, plan.data, prof.retrieval_k, prof.eval_batch, progress,
+            prof.retrieval_images))
+        res["retrieval"][m] = {**r, "keep": None if rc is None else prof.main_keep}
+
+
+__all__ = ["run_demo", "available_cores", "MARKER"]

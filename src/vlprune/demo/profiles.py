@@ -1,0 +1,252 @@
+"""The demo's recipes: every number the demo uses lives here, in one frozen ``Profile`` per size.
+
+    quick    a smoke run for the tests (tiny model and data, a few steps): its accuracies mean nothing
+    default  ``vlprune demo`` / ``make demo``: must fit 20 minutes on 2 idle CPU cores
+    full     ``vlprune demo --full``: longer, several seeds for the headline rows
+
+To change the recipe, edit ``QUICK``, ``DEFAULT`` or ``FULL`` below (or build a ``Profile`` with
+``dataclasses.replace`` and pass it to ``run_demo``). A stage whose settings change is redone on the next run;
+the others are kept.
+
+Operating points: a *keep* ``f`` is the share of image tokens left after the image encoder (about: a fused token
+and rounding add one or two). ``point(profile, method, f)`` turns it into a method config on the profile's model:
+TRIPS, EViT and random keep ``f ** (1 / len(layers))`` at each of their layers; ToMe merges, at the same layers,
+as many tokens as TRIPS removes there (the same token counts); ELIP scales its block ratios so that the last
+one is ``f``; lowres shrinks the image to the patch multiple nearest ``sqrt(f)`` of the side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+# the methods compared in the sweeps and fine-tuned with reduction (lowres: a sweep of its own, at inference)
+METHODS = ("trips", "evit", "tome", "random", "elip")
+
+
+@dataclass(frozen=True)
+class Scenes:
+    """``vlprune.data.scenes.generate`` settings."""
+
+    images: int
+    image_size: int
+    min_objects: int = 3
+    max_objects: int = 6
+    questions_per_image: int = 4
+    test_fraction: float = 0.1
+    seed: int = 0
+    object_scale: float = 1.0
+    question_types: Optional[Tuple[str, ...]] = None  # None = every kind the generator has
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training stage: steps (0 = skip the stage), peak lr, batch, and the task's options (loss weights)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+    warmup: int = -1  # -1 = 5% of the steps
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"recipe steps must be an integer >= 0, got {self.steps!r}")
+        if not self.lr > 0 or self.batch_size < 1:
+            raise ValueError(f"recipe needs lr > 0 and batch_size >= 1, got lr={self.lr}, batch_size={self.batch_size}")
+        object.__setattr__(self, "options", dict(self.options))
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    scenes: Scenes
+    model: Mapping[str, Any]  # overrides of the `small` preset (dotted keys); written to OUT/model.json
+    pretrain: Recipe  # steps 0: no pre-training, the fine-tunes start from scratch
+    vqa: Recipe
+    retrieval: Recipe
+    schedules: Mapping[str, Mapping[str, Any]]  # per method: {"layers": (...)} (ELIP also "keep": base ratios)
+    sweep: Tuple[float, ...] = (0.9, 0.7, 0.5, 0.35, 0.25)  # keeps at inference, light to aggressive
+    main_keep: float = 0.5  # the operating point of the main table and of the fine-tuned-with-method runs
+    tuned: Tuple[str, ...] = METHODS  # the methods also fine-tuned with reduction (each one more VQA training run)
+    seeds: Tuple[int, ...] = (0,)  # the first seed trains everything; the others only the rows in seed_rows
+    seed_rows: Tuple[str, ...] = ("none", "blind")
+    retrieval_k: int = 16  # ITM re-ranking candidates (the evaluation's cost grows with k x (images + captions))
+    retrieval_images: int = 0  # evaluate retrieval on the first N test images (0 = all)
+    retrieval_methods: Tuple[str, ...] = METHODS  # applied at inference to the retrieval model (besides none)
+    eval_batch: int = 64
+    bench_batch: int = 32
+    bench_repeats: int = 3
+    bench_text_len: int = 12
+    grounding_questions: int = 0  # 0 = every test question with objects
+    grounding_sweep: bool = True  # grounding at every sweep point (else the main keep only)
+    n_boot: int = 2000
+    ckpt_every: int = 100
+    smoke: bool = False  # the report says the accuracies are meaningless
+    # the first stage's task: "pretrain" (ITC + ITM + MLM on captions) or "vqa" (the unpruned model learns VQA from
+    # scratch; the blind row then gets a first stage of its own on the constant image, so that it never sees one)
+    pretrain_task: str = "pretrain"
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.sweep + (self.main_keep,) if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"profile {self.name}: keeps must be in (0, 1], got {bad}")
+        if self.main_keep not in self.sweep:
+            raise ValueError(f"profile {self.name}: main_keep {self.main_keep} must be one of the sweep {self.sweep}")
+        missing = [m for m in METHODS if m not in self.schedules]
+        if missing:
+            raise ValueError(f"profile {self.name}: no schedule for {missing}")
+        unknown = [m for m in self.tuned + self.retrieval_methods + tuple(r for r in self.seed_rows if r not in ("none", "blind"))
+                   if m not in METHODS]
+        if unknown:
+            raise ValueError(f"profile {self.name}: unknown method(s) {unknown} in tuned / retrieval_methods / seed_rows; valid: {list(METHODS)}")
+        missing_rows = [r for r in self.seed_rows if r not in ("none", "blind") + tuple(self.tuned)]
+        if missing_rows:
+            raise ValueError(f"profile {self.name}: seed_rows {missing_rows} are not fine-tuned (not in tuned)")
+        if not self.seeds:
+            raise ValueError(f"profile {self.name}: needs at least one seed")
+        if self.pretrain_task not in ("pretrain", "vqa"):
+            raise ValueError(f"profile {self.name}: pretrain_task must be 'pretrain' or 'vqa', got {self.pretrain_task!r}")
+        object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "schedules", {k: dict(v) for k, v in self.schedules.items()})
+
+
+# The demo's model: the `small` preset at 96 px with 8 px patches (144 patches, so that an aggressive keep rate can
+# lose the asked-about object), width 128 and 4 ViT layers: about 3x cheaper per pair than `small`, and it learned
+# the demo's questions as fast as a 6-layer one (README, "How the VQA recipe was found").
+SCENES_MODEL = {"vision.image_size": 96, "vision.patch_size": 8, "vision.width": 128, "vision.mlp_dim": 512,
+                "vision.layers": 4, "text.width": 128, "text.mlp_dim": 512, "embed_dim": 128}
+# its schedules: TRIPS / EViT / random / ToMe reduce at layers 2 and 3 of 4, ELIP's blocks start at 2 and 3
+SCENES_SCHEDULES = {
+    "trips": {"layers": (2, 3)}, "evit": {"layers": (2, 3)}, "random": {"layers": (2, 3)},
+    "tome": {"layers": (2, 3)}, "elip": {"layers": (2, 3), "keep": (0.7, 0.5)},
+}
+# the questions: "what colour is the triangle?" / "... the small square?": the answer is one named object's colour,
+# so the image is needed (blind = the colour prior) and so is the right object's patches
+COLOUR_SCENES = Scenes(images=6000, image_size=96, min_objects=3, max_objects=6, questions_per_image=4,
+                       question_types=("colour",))
+
+QUICK = Profile(
+    name="quick",
+    scenes=Scenes(images=60, image_size=32, min_objects=3, max_objects=4, questions_per_image=3, test_fraction=0.2),
+    model={"vision.image_size": 32, "vision.patch_size": 4, "vision.width": 32, "vision.layers": 4, "vision.heads": 2,
+           "vision.mlp_dim": 64, "text.width": 32, "text.layers": 1, "text.heads": 2, "text.mlp_dim": 64,
+           "text.vocab_size": 300, "fusion_layers": 1, "embed_dim": 32},
+    pretrain=Recipe(steps=4, lr=1e-3, batch_size=8),
+    pretrain_task="vqa",
+    vqa=Recipe(steps=6, lr=3e-4, batch_size=8),
+    retrieval=Recipe(steps=4, lr=3e-4, batch_size=8),
+    schedules={"trips": {"layers": (2, 3)}, "evit": {"layers": (2, 3)}, "random": {"layers": (2, 3)},
+               "tome": {"layers": (2, 3)}, "elip": {"layers": (2, 3), "keep": (0.7, 0.5)}},
+    sweep=(0.9, 0.5, 0.35, 0.25),
+    retrieval_k=4, eval_batch=32, bench_batch=4, bench_repeats=1, bench_text_len=8,
+    grounding_questions=24, n_boot=500, ckpt_every=1000, smoke=True,
+)
+
+# Stage 1 trains the unpruned model on VQA from scratch (the blind row: on the constant image); stage 2 fine-tunes
+# it briefly without and with each method (the same steps, data order and seed). Measured: 20 minutes or less on
+# 2 idle CPU cores in all (README).
+DEFAULT = Profile(
+    name="default",
+    scenes=COLOUR_SCENES,
+    model=SCENES_MODEL,
+    pretrain=Recipe(steps=500, lr=1e-3, batch_size=32),
+    pretrain_task="vqa",
+    vqa=Recipe(steps=60, lr=2e-4, batch_size=32),
+    retrieval=Recipe(steps=120, lr=1e-3, batch_size=32),
+    schedules=SCENES_SCHEDULES,
+    main_keep=0.35,
+    retrieval_k=4, retrieval_images=100, grounding_questions=300,
+)
+
+FULL = Profile(
+    name="full",
+    scenes=Scenes(images=10000, image_size=96, min_objects=3, max_objects=6, questions_per_image=4,
+                  question_types=("colour",)),
+    model=SCENES_MODEL,
+    pretrain=Recipe(steps=1000, lr=1e-3, batch_size=32),
+    pretrain_task="vqa",
+    vqa=Recipe(steps=150, lr=2e-4, batch_size=32),
+    retrieval=Recipe(steps=300, lr=1e-3, batch_size=32),
+    schedules=SCENES_SCHEDULES,
+    main_keep=0.35,
+    seeds=(0, 1, 2),
+    seed_rows=("none", "blind", "trips", "evit"),
+    retrieval_k=8, retrieval_images=200, grounding_questions=600,
+    bench_repeats=5,
+)
+
+PROFILES: Dict[str, Profile] = {p.name: p for p in (QUICK, DEFAULT, FULL)}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown demo profile {name!r}; valid profiles: {list(PROFILES)}")
+    return PROFILES[name]
+
+
+def model_config(profile: Profile):
+    """The profile's ModelConfig: the `small` preset with the profile's overrides."""
+    from ..config import load_preset, override
+
+    return override(load_preset("small"), **profile.model)
+
+
+def _trips_counts(n: int, keep: float, layers: int) -> Tuple[int, ...]:
+    """Candidate tokens after each TRIPS / EViT reduction: ceil(keep * M) kept + 1 fused."""
+    out, m = [], n
+    for _ in range(layers):
+        m = math.ceil(keep * m) + 1
+        out.append(m)
+    return tuple(out)
+
+
+def point(profile: Profile, method: str, f: float, cfg=None):
+    """The ReduceConfig of ``method`` at keep ``f`` on the profile's model (see the module docstring)."""
+    from ..reduce.registry import ReduceConfig
+
+    if method == "none":
+        return None
+    cfg = cfg or model_config(profile)
+    v = cfg.vision
+    if method == "lowres":
+        return ReduceConfig("lowres", options={"image_size": max(1, round(math.sqrt(f) * v.grid)) * v.patch_size})
+    if method not in METHODS:
+        raise ValueError(f"no operating points for method {method!r}; valid: {list(METHODS) + ['lowres']}")
+    sched = profile.schedules[method]
+    layers = tuple(sched["layers"])
+    per_layer = round(f ** (1 / len(layers)), 4)
+    if method in ("trips", "evit", "random"):
+        return ReduceConfig(method, layers=layers, keep=per_layer)
+    if method == "tome":
+        counts = (v.num_patches,) + _trips_counts(v.num_patches, per_layer, len(layers))
+        return ReduceConfig("tome", layers=layers, options={"r": [a - b for a, b in zip(counts, counts[1:])]})
+    base = tuple(sched["keep"])  # elip
+    return ReduceConfig("elip", layers=layers, keep=tuple(min(1.0, round(b * f / base[-1], 4)) for b in base))
+
+
+def validate(profile: Profile) -> None:
+    """Build the profile's model and install every operating point of every method on it, so that a schedule or
+    keep the model cannot take fails before anything is trained (the method's own error, naming the point)."""
+    from ..models.build import attach, build_model
+
+    cfg = model_config(profile)
+    model = build_model(cfg)
+    for m in list(METHODS) + ["lowres"]:
+        for f in profile.sweep:
+            rc = point(profile, m, f, cfg)
+            try:
+                attach(model, rc)
+            except ValueError as e:
+                raise ValueError(f"profile {profile.name}: {m} at keep {f:g} ({rc.to_dict()}) does not fit the "
+                                 f"model: {e}") from None
+    attach(model, None)
+
+
+def label(f: Optional[float]) -> str:
+    return "" if f is None else f"k{f:g}"
+
+
+__all__ = ["Profile", "Recipe", "Scenes", "QUICK", "DEFAULT", "FULL", "PROFILES", "METHODS", "get_profile",
+           "model_config", "point", "label", "validate"]

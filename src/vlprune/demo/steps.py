@@ -1,0 +1,247 @@
+"""What the demo's stages do, through the Python API: the data (and its blind copy), training runs (resumed
+after an interruption; the optimiser checkpoint deleted once finished), VQA and retrieval evaluations with
+per-question scores, grounding (does the asked-about object survive selection?) and the throughput benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+BLIND_IMAGE = "blind.png"
+
+
+def make_data(d: Path, scenes, image_size: int) -> Dict[str, Any]:
+    """Scenes data in ``d``, plus the blind copy: one mid-grey image and VQA files whose images all point to it."""
+    from PIL import Image
+
+    from ..data.scenes import generate
+
+    summary = generate(d, images=scenes.images, seed=scenes.seed, image_size=image_size,
+                       min_objects=scenes.min_objects, max_objects=scenes.max_objects,
+                       test_fraction=scenes.test_fraction, questions_per_image=scenes.questions_per_image,
+                       object_scale=scenes.object_scale, question_types=scenes.question_types)
+    Image.new("RGB", (image_size, image_size), (128, 128, 128)).save(d / BLIND_IMAGE)
+    for part in ("train", "test"):
+        entries = json.loads((d / f"vqa_{part}.json").read_text())
+        (d / f"vqa_{part}_blind.json").write_text(json.dumps([{**e, "image": BLIND_IMAGE} for e in entries]))
+    return summary
+
+
+def train_run(d: Path, cfg, progress: bool) -> Dict[str, Any]:
+    """``vlprune.train.train`` into ``d``: resumed when ``d`` holds a checkpoint of the same config, else fresh.
+    Raises KeyboardInterrupt when the run was stopped by a signal (its checkpoint stays for the next run)."""
+    from dataclasses import replace
+
+    from ..config import to_dict
+    from ..train import CONFIG_FILE, train
+
+    cfg = replace(cfg, progress=progress)
+    saved = d / CONFIG_FILE
+    resume = (d / "checkpoint.pt").is_file() and saved.is_file() and _same_run(json.loads(saved.read_text()), to_dict(cfg))
+    if resume:
+        log.info("resuming %s from its checkpoint", d)
+    res = train(cfg, d, resume=resume, overwrite=not resume)
+    if res["interrupted"]:
+        raise KeyboardInterrupt(f"training in {d} was interrupted; run the demo again to continue it")
+    ck = d / "checkpoint.pt"
+    if ck.is_file():
+        ck.unlink()  # the optimiser state is not needed once the run is finished: keep model/ and tokenizer/
+    return {"steps": res["steps"], "first": res["first"], "last": res["last"]}
+
+
+def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    skip = {"progress", "log_every", "ckpt_every"}
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def load_run(run: Path, method: Any = "saved"):
+    """(model in eval mode, tokenizer, saved config) of a training run, with ``method`` installed."""
+    from ..data.tokenizer import TextTokenizer
+    from ..models.build import load_pretrained, read_config
+    from ..tasks.finetune import checkpoint_dir, tokenizer_dir
+
+    ckpt = checkpoint_dir(run)
+    model = load_pretrained(ckpt, method=method).eval()
+    return model, TextTokenizer.from_dir(tokenizer_dir(ckpt)), read_config(ckpt)
+
+
+def eval_vqa(run: Path, method: Any, data: Path, test_file: str, batch: int, progress: bool) -> Dict[str, Any]:
+    """VQA accuracy, per-question scores (0..1, test-file order), image GFLOPs and tokens of ``run`` with
+    ``method`` at inference ("saved" = the method it was trained with, None = none)."""
+    from ..data.images import ImageLoader
+    from ..tasks.base import get_task
+    from ..tasks.evaluation import evaluate
+    from ..tasks.metrics import vqa_score
+
+    model, tok, meta = load_run(run, method)
+    task = get_task("vqa")
+    task.restore(meta, model)
+    entries = task.load_test(data / test_file)
+    metrics, info = evaluate(task, model, entries, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
+                             progress=progress)
+    preds = info["predictions"]
+    scores = [vqa_score(p, e["answer"]) for p, e in zip(preds, entries)]
+    return {"accuracy": metrics["accuracy"], "scores": scores, "gflops": info["gflops"],
+            "image_tokens": info["image_tokens"], "examples": len(entries),
+            "predictions": task.prediction_records(entries, preds)}
+
+
+def eval_retrieval(run: Path, method: Any, data: Path, k: int, batch: int, progress: bool,
+                   limit: int = 0) -> Dict[str, Any]:
+    """Two-stage retrieval on the first ``limit`` test images (0 = all) with ``method`` at inference."""
+    from ..data.images import ImageLoader
+    from ..tasks.base import get_task
+    from ..tasks.evaluation import evaluate
+
+    model, tok, _ = load_run(run, method)
+    task = get_task("retrieval", k=k)
+    entries = task.load_test(data / "retrieval_test.json")
+    entries = entries[:limit] if limit else entries
+    metrics, info = evaluate(task, model, entries, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
+                             progress=progress)
+    return {**metrics, "gflops": info["gflops"], "image_tokens": info["image_tokens"], "images": len(entries),
+            "captions": info.get("captions")}
+
+
+def retrieval_chance(data: Path, limit: int = 0) -> float:
+    """Expected r_mean (percent) of a random ranking of the retrieval test set (its first ``limit`` images, 0 =
+    all): R@1/5/10 both ways."""
+    from ..stats import chance_recall
+
+    entries = json.loads((data / "retrieval_test.json").read_text())
+    entries = entries[:limit] if limit else entries
+    n_img, n_txt = len(entries), sum(len(e["caption"]) for e in entries)
+    vals = []
+    for k in (1, 5, 10):
+        vals.append(np.mean([chance_recall(k, n_txt, len(e["caption"])) for e in entries]))  # image -> text
+        vals.append(chance_recall(k, n_img))  # text -> image
+    return 100.0 * float(np.mean(vals))
+
+
+def vqa_baselines(data: Path) -> Dict[str, Any]:
+    """Uniform guessing over the answer list (expected score) and the training set's majority answer."""
+    from ..tasks.metrics import vqa_score
+
+    answers = json.loads((data / "answer_list.json").read_text())
+    train = json.loads((data / "vqa_train.json").read_text())
+    test = json.loads((data / "vqa_test.json").read_text())
+    majority = Counter(a for e in train for a in e["answer"]).most_common(1)[0][0]
+    uniform = [float(np.mean([vqa_score(a, e["answer"]) for a in answers])) for e in test]
+    return {"answers": len(answers), "majority_answer": majority, "uniform_scores": uniform,
+            "majority_scores": [vqa_score(majority, e["answer"]) for e in test]}
+
+
+@torch.inference_mode()
+def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progress: bool = False) -> Dict[str, float]:
+    """Over the VQA test questions that name their objects (the first ``limit``; 0 = all), after the image
+    encoder's last reduction: survival = share of questions where at least one individually kept patch overlaps
+    the asked-about objects; precision / recall as ``tasks.grounding`` (patches inside fused or merged tokens
+    count as not kept)."""
+    from ..data.images import ImageLoader
+    from ..reduce.state import KEPT
+    from ..tasks.grounding import alignment, load_labels, object_patches
+    from ..viz.overlay import patch_status, trace_records
+
+    model, tok, _ = load_run(run, method)
+    masks = {s["image"]: s["mask"] for s in json.loads((data / "scenes.json").read_text())["scenes"]}
+    entries = [e for e in json.loads((data / "vqa_test.json").read_text()) if e.get("objects") and e["image"] in masks]
+    entries = entries[:limit] if limit else entries
+    loader = ImageLoader.for_model(model.cfg.vision, data)
+    grid, size = model.cfg.vision.grid, model.cfg.vision.image_size
+    surv: List[float] = []
+    prec: List[float] = []
+    rec: List[float] = []
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(entries), batch), desc="grounding", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        chunk = entries[s:s + batch]
+        ids, mask = tok.encode([e["question"] for e in chunk], model.cfg.text.max_len)
+        out = model(torch.stack([loader(e["image"]) for e in chunk]), ids, mask, trace=True)
+        records = [r for r in trace_records(model, out) if r[0] in ("vision", "joint")]
+        for i, e in enumerate(chunk):
+            target = object_patches(load_labels(data, masks[e["image"]], size), e["objects"], grid)
+            if records:
+                status = patch_status(records, sample=i)[-1].status
+                kept = status == KEPT if status.shape == (grid, grid) else np.zeros((grid, grid), bool)
+            else:
+                kept = np.ones((grid, grid), dtype=bool)
+            a = alignment(kept, target)
+            prec.append(a["precision"])
+            rec.append(a["recall"])
+            surv.append(float((kept & target).any()))
+    return {"survival": float(np.mean(surv)), "precision": float(np.mean(prec)), "recall": float(np.mean(rec)),
+            "questions": len(surv)}
+
+
+def bench(model_json: Path, configs: Sequence[Any], profile, progress: bool = False) -> List[Dict[str, Any]]:
+    """``run_bench`` rows for ``configs`` (ReduceConfigs) on the profile's model (random weights), in order;
+    the first row is ``none``."""
+    from tqdm import tqdm
+
+    from ..bench.runner import BenchSettings, run_bench
+
+    s = BenchSettings(model=str(model_json), text_len=profile.bench_text_len, batch_size=profile.bench_batch,
+                      repeats=profile.bench_repeats)
+    # one step per configuration counted, then the throughput and the latency rounds
+    bar = tqdm(total=len(configs) + 3, desc="bench", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def tick(msg: str) -> None:
+        log.debug("bench: %s", msg)
+        if msg.startswith(("[", "timing")):
+            bar.update(1)
+
+    try:
+        rows = run_bench(s, list(configs), progress=tick)
+    finally:
+        bar.close()
+    keep = ("method", "label", "gflops_image", "gflops_total", "throughput", "speedup", "latency_ms", "batch_size",
+            "tokens_per_layer", "ideal_speedup")
+    return [{k: r.get(k) for k in keep} for r in rows]
+
+
+def overlays(runs: Dict[str, Any], data: Path, out: Path) -> List[Any]:
+    """Patches kept for different questions about the same test image: ``runs`` maps a name to (run directory,
+    method at inference or "saved")."""
+    from PIL import Image
+
+    from ..data.images import ImageLoader
+    from ..viz.overlay import patch_status, save_comparison, trace_records
+    from ..viz.report import Figure
+
+    by_image: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
+    for e in json.loads((data / "vqa_test.json").read_text()):
+        if e.get("objects"):
+            by_image.setdefault(e["image"], {}).setdefault(tuple(e["objects"]), e)
+    pick = next(((img, list(qs.values())[:3]) for img, qs in by_image.items() if len(qs) >= 2), None)
+    if pick is None:
+        return []
+    figures = []
+    raw = np.asarray(Image.open(data / pick[0]).convert("RGB"))
+    for name, (run, method) in runs.items():
+        model, tok, _ = load_run(run, method)
+        image = ImageLoader.for_model(model.cfg.vision, data)(pick[0])
+        rows = []
+        for q in pick[1]:
+            ids, mask = tok.encode([q["question"]], model.cfg.text.max_len)
+            with torch.inference_mode():
+                o = model(image[None], ids, mask, trace=True)
+            rows.append((q["question"], patch_status(trace_records(model, o))))
+        path = out / f"overlay_{name}.png"
+        save_comparison(raw, rows, path, title=f"{name}: patches kept for different questions")
+        how = "fine-tuned with it" if method == "saved" else "applied at inference to the unpruned model"
+        figures.append(Figure(path, f"{name} ({how}): kept (clear), fused (blue) and dropped (dark) patches, per "
+                                    "question about the same image"))
+    return figures
+
+
+__all__ = ["make_data", "train_run", "load_run", "eval_vqa", "eval_retrieval", "retrieval_chance", "vqa_baselines",
+           "grounding", "bench", "overlays", "BLIND_IMAGE"]
