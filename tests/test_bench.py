@@ -96,7 +96,7 @@ def test_tokens_per_layer_follow_the_reductions():
 
 
 # Real methods: every registered method, with its working tiny configuration from tests/method_cases.py (a
-# method missing there is skipped with the reason), at several keep rates where the method has a keep rate, on the
+# method missing there fails), at several keep rates where the method has a keep rate, on the
 # tiny model and on the "small" preset.
 def _registered():
     return [m for m in vlprune.list_methods() if m != "none"]
@@ -106,7 +106,7 @@ def _method_model(method, preset, keep_scale=1.0):
     from method_cases import CASES, model_config
 
     if method not in CASES:
-        pytest.skip(f"{method} has no configuration in tests/method_cases.py")
+        pytest.fail(f"{method} has no configuration in tests/method_cases.py (every registered method needs one)")
     case = CASES[method]
     cfg = model_config(case["model"]) if preset == "tiny" else _cfg(preset)
     if preset != "tiny" and case["model"] != "tiny":
@@ -337,3 +337,4 @@ def test_bench_lowres_before_another_method_leaves_the_input_size(tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["tome"]["image_size"] == by["none"]["image_size"]
     assert by["lowres"]["gflops_image"] < by["tome"]["gflops_image"] < by["none"]["gflops_image"]
+    assert by["lowres"]["tokens_per_layer"]["vision"][0] == 1 + 4 and by["tome"]["tokens_per_layer"]["vision"][0] == 1 + 16

@@ -80,3 +80,15 @@ def test_none_with_settings_raises_everywhere(tiny_cfg):
     with _pytest.raises(ValueError, match="takes no layers, keep or options"):
         vlprune.attach(model, RC("none", layers=(2,)))
     assert vlprune.attach(model, RC("none")).method_config is None
+
+
+def test_clear_after_install_without_attach(tiny_cfg):
+    """The benchmark checks configs with install() + clear_reducers(): what a method set must go even though
+    model.method_config was never set."""
+    from vlprune.reduce.registry import install
+
+    model = vlprune.build_model(tiny_cfg)
+    install(RC("lowres", options={"image_size": 16}), model)
+    install(RC("laps"), model)
+    model.clear_reducers()
+    assert model.vision.embeddings.input_size is None and not hasattr(model, "laps")

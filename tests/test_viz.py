@@ -86,7 +86,7 @@ def _case(name):
     from method_cases import CASES, model_config, reduce_config
 
     if name not in CASES:
-        pytest.skip(f"{name} has no configuration in tests/method_cases.py")
+        pytest.fail(f"{name} has no configuration in tests/method_cases.py (every registered method needs one)")
     return model_config(CASES[name]["model"]), reduce_config(name)
 
 

@@ -37,14 +37,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _add_global_flags(p: argparse.ArgumentParser, top: bool) -> None:
     """--debug, -v/--verbose, --quiet, --threads; on sub-commands they default to SUPPRESS so that a flag given
-    before the sub-command is not reset by the sub-command's parser."""
+    before the sub-command is not reset by the sub-command's parser. A sub-command that defines one of them itself
+    keeps its own."""
     kw = {} if top else {"default": argparse.SUPPRESS}
+    own = set(p._option_string_actions)
     g = p.add_argument_group("global options")
-    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors", **kw)
-    v = g.add_mutually_exclusive_group()
-    v.add_argument("-v", "--verbose", action="store_true", help="log at INFO level", **kw)
-    v.add_argument("--quiet", action="store_true", help="no progress bars; log errors only", **kw)
-    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)", **kw)
+    flags = [(("--debug",), dict(action="store_true", help="show full tracebacks on errors")),
+             (("-v", "--verbose"), dict(action="store_true", help="log at INFO level")),
+             (("--quiet",), dict(action="store_true", help="no progress bars; log errors only")),
+             (("--threads",), dict(type=int, metavar="N", help="torch CPU threads (default: torch's choice)"))]
+    for names, spec in flags:
+        if not own.intersection(names):
+            g.add_argument(*names, **spec, **kw)
 
 
 def _parsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

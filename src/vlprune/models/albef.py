@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..reduce.registry import installed_spec
+from ..reduce.registry import clear_method_state
 from ..reduce.state import LayerTrace, ReduceContext, TokenState
 from .attention import activation
 from .text import FusionEncoder, TextEncoder
@@ -89,12 +89,7 @@ class ReductionSlots:
         for layers in self.reduction_slots().values():
             for layer in layers:
                 layer.reducer = None
-        spec = installed_spec(self)
-        if spec is not None:
-            for name in spec.owns:
-                self._modules.pop(name, None)
-            if spec.clear is not None:
-                spec.clear(self)
+        clear_method_state(self)
         self.method_config = None
 
     def reducers(self) -> Dict[str, nn.Module]:

@@ -204,6 +204,18 @@ def installed_spec(model: nn.Module) -> Optional[MethodSpec]:
     return None if rc is None or rc.name == "none" else get_spec(rc.name)
 
 
+def clear_method_state(model: nn.Module) -> None:
+    """Undo what any method set outside the reduction slots: drop the modules methods add (their ``owns``) and run
+    their ``clear``. Done for every registered method, so that it also works after ``install`` without ``attach``
+    (when ``model.method_config`` does not say which method is there)."""
+    _load_builtin()
+    for spec in _REGISTRY.values():
+        for name in spec.owns:
+            model._modules.pop(name, None)
+        if spec.clear is not None:
+            spec.clear(model)
+
+
 def owned_prefixes() -> Tuple[str, ...]:
     """State-dict prefixes of the parameters methods add outside the slots (e.g. ``"laps."``)."""
     _load_builtin()
