@@ -145,9 +145,11 @@ def _train_settings(plan: _Plan, cfg, after: List[str]) -> Dict[str, Any]:
 def _train_cfg(plan: _Plan, task: str, recipe, seed: int, train_file: str, method=None, init: Optional[Path] = None,
                options: Optional[Dict[str, Any]] = None):
     from ..train import TrainConfig
+    from . import steps
 
     return TrainConfig(task=task, train=str(plan.data / train_file), images=str(plan.data),
                        model=str(plan.model_json), init=None if init is None else str(init),
+                       tokenizer=str(plan.data / steps.TOKENIZER) if init is None else None,
                        method=None if method is None else method.to_dict(), steps=recipe.steps,
                        batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=seed,
                        log_every=max(1, recipe.steps // 20), ckpt_every=plan.prof.ckpt_every,
@@ -160,8 +162,9 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
     prof, data = plan.prof, plan.data
     size = plan.cfg.vision.image_size
     res: Dict[str, Any] = {"vqa": {}, "retrieval": {}, "train": {}}
-    res["data"] = st.run("data", {"scenes": asdict(prof.scenes), "image_size": size},
-                         lambda d: steps.make_data(data, prof.scenes, size), keep_dir=True)
+    vocab = plan.cfg.text.vocab_size
+    res["data"] = st.run("data", {"scenes": asdict(prof.scenes), "image_size": size, "tokenizer": vocab},
+                         lambda d: steps.make_data(data, prof.scenes, size, vocab), keep_dir=True)
     answers = {"answers": str(data / "answer_list.json")}
     firsts: Dict[tuple, Path] = {}
 

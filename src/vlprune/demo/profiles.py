@@ -154,7 +154,7 @@ DEFAULT = Profile(
     pretrain=Recipe(steps=500, lr=1e-3, batch_size=32),
     pretrain_task="vqa",
     vqa=Recipe(steps=60, lr=2e-4, batch_size=32),
-    retrieval=Recipe(steps=120, lr=1e-3, batch_size=32),
+    retrieval=Recipe(steps=400, lr=1e-3, batch_size=32),
     schedules=SCENES_SCHEDULES,
     main_keep=0.35,
     retrieval_k=4, retrieval_images=100, grounding_questions=300,

@@ -15,12 +15,19 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+TOKENIZER = "tokenizer"
 BLIND_IMAGE = "blind.png"
 
 
-def make_data(d: Path, scenes, image_size: int) -> Dict[str, Any]:
-    """Scenes data in ``d``, plus the blind copy: one mid-grey image and VQA files whose images all point to it."""
+def make_data(d: Path, scenes, image_size: int, vocab_size: int) -> Dict[str, Any]:
+    """Scenes data in ``d``, plus the blind copy (one mid-grey image and VQA files whose images all point to it)
+    and one tokenizer for every run (``d/tokenizer``), built from the training captions and questions together:
+    a tokenizer built from one task's text alone (colour questions) would split the words only the other task
+    uses (the captions' colour names and relations) into characters, and the retrieval run that starts from the
+    VQA model would inherit it."""
     from PIL import Image
+
+    from ..data.tokenizer import TextTokenizer
 
     from ..data.scenes import generate
 
@@ -32,6 +39,9 @@ def make_data(d: Path, scenes, image_size: int) -> Dict[str, Any]:
     for part in ("train", "test"):
         entries = json.loads((d / f"vqa_{part}.json").read_text())
         (d / f"vqa_{part}_blind.json").write_text(json.dumps([{**e, "image": BLIND_IMAGE} for e in entries]))
+    texts = [e["caption"] for e in json.loads((d / "pretrain.json").read_text())]
+    texts += [e["question"] for e in json.loads((d / "vqa_train.json").read_text())]
+    TextTokenizer.train(texts, vocab_size).save(d / TOKENIZER)
     return summary
 
 
