@@ -150,7 +150,7 @@ def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]],
         out.append(f"Across seeds {', '.join(map(str, prof.seeds))} (VQA accuracy, mean and standard deviation): "
                    + "; ".join(f"{_name(r['method'])} {r['mean']:.1f} ± {r['sd']:.1f}" for r in seeds) + ".")
     if prof.smoke:
-        out.insert(0, f"Smoke run ({prof.name} profile): a tiny model trained for {prof.vqa.steps} steps on "
+        out.insert(0, f"Smoke run ({prof.name} profile): a tiny model trained for {prof.pretrain.steps + prof.vqa.steps} steps on "
                       f"{prof.scenes.images} images; its accuracies are meaningless and only show that the pipeline "
                       "runs end to end.")
     return out, clear
