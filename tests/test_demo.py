@@ -73,6 +73,16 @@ def test_vqa_first_stage_keeps_the_blind_row_blind(quick):
     assert first["task"] == "vqa" and first["train"].endswith("vqa_train_blind.json")
 
 
+def test_learned_methods_train_with_a_teacher(quick):
+    """DynamicViT and TiP are stage-2 runs with their own method and the unpruned run as the teacher."""
+    for m in ("dynamicvit", "tip"):
+        cfg = json.loads((quick / f"vqa-{m}" / "train_config.json").read_text())
+        assert cfg["method"]["name"] == m and cfg["task_options"]["teacher"] == str(quick / "vqa-none")
+        assert cfg["init"] == str(quick / "pretrain")
+    rows = {(r["method"], r["setup"]) for r in json.loads((quick / "results.json").read_text())["rows"]}
+    assert ("dynamicvit", "fine-tuned with its losses") in rows and ("tip", "fine-tuned with its losses") in rows
+
+
 def test_every_stage_has_a_cost_weight(quick):
     from vlprune.demo.pipeline import _Plan
 

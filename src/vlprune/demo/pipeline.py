@@ -89,6 +89,9 @@ class _Plan:
                 w["pretrain" + tail] = first
                 if p.pretrain_task == "vqa" and (i == 0 or "blind" in p.seed_rows):
                     w["pretrain-blind" + tail] = first
+        for m in p.learned:
+            w[f"vqa-{m}"] = float(p.vqa.steps * p.vqa.batch_size) * 1.5  # + the teacher's forward passes
+            w[f"eval-vqa-{m}"] = 0.35 * questions + (ground if m != "tip" else 0.0)
         for name, row, _ in self.vqa_runs():
             w[name] = float(p.vqa.steps * p.vqa.batch_size)
             if name != "vqa-none":
@@ -199,6 +202,14 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
                                     lambda d, c=cfg: steps.train_run(d, c, progress), keep_dir=True)
     init = first_stage(prof.seeds[0], False)
     up = after(init)
+    teacher = {"teacher": str(plan.out / "vqa-none")}
+    for m, sched in prof.learned.items():  # the learned methods: their losses, distilled from the unpruned run
+        from ..reduce.registry import ReduceConfig
+
+        rc = ReduceConfig(m, layers=tuple(sched["layers"]), keep=sched["keep"])
+        cfg = _train_cfg(plan, "vqa", prof.vqa, prof.seeds[0], "vqa_train.json", rc, init, {**answers, **teacher})
+        res["train"][f"vqa-{m}"] = st.run(f"vqa-{m}", _train_settings(plan, cfg, up + [st.keys["vqa-none"]]),
+                                          lambda d, c=cfg: steps.train_run(d, c, progress), keep_dir=True)
     cfg = _train_cfg(plan, "retrieval", prof.retrieval, prof.seeds[0], "retrieval_train.json", None, init)
     res["train"]["retrieval-none"] = st.run("retrieval-none", _train_settings(plan, cfg, up),
                                             lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
@@ -261,6 +272,9 @@ def _vqa_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> 
         f = None if row in ("none", "blind") else prof.main_keep
         r = _eval_stage(st, plan, f"eval-{name}", name, "saved", test, f, not blind and row != "none", progress)
         ev[name] = {**r, "method": row, "seed": seed, "setup": "blind" if blind else "fine-tuned with it"}
+    for m in prof.learned:  # TiP reduces in the fusion layers: no image-encoder patches to ground
+        r = _eval_stage(st, plan, f"eval-vqa-{m}", f"vqa-{m}", "saved", "vqa_test.json", None, m != "tip", progress)
+        ev[f"vqa-{m}"] = {**r, "method": m, "seed": prof.seeds[0], "setup": "fine-tuned with its losses"}
 
 
 def _retrieval_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> None:

@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 # the methods compared in the sweeps and fine-tuned with reduction (lowres: a sweep of its own, at inference)
 METHODS = ("trips", "evit", "tome", "random", "elip")
+# the learned methods: fine-tuned in stage 2 with their own losses, distilled from the unpruned run (vqa-none)
+LEARNED = ("dynamicvit", "tip")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class Profile:
     # the first stage's task: "pretrain" (ITC + ITM + MLM on captions) or "vqa" (the unpruned model learns VQA from
     # scratch; the blind row then gets a first stage of its own on the constant image, so that it never sees one)
     pretrain_task: str = "pretrain"
+    # learned methods fine-tuned in stage 2 with their losses and teacher = vqa-none: {name: {"layers", "keep"}}
+    learned: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [f for f in self.sweep + (self.main_keep,) if not 0 < f <= 1]
@@ -106,6 +110,10 @@ class Profile:
             raise ValueError(f"profile {self.name}: seed_rows {missing_rows} are not fine-tuned (not in tuned)")
         if not self.seeds:
             raise ValueError(f"profile {self.name}: needs at least one seed")
+        bad_learned = [m for m in self.learned if m not in LEARNED]
+        if bad_learned:
+            raise ValueError(f"profile {self.name}: unknown learned method(s) {bad_learned}; valid: {list(LEARNED)}")
+        object.__setattr__(self, "learned", {k: dict(v) for k, v in self.learned.items()})
         if self.pretrain_task not in ("pretrain", "vqa"):
             raise ValueError(f"profile {self.name}: pretrain_task must be 'pretrain' or 'vqa', got {self.pretrain_task!r}")
         object.__setattr__(self, "model", dict(self.model))
@@ -124,6 +132,9 @@ SCENES_SCHEDULES = {
 }
 # the questions: "what colour is the triangle?" / "... the small square?": the answer is one named object's colour,
 # so the image is needed (blind = the colour prior) and so is the right object's patches
+# DynamicViT at ViT layers 2 and 3 keeping 0.6 then 0.36 of the patches (about the main keep); TiP in both
+# fusion layers, keeping 0.6 of the image tokens the text cross-attends to at each (the image encoder is unpruned)
+SCENES_LEARNED = {"dynamicvit": {"layers": (2, 3), "keep": 0.6}, "tip": {"layers": (1, 2), "keep": 0.6}}
 COLOUR_SCENES = Scenes(images=6000, image_size=96, min_objects=3, max_objects=6, questions_per_image=4,
                        question_types=("colour",))
 
@@ -142,6 +153,7 @@ QUICK = Profile(
     sweep=(0.9, 0.5, 0.35, 0.25),
     retrieval_k=4, eval_batch=32, bench_batch=4, bench_repeats=1, bench_text_len=8,
     grounding_questions=24, n_boot=500, ckpt_every=1000, smoke=True,
+    learned={"dynamicvit": {"layers": (2, 3), "keep": 0.7}, "tip": {"layers": (1,), "keep": 0.6}},
 )
 
 # Stage 1 trains the unpruned model on VQA from scratch (the blind row: on the constant image); stage 2 fine-tunes
@@ -157,6 +169,7 @@ DEFAULT = Profile(
     retrieval=Recipe(steps=400, lr=1e-3, batch_size=32),
     schedules=SCENES_SCHEDULES,
     main_keep=0.35,
+    learned=SCENES_LEARNED,
     retrieval_k=4, retrieval_images=100, grounding_questions=300,
 )
 
@@ -171,6 +184,7 @@ FULL = Profile(
     retrieval=Recipe(steps=300, lr=1e-3, batch_size=32),
     schedules=SCENES_SCHEDULES,
     main_keep=0.35,
+    learned=SCENES_LEARNED,
     seeds=(0, 1, 2),
     seed_rows=("none", "blind", "trips", "evit"),
     retrieval_k=8, retrieval_images=200, grounding_questions=600,

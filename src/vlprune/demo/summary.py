@@ -55,6 +55,8 @@ def main_rows(prof, res: Dict[str, Any]) -> List[Dict[str, Any]]:
         rows.append(_row(m, "at inference", prof.main_keep, ev[f"{m}-{k}"], nb, bench[f"{m}-{k}"], r))
     for m in prof.tuned:
         rows.append(_row(m, "fine-tuned with it", prof.main_keep, ev[f"vqa-{m}"], nb, bench[f"{m}-{k}"]))
+    for m in prof.learned:  # no bench row: their cost at inference is in GFLOPs and tokens
+        rows.append(_row(m, "fine-tuned with its losses", None, ev[f"vqa-{m}"], nb))
     rows.append({"method": "blind", "setup": "image replaced by grey", **_ci(ev["vqa-blind"]["scores"], nb)})
     base = res["baselines"]
     rows.append({"method": "chance", "setup": f"uniform over {base['answers']} answers",
