@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from vlprune.tasks.base import StepContext, StepModule, get_task
 from vlprune.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from vlprune.cli import main
 from vlprune.data.scenes import generate
+from vlprune.rundir import RunDirBusyError, run_lock
 from vlprune.train import TrainConfig, train
 
 
@@ -151,12 +154,48 @@ def test_run_dir_errors(scenes, tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(cfg, tmp_path / "run", resume=True)
     train(cfg, tmp_path / "run", overwrite=True)
-    with pytest.raises(ValueError, match=r"\['lr'\] differ"):
+    with pytest.raises(ValueError, match=r"lr \(saved 0.0005, now 1.0\)"):
         train(cfg_for(scenes, steps=2, lr=1.0), tmp_path / "run", resume=True)
     with pytest.raises(ValueError, match="steps or epochs"):
         TrainConfig(steps=1, epochs=1)
     with pytest.raises(ValueError, match="batch_size must be"):
         TrainConfig(batch_size=0)
+
+
+def test_second_run_on_a_locked_directory_is_refused(scenes, tmp_path):
+    """Two open file descriptions conflict under flock even in one process: a run while another holds the lock
+    is refused at once (with --overwrite and --resume), naming the directory and the holder's pid."""
+    run = tmp_path / "run"
+    cfg = cfg_for(scenes, steps=1)
+    train(cfg, run)
+    with run_lock(run):
+        for kw in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(RunDirBusyError, match=rf"{run}.*in use.*pid {os.getpid()}"):
+                train(cfg_for(scenes, steps=2), run, **kw)
+    assert load_checkpoint(run)["step"] == 1  # untouched by the refused runs
+    assert train(cfg_for(scenes, steps=2), run, resume=True)["steps"] == 2  # the lock went with its holder
+
+
+def test_lock_held_by_another_process_and_released_when_it_dies(scenes, tmp_path):
+    run = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from vlprune.rundir import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusyError, match=f"pid {holder.pid}"):
+            train(cfg_for(scenes, steps=1), run, overwrite=True)
+        assert main(["train", "pretrain", "--out", str(run), "--resume", "--quiet"]) == 2
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the flock
+        holder.wait()
+    assert train(cfg_for(scenes, steps=1), run, overwrite=True)["steps"] == 1
+
+
+def test_lock_leaves_no_directory_behind_when_the_run_is_refused(scenes, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(cfg_for(scenes, steps=1), tmp_path / "new", resume=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_train_and_resume(scenes, tmp_path, capsys):
