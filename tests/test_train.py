@@ -79,10 +79,16 @@ def test_kill_then_resume_equals_uninterrupted(scenes, tmp_path):
             signal.raise_signal(signal.SIGTERM)
 
     part = train(cfg, tmp_path / "part", callback=kill)
-    assert part["interrupted"] and part["steps"] == 3
+    assert part["interrupted"] and part["steps"] == 3 and part["signal"] == signal.SIGTERM
     assert load_checkpoint(tmp_path / "part")["step"] == 3
-    rest = train(cfg, tmp_path / "part", resume=True)
-    assert rest["steps"] == 5 and not rest["interrupted"]
+    assert json.loads((tmp_path / "part" / "train_config.json").read_text())["threads"] == 1
+    torch.set_num_threads(2)  # another thread count in the resuming process: the run's own (1) is restored
+    try:
+        rest = train(cfg, tmp_path / "part", resume=True)
+        assert torch.get_num_threads() == 2  # and the caller's put back afterwards
+    finally:
+        torch.set_num_threads(1)
+    assert rest["steps"] == 5 and not rest["interrupted"] and rest["threads"] == 1
     a, b = params(tmp_path / "full"), params(tmp_path / "part")
     assert a.keys() == b.keys()
     for k in a:
@@ -124,6 +130,88 @@ def test_evaluate_leaves_queues_and_momentum_alone(batch):
     assert set(res) >= {"loss", "itc", "itm", "mlm"} and all(isinstance(v, float) for v in res.values())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+
+
+def test_resume_trims_metrics_after_the_checkpoint_and_removes_orphan_temp_files(scenes, tmp_path):
+    """A crash (here an exception, as kill -9 would) after step 3 was logged but with the checkpoint at step 2:
+    the resumed run logs steps 3 and 4 once each."""
+    run = tmp_path / "run"
+
+    def crash(step, record):
+        if step == 3:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(cfg_for(scenes, steps=4, log_every=1, ckpt_every=2), run, callback=crash)
+    assert load_checkpoint(run)["step"] == 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a row half-written when the process died
+    (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"partial")  # a checkpoint write killed mid-way
+    train(cfg_for(scenes, steps=4, log_every=1, ckpt_every=2), run, resume=True)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_cli_resume_refuses_changed_arguments(scenes, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["--model", str(scenes / "model.json"), "--train", str(scenes / "pretrain.json"), "--images", str(scenes),
+            "--batch-size", "4", "--out", out, "--quiet", "--threads", "1"]
+    assert main(["train", "pretrain", "--steps", "2"] + base) == 0
+    capsys.readouterr()
+    saved = (tmp_path / "run" / "train_config.json").read_text()
+    changed = [(["train", "pretrain", "--batch-size", "8"], ["--batch-size: saved 4, given 8"]),
+               (["train", "vqa"], ["task: saved 'pretrain', given 'vqa'"]),
+               (["train", "pretrain", "--method", "trips", "--lr", "0.1", "--seed", "5"],
+                ["--method/--layers/--keep/--option: saved None, given {", "--lr: saved 0.0001, given 0.1",
+                 "--seed: saved 0, given 5"]),
+               (["train", "pretrain", "--model", "small"], ["--model: saved '", "given 'small'"]),
+               (["train", "pretrain", "--loss", "itm=0"], ["task option itm: saved ", ", given 0.0"])]
+    for args, parts in changed:
+        assert main(args + ["--out", out, "--resume", "--steps", "3", "--quiet"]) == 2, args
+        err = capsys.readouterr().err
+        assert f"cannot resume {out}" in err and "only --ckpt-every, --epochs, --log-every, --steps, --threads, --workers may" in err
+        for part in parts:
+            assert part in err, (part, err)
+    assert (tmp_path / "run" / "train_config.json").read_text() == saved  # nothing was touched
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+    # the same values typed again, and the flags that may change, are accepted
+    assert main(["train", "pretrain", "--out", out, "--resume", "--steps", "3", "--batch-size", "4", "--seed", "0",
+                 "--workers", "0", "--log-every", "5", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["log_every"] == 5
+
+
+def test_cli_sigterm_exits_143_and_the_hint_resumes_exactly(scenes, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    import vlprune.train as train_mod
+
+    args = ["train", "pretrain", "--model", str(scenes / "model.json"), "--train", str(scenes / "pretrain.json"),
+            "--images", str(scenes), "--batch-size", "4", "--steps", "4", "--threads", "1", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    plain = train_mod.train
+
+    def killed(cfg, out, **kw):
+        def kill(step, record):
+            if step == 2:
+                signal.raise_signal(signal.SIGTERM)
+        return plain(cfg, out, callback=kill, **kw)
+
+    monkeypatch.setattr(train_mod, "train", killed)
+    part = tmp_path / "part dir"
+    assert main(args + ["--out", str(part)]) == 143
+    hint = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resume with: ")][0]
+    monkeypatch.setattr(train_mod, "train", plain)
+    cmd = shlex.split(hint[len("resume with: "):])
+    assert cmd[0] == "vlprune" and "--threads" in cmd
+    torch.set_num_threads(2)
+    try:
+        assert main(cmd[1:]) == 0
+    finally:
+        torch.set_num_threads(1)
+    a, b = params(tmp_path / "full"), params(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 def test_pretrain_rejects_vilt(tiny_vilt_cfg):

@@ -239,7 +239,8 @@ class _Stop:
 
 def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwrite: bool = False,
           callback: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-    """Train ``cfg.task``; returns {"steps", "interrupted", "first", "last", "skipped", "out"}.
+    """Train ``cfg.task``; returns {"steps", "total_steps", "interrupted", "signal", "first", "last", "skipped",
+    "out", "val", "threads"}.
     ``callback(step, record)`` runs after every optimiser step (tests use it to send a signal)."""
     rank, world, device, started = setup_distributed()
     threads = torch.get_num_threads()
@@ -391,7 +392,8 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     if cfg.val is not None and not interrupted:
         val = _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
     return {"steps": step, "total_steps": total, "interrupted": interrupted, "first": first, "last": last,
-            "skipped": skipped, "out": str(out), "val": val}
+            "skipped": skipped, "out": str(out), "val": val, "threads": cfg.threads,
+            "signal": int(stop.signal) if stop.signal is not None else None}
 
 
 def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step) -> Dict[str, float]:
