@@ -317,3 +317,21 @@ def test_cli_builtin_data_method_and_bad_images(scenes, tmp_path, capsys):
     assert pairs[0]["image"] in capsys.readouterr().err
     assert main(bad[:-1] + ["--overwrite", "--skip-bad-images", "--quiet"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_cli_decompression_bomb_is_a_bad_image(scenes, tmp_path, capsys):
+    from test_data import _bomb_png
+
+    pairs = json.loads((scenes / "pretrain.json").read_text())[:8]
+    for p in pairs:
+        p["image"] = str(scenes / p["image"])
+    _bomb_png(tmp_path / "bomb.png")  # a header claiming 20000 x 20000 pixels
+    pairs[3]["image"] = str(tmp_path / "bomb.png")
+    (tmp_path / "ann.json").write_text(json.dumps(pairs))
+    args = ["train", "pretrain", "--model", str(scenes / "model.json"), "--train", str(tmp_path / "ann.json"),
+            "--images", str(scenes), "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "too large" in err and "bomb.png" in err and "Traceback" not in err
+    assert main(args + ["--overwrite", "--skip-bad-images"]) == 0
+    assert "skipped 1 sample(s)" in capsys.readouterr().out

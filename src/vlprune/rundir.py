@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,18 @@ def run_lock(out: Path, rank: int = 0, world: int = 1) -> Iterator[None]:
                 (out / LOCK_FILE).unlink()
                 out.rmdir()
             os.close(fd)  # releases the flock
+
+
+def clear_run_dir(out: Path) -> None:
+    """Delete everything in ``out`` but the lock file (which this process holds: deleting it would let another
+    run lock a new one)."""
+    for p in Path(out).iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def remove_orphan_temps(out: Path) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -44,7 +43,7 @@ from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
-from .rundir import LOCK_FILE, remove_orphan_temps, run_lock, trim_metrics
+from .rundir import LOCK_FILE, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics
 from .tasks.base import StepContext, StepModule, get_task
 
 log = logging.getLogger(__name__)
@@ -154,31 +153,21 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
         if diff:
             raise ValueError(f"cannot resume {out} with a different config; only {', '.join(RESUMABLE_CHANGES)} may "
                              f"change. Differing from {out / CONFIG_FILE}: {'; '.join(diff)}")
-        if cfg.threads is None:
-            cfg = replace(cfg, threads=saved.threads)
-        elif saved.threads is not None and cfg.threads != saved.threads:
+        if cfg.threads is not None and saved.threads not in (None, cfg.threads):
             log.warning("resuming with %d threads instead of the run's %d: the result will not be bitwise the same "
                         "as an uninterrupted run", cfg.threads, saved.threads)
-        if cfg.threads is None:  # a run saved before threads were recorded
-            cfg = replace(cfg, threads=torch.get_num_threads())
+        cfg = replace(cfg, threads=cfg.threads or saved.threads or torch.get_num_threads())
         _barrier(world)
         if rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
             (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
         return cfg
-    if cfg.threads is None:
-        cfg = replace(cfg, threads=torch.get_num_threads())
+    cfg = replace(cfg, threads=cfg.threads or torch.get_num_threads())
     if exists and not overwrite:
         raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
     _barrier(world)
     if rank == 0:
-        if exists:  # everything but the lock this process holds
-            for p in out.iterdir():
-                if p.name == LOCK_FILE:
-                    continue
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+        if exists:
+            clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
     _barrier(world)
