@@ -120,6 +120,33 @@ def test_bad_images_raise_naming_path(tmp_path):
             load(name)
 
 
+def _bomb_png(path, width=20000, height=20000):
+    """A PNG whose header claims width x height pixels (400 M by default, over PIL's limit): PIL refuses to open it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+    _bomb_png(tmp_path / "bomb.png")
+    load = ImageLoader(tmp_path, 8, MEAN, STD)
+    with pytest.raises(BadImageError, match="too large.*bomb.png"):
+        load("bomb.png")
+    _png(tmp_path / "small.png", "RGB", (1, 2, 3))  # 10 x 6 = 60 pixels: a bomb under a limit of 20
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
+    with pytest.raises(BadImageError, match="too large.*small.png"):
+        load("small.png")
+    entries = [{"image": n, "caption": f"cap {n}"} for n in ("bomb.png", "small.png")]
+    ds = CaptionDataset(entries, load, skip_bad_images=True)
+    batch = Collate(TextTokenizer.train(["cap a"], 40), 10)([ds[i] for i in range(2)])
+    assert batch["skipped"] == 2 and batch["size"] == 0
+
+
 def test_skip_bad_images_counts(tmp_path):
     _bad_images(tmp_path)
     entries = [{"image": n, "caption": f"cap {n}"} for n in ("good.png", "empty.png", "missing.png", "trunc.png", "good.png")]

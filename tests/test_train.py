@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from vlprune.tasks.base import StepContext, StepModule, get_task
 from vlprune.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from vlprune.cli import main
 from vlprune.data.scenes import generate
+from vlprune.rundir import RunDirBusyError, run_lock
 from vlprune.train import TrainConfig, train
 
 
@@ -76,10 +79,16 @@ def test_kill_then_resume_equals_uninterrupted(scenes, tmp_path):
             signal.raise_signal(signal.SIGTERM)
 
     part = train(cfg, tmp_path / "part", callback=kill)
-    assert part["interrupted"] and part["steps"] == 3
+    assert part["interrupted"] and part["steps"] == 3 and part["signal"] == signal.SIGTERM
     assert load_checkpoint(tmp_path / "part")["step"] == 3
-    rest = train(cfg, tmp_path / "part", resume=True)
-    assert rest["steps"] == 5 and not rest["interrupted"]
+    assert json.loads((tmp_path / "part" / "train_config.json").read_text())["threads"] == 1
+    torch.set_num_threads(2)  # another thread count in the resuming process: the run's own (1) is restored
+    try:
+        rest = train(cfg, tmp_path / "part", resume=True)
+        assert torch.get_num_threads() == 2  # and the caller's put back afterwards
+    finally:
+        torch.set_num_threads(1)
+    assert rest["steps"] == 5 and not rest["interrupted"] and rest["threads"] == 1
     a, b = params(tmp_path / "full"), params(tmp_path / "part")
     assert a.keys() == b.keys()
     for k in a:
@@ -123,6 +132,88 @@ def test_evaluate_leaves_queues_and_momentum_alone(batch):
     assert all(torch.equal(before[k], after[k]) for k in before) and model.training
 
 
+def test_resume_trims_metrics_after_the_checkpoint_and_removes_orphan_temp_files(scenes, tmp_path):
+    """A crash (here an exception, as kill -9 would) after step 3 was logged but with the checkpoint at step 2:
+    the resumed run logs steps 3 and 4 once each."""
+    run = tmp_path / "run"
+
+    def crash(step, record):
+        if step == 3:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(cfg_for(scenes, steps=4, log_every=1, ckpt_every=2), run, callback=crash)
+    assert load_checkpoint(run)["step"] == 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a row half-written when the process died
+    (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"partial")  # a checkpoint write killed mid-way
+    train(cfg_for(scenes, steps=4, log_every=1, ckpt_every=2), run, resume=True)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_cli_resume_refuses_changed_arguments(scenes, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["--model", str(scenes / "model.json"), "--train", str(scenes / "pretrain.json"), "--images", str(scenes),
+            "--batch-size", "4", "--out", out, "--quiet", "--threads", "1"]
+    assert main(["train", "pretrain", "--steps", "2"] + base) == 0
+    capsys.readouterr()
+    saved = (tmp_path / "run" / "train_config.json").read_text()
+    changed = [(["train", "pretrain", "--batch-size", "8"], ["--batch-size: saved 4, given 8"]),
+               (["train", "vqa"], ["task: saved 'pretrain', given 'vqa'"]),
+               (["train", "pretrain", "--method", "trips", "--lr", "0.1", "--seed", "5"],
+                ["--method/--layers/--keep/--option: saved None, given {", "--lr: saved 0.0001, given 0.1",
+                 "--seed: saved 0, given 5"]),
+               (["train", "pretrain", "--model", "small"], ["--model: saved '", "given 'small'"]),
+               (["train", "pretrain", "--loss", "itm=0"], ["task option itm: saved ", ", given 0.0"])]
+    for args, parts in changed:
+        assert main(args + ["--out", out, "--resume", "--steps", "3", "--quiet"]) == 2, args
+        err = capsys.readouterr().err
+        assert f"cannot resume {out}" in err and "only --ckpt-every, --epochs, --log-every, --steps, --threads, --workers may" in err
+        for part in parts:
+            assert part in err, (part, err)
+    assert (tmp_path / "run" / "train_config.json").read_text() == saved  # nothing was touched
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+    # the same values typed again, and the flags that may change, are accepted
+    assert main(["train", "pretrain", "--out", out, "--resume", "--steps", "3", "--batch-size", "4", "--seed", "0",
+                 "--workers", "0", "--log-every", "5", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["log_every"] == 5
+
+
+def test_cli_sigterm_exits_143_and_the_hint_resumes_exactly(scenes, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    import vlprune.train as train_mod
+
+    args = ["train", "pretrain", "--model", str(scenes / "model.json"), "--train", str(scenes / "pretrain.json"),
+            "--images", str(scenes), "--batch-size", "4", "--steps", "4", "--threads", "1", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    plain = train_mod.train
+
+    def killed(cfg, out, **kw):
+        def kill(step, record):
+            if step == 2:
+                signal.raise_signal(signal.SIGTERM)
+        return plain(cfg, out, callback=kill, **kw)
+
+    monkeypatch.setattr(train_mod, "train", killed)
+    part = tmp_path / "part dir"
+    assert main(args + ["--out", str(part)]) == 143
+    hint = [l for l in capsys.readouterr().out.splitlines() if l.startswith("resume with: ")][0]
+    monkeypatch.setattr(train_mod, "train", plain)
+    cmd = shlex.split(hint[len("resume with: "):])
+    assert cmd[0] == "vlprune" and "--threads" in cmd
+    torch.set_num_threads(2)
+    try:
+        assert main(cmd[1:]) == 0
+    finally:
+        torch.set_num_threads(1)
+    a, b = params(tmp_path / "full"), params(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_pretrain_rejects_vilt(tiny_vilt_cfg):
     with pytest.raises(ValueError, match="arch='albef'"):
         get_task("pretrain").check_model(vlprune.build_model(tiny_vilt_cfg))
@@ -151,12 +242,48 @@ def test_run_dir_errors(scenes, tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(cfg, tmp_path / "run", resume=True)
     train(cfg, tmp_path / "run", overwrite=True)
-    with pytest.raises(ValueError, match=r"\['lr'\] differ"):
+    with pytest.raises(ValueError, match=r"lr \(saved 0.0005, now 1.0\)"):
         train(cfg_for(scenes, steps=2, lr=1.0), tmp_path / "run", resume=True)
     with pytest.raises(ValueError, match="steps or epochs"):
         TrainConfig(steps=1, epochs=1)
     with pytest.raises(ValueError, match="batch_size must be"):
         TrainConfig(batch_size=0)
+
+
+def test_second_run_on_a_locked_directory_is_refused(scenes, tmp_path):
+    """Two open file descriptions conflict under flock even in one process: a run while another holds the lock
+    is refused at once (with --overwrite and --resume), naming the directory and the holder's pid."""
+    run = tmp_path / "run"
+    cfg = cfg_for(scenes, steps=1)
+    train(cfg, run)
+    with run_lock(run):
+        for kw in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(RunDirBusyError, match=rf"{run}.*in use.*pid {os.getpid()}"):
+                train(cfg_for(scenes, steps=2), run, **kw)
+    assert load_checkpoint(run)["step"] == 1  # untouched by the refused runs
+    assert train(cfg_for(scenes, steps=2), run, resume=True)["steps"] == 2  # the lock went with its holder
+
+
+def test_lock_held_by_another_process_and_released_when_it_dies(scenes, tmp_path):
+    run = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from vlprune.rundir import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusyError, match=f"pid {holder.pid}"):
+            train(cfg_for(scenes, steps=1), run, overwrite=True)
+        assert main(["train", "pretrain", "--out", str(run), "--resume", "--quiet"]) == 2
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the flock
+        holder.wait()
+    assert train(cfg_for(scenes, steps=1), run, overwrite=True)["steps"] == 1
+
+
+def test_lock_leaves_no_directory_behind_when_the_run_is_refused(scenes, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(cfg_for(scenes, steps=1), tmp_path / "new", resume=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_train_and_resume(scenes, tmp_path, capsys):
@@ -190,3 +317,21 @@ def test_cli_builtin_data_method_and_bad_images(scenes, tmp_path, capsys):
     assert pairs[0]["image"] in capsys.readouterr().err
     assert main(bad[:-1] + ["--overwrite", "--skip-bad-images", "--quiet"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_cli_decompression_bomb_is_a_bad_image(scenes, tmp_path, capsys):
+    from test_data import _bomb_png
+
+    pairs = json.loads((scenes / "pretrain.json").read_text())[:8]
+    for p in pairs:
+        p["image"] = str(scenes / p["image"])
+    _bomb_png(tmp_path / "bomb.png")  # a header claiming 20000 x 20000 pixels
+    pairs[3]["image"] = str(tmp_path / "bomb.png")
+    (tmp_path / "ann.json").write_text(json.dumps(pairs))
+    args = ["train", "pretrain", "--model", str(scenes / "model.json"), "--train", str(tmp_path / "ann.json"),
+            "--images", str(scenes), "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "too large" in err and "bomb.png" in err and "Traceback" not in err
+    assert main(args + ["--overwrite", "--skip-bad-images"]) == 0
+    assert "skipped 1 sample(s)" in capsys.readouterr().out

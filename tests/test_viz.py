@@ -206,6 +206,7 @@ def test_visualize_cli_registered_methods(run_dir, tmp_path, method):
     (dict(method="nosuch"), "unknown reduction method 'nosuch'"),
     (dict(tokenizer=False), "tokenizer"),
     (dict(bad_image=True), "cannot read image"),
+    (dict(bomb=True), "decompression bomb"),
 ])
 def test_visualize_errors(run_dir, tmp_path, monkeypatch, capsys, change, match):
     monkeypatch.setitem(registry._REGISTRY, "toy", _toy_builder)
@@ -215,6 +216,11 @@ def test_visualize_errors(run_dir, tmp_path, monkeypatch, capsys, change, match)
     if change.get("bad_image"):
         img = tmp_path / "bad.png"
         img.write_bytes(b"not an image")
+    if change.get("bomb"):
+        from test_data import _bomb_png
+
+        img = tmp_path / "bomb.png"
+        _bomb_png(img)  # a header claiming 20000 x 20000 pixels
     argv = ["visualize", "--checkpoint", str(run_dir), "--image", str(tmp_path / change.get("image", img.name)),
             "--text", change.get("text", "a red cube"), "--out", str(tmp_path / change.get("out", "v.png"))]
     method = change.get("method", "toy")

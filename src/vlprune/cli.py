@@ -12,7 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Set
 
 from .errors import CLIError  # noqa: F401  (re-exported: ``from vlprune.cli import CLIError`` keeps working)
 from .version import __version__
@@ -79,9 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_flags(argv: Optional[List[str]]) -> Set[str]:
+    """The ``dest`` names of the options typed in ``argv`` (parsed again with every default suppressed), so that a
+    command can tell ``--batch-size 32`` typed from the default 32 (``train --resume`` compares what was typed)."""
+    p = build_parser()
+    for q in _parsers(p):
+        for action in q._actions:
+            if action.option_strings:
+                action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "resume", False):
+        args.given = given_flags(argv)
     for k, v in GLOBAL_DEFAULTS.items():
         if not hasattr(args, k):
             setattr(args, k, v)

@@ -3,7 +3,8 @@ accumulation, AMP on CUDA, checkpoint/resume, and DDP under ``torchrun``.
 
 Run directory (``out``)::
 
-    train_config.json   this TrainConfig (resuming checks it)
+    .lock               flock'ed by the run in progress (pid and host inside); a second run is refused
+    train_config.json   this TrainConfig, with the torch threads (resuming checks it and restores the threads)
     tokenizer/          tokenizer.json + vocab.txt (trained on the training text unless a checkpoint's is given)
     data/               the built-in scenes data, when no --train file is given
     checkpoint.pt       model + optimiser + scheduler + counters + RNG states (atomic; torch.load weights_only)
@@ -22,12 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -43,11 +43,12 @@ from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
+from .rundir import LOCK_FILE, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics
 from .tasks.base import StepContext, StepModule, get_task
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
-RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every")
+RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads")
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,12 @@ class TrainConfig:
     scenes_images: int = 2000
     scenes_seed: int = 0
     progress: bool = False
+    threads: Optional[int] = None  # torch CPU threads; None = the current setting, recorded in train_config.json
 
     def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
         for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -138,25 +143,31 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
     """Check the run directory (every rank), then create/clear it (rank 0). Returns the config to use."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    exists = out.exists() and any(out.iterdir())
+    exists = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
         saved = from_dict(TrainConfig, json.loads((out / CONFIG_FILE).read_text()), str(out / CONFIG_FILE))
-        diff = [f.name for f in fields(TrainConfig) if f.name not in RESUMABLE_CHANGES
-                and getattr(saved, f.name) != getattr(cfg, f.name)]
+        diff = [f"{f.name} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})" for f in fields(TrainConfig)
+                if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
-            raise ValueError(f"cannot resume {out} with a different config: {diff} differ from {out / CONFIG_FILE}")
+            raise ValueError(f"cannot resume {out} with a different config; only {', '.join(RESUMABLE_CHANGES)} may "
+                             f"change. Differing from {out / CONFIG_FILE}: {'; '.join(diff)}")
+        if cfg.threads is not None and saved.threads not in (None, cfg.threads):
+            log.warning("resuming with %d threads instead of the run's %d: the result will not be bitwise the same "
+                        "as an uninterrupted run", cfg.threads, saved.threads)
+        cfg = replace(cfg, threads=cfg.threads or saved.threads or torch.get_num_threads())
         _barrier(world)
         if rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
             (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
         return cfg
+    cfg = replace(cfg, threads=cfg.threads or torch.get_num_threads())
     if exists and not overwrite:
         raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
     _barrier(world)
     if rank == 0:
         if exists:
-            shutil.rmtree(out)
+            clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
     _barrier(world)
@@ -217,17 +228,21 @@ class _Stop:
 
 def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwrite: bool = False,
           callback: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-    """Train ``cfg.task``; returns {"steps", "interrupted", "first", "last", "skipped", "out"}.
+    """Train ``cfg.task``; returns {"steps", "total_steps", "interrupted", "signal", "first", "last", "skipped",
+    "out", "val", "threads"}.
     ``callback(step, record)`` runs after every optimiser step (tests use it to send a signal)."""
     rank, world, device, started = setup_distributed()
+    threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(out), resume, overwrite, callback, rank, world, device)
+        with ExitStack() as stack:
+            return _train(cfg, Path(out), resume, overwrite, callback, rank, world, device, stack)
     finally:
+        torch.set_num_threads(threads)
         if started:
             dist.destroy_process_group()
 
 
-def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[str, Any]:
+def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) -> Dict[str, Any]:
     task = get_task(cfg.task, **cfg.task_options)
     init_meta = None
     if cfg.init is not None:
@@ -240,7 +255,11 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, cfg.method).to(device).train()  # a bad method fails before the run dir is touched
     task.check_model(model)
+    stack.enter_context(run_lock(out, rank, world))  # held until train() returns; a second run is refused
     cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
+    if resume and rank == 0:
+        remove_orphan_temps(out)  # a checkpoint write killed mid-way
+    torch.set_num_threads(cfg.threads)  # saved in train_config.json: resume is bitwise exact with the same threads
     entries, root = _data(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
     dataset = task.build_dataset(entries, ImageLoader.for_model(mcfg.vision, root), cfg.skip_bad_images)
@@ -275,6 +294,8 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
             scaler.load_state_dict(ck["scaler"])
         step, micro, skipped = ck["step"], ck["micro"], ck["skipped"]
         set_rng_state(ck["rng"])
+        if rank == 0:
+            trim_metrics(out, step)  # rows logged after the checkpoint are logged again
         log.info("resumed %s at step %d (micro-batch %d)", out, step, micro)
     wrapped = StepModule(model, task)
     if world > 1:
@@ -360,7 +381,8 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device) -> Dict[s
     if cfg.val is not None and not interrupted:
         val = _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
     return {"steps": step, "total_steps": total, "interrupted": interrupted, "first": first, "last": last,
-            "skipped": skipped, "out": str(out), "val": val}
+            "skipped": skipped, "out": str(out), "val": val, "threads": cfg.threads,
+            "signal": int(stop.signal) if stop.signal is not None else None}
 
 
 def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step) -> Dict[str, float]:

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from .method_flags import add_method_flags, method_config
@@ -76,17 +78,18 @@ def _lr(args) -> float:
 
 
 def build_config(args):
-    from vlprune.config import from_dict
-    from vlprune.train import CONFIG_FILE, TrainConfig
+    """The TrainConfig of the command line; with ``--resume`` the run's saved config, checked against what was typed."""
+    from vlprune.train import CONFIG_FILE
 
     out = Path(args.out)
     if args.resume and (out / CONFIG_FILE).is_file():
-        saved = json.loads((out / CONFIG_FILE).read_text())
-        if args.steps is not None or args.epochs is not None:
-            saved["steps"], saved["epochs"] = args.steps, args.epochs
-        saved["progress"] = not args.quiet
-        saved["num_workers"] = args.workers
-        return from_dict(TrainConfig, saved, str(out / CONFIG_FILE))
+        return _resume_config(args, out / CONFIG_FILE)
+    return _fresh_config(args)
+
+
+def _fresh_config(args):
+    from vlprune.train import TrainConfig
+
     method = method_config(args)
     if args.model is not None and args.init is not None:
         raise ValueError("give --model or --init, not both (a fine-tuning run takes the init checkpoint's model config)")
@@ -98,7 +101,57 @@ def build_config(args):
         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,
         tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
         scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
+        threads=getattr(args, "threads", None),
     )
+
+
+# flag dest -> TrainConfig field, for the flags that shape a run (a resume may not change them)
+_SHAPING = {"train": "train", "val": "val", "images": "images", "model": "model", "init": "init",
+            "batch_size": "batch_size", "accum": "accum", "lr": "lr", "lr_mult": "lr_mult",
+            "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "amp",
+            "seed": "seed", "tokenizer": "tokenizer", "scenes_images": "scenes_images", "scenes_seed": "scenes_seed",
+            "skip_bad_images": "skip_bad_images"}
+# flag dest -> TrainConfig field, for the flags a resume may change
+_RESUMABLE = {"steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
+              "ckpt_every": "ckpt_every", "threads": "threads"}
+
+
+def _resume_config(args, path: Path):
+    """The saved config with the resumable flags that were typed; any typed flag that shapes the run and differs
+    from the saved value is refused, listing each one with its saved and its new value."""
+    from vlprune.commands.method_flags import DEST
+    from vlprune.config import from_dict, to_dict
+    from vlprune.train import TrainConfig
+
+    saved = from_dict(TrainConfig, json.loads(path.read_text()), str(path))
+    given = getattr(args, "given", None)
+    if given is None:  # not from vlprune.cli.main: take the resumable flags that are set
+        given = {dest for dest in _RESUMABLE if getattr(args, dest, None) is not None}
+    typed = {dest for dest in _SHAPING if dest in given}
+    fresh = _fresh_config(args)
+    old, new = to_dict(saved), to_dict(fresh)
+    diff = []
+    if args.task != saved.task:
+        diff.append(("task", saved.task, args.task))
+    for dest in sorted(typed):
+        name = _SHAPING[dest]
+        if old[name] != new[name]:
+            diff.append(("--" + dest.replace("_", "-"), old[name], new[name]))
+    if DEST in given and old["method"] != new["method"]:
+        diff.append(("--method/--layers/--keep/--option", old["method"], new["method"]))
+    for key, value in new["task_options"].items():
+        typed_option = key in _pairs(args.loss) or (key in ("teacher", "stage", "answers", "k") and key in given)
+        if typed_option and old["task_options"].get(key) != value:
+            diff.append((f"task option {key}", old["task_options"].get(key), value))
+    if diff:
+        rows = "; ".join(f"{name}: saved {a!r}, given {b!r}" for name, a, b in diff)
+        raise ValueError(f"cannot resume {path.parent}: arguments differ from {path} ({rows}). Resume with the "
+                         f"saved arguments, or train into a new --out; only {', '.join('--' + d.replace('_', '-') for d in sorted(_RESUMABLE))} may change")
+    changes = {field: getattr(fresh, field) for dest, field in _RESUMABLE.items() if dest in given}
+    if "steps" in changes or "epochs" in changes:
+        changes["steps"], changes["epochs"] = fresh.steps, fresh.epochs
+    changes["progress"] = not args.quiet
+    return replace(saved, **changes)
 
 
 def _task_options(args) -> dict:
@@ -149,5 +202,6 @@ def run(args) -> int:
             print(f"skipped {res['skipped']} sample(s) with bad images")
         print(f"run directory: {res['out']} (metrics.jsonl, checkpoint.pt, model/, tokenizer/)")
         if res["interrupted"]:
-            print(f"resume with: vlprune train {cfg.task} --out {args.out} --resume")
-    return 130 if res["interrupted"] else 0
+            print(f"resume with: vlprune train {cfg.task} --out {shlex.quote(str(args.out))} --resume "
+                  f"--threads {res['threads']}")
+    return 128 + res["signal"] if res["interrupted"] else 0  # 130 SIGINT, 143 SIGTERM

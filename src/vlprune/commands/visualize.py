@@ -60,7 +60,7 @@ def _load_image(path: Path, cfg):
         with Image.open(path) as im:
             im.load()
             img = im.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # a bomb: too many pixels
         raise ValueError(f"cannot read image {path}: {e}") from None
     disp = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(disp).permute(2, 0, 1)

@@ -4,7 +4,8 @@ Every image is converted to RGB (grey "L"/"1"/"I"/"F", palette "P", "RGBA"/"LA" 
 resized to ``image_size`` x ``image_size`` with bicubic resampling (no crop, as ALBEF's test transform), scaled to
 [0, 1] and normalised with the VisionConfig's ``image_mean`` / ``image_std``.
 
-A missing file raises FileNotFoundError; an empty, truncated or non-image file raises ``BadImageError`` (a
+A missing file raises FileNotFoundError; an empty, truncated or non-image file, or one whose size exceeds PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice it for an error), raises ``BadImageError`` (a
 ValueError) naming the path. Datasets built with ``skip_bad_images=True`` catch ``BadImageError`` (and missing
 files), drop the sample and count it instead.
 """
@@ -62,6 +63,8 @@ def open_image(path: PathLike):
             return to_rgb(img)
     except UnidentifiedImageError:
         raise BadImageError(f"not an image file (PIL cannot identify it): {p}") from None
+    except Image.DecompressionBombError as e:  # a header claiming more pixels than PIL's limit
+        raise BadImageError(f"image too large (a possible decompression bomb) {p}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"corrupt or truncated image file {p}: {e}") from None
 

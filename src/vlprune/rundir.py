@@ -1,0 +1,117 @@
+"""Run-directory housekeeping for ``vlprune.train``: an exclusive lock, orphan temp files and metrics trimming.
+
+The lock is ``fcntl.flock`` on ``RUN/.lock`` (non-blocking, exclusive), held by rank 0 for the whole run; the file
+holds the holder's pid and host. The kernel drops the lock when the process dies (even by kill -9), so a stale
+lock file never blocks a later run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .fileio import atomic_write
+
+log = logging.getLogger(__name__)
+LOCK_FILE = ".lock"
+METRICS = "metrics.jsonl"
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+def _acquire(out: Path):
+    import fcntl
+
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+        os.close(fd)
+        raise RunDirBusyError(f"run directory {out} is in use by another run ({holder}); wait for it to end "
+                              "or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+@contextmanager
+def run_lock(out: Path, rank: int = 0, world: int = 1) -> Iterator[None]:
+    """Hold ``out/.lock`` (rank 0) while the block runs; every rank raises ``RunDirBusyError`` when it is held.
+    A directory created here that holds nothing but the lock when the block ends is removed again."""
+    out = Path(out)
+    created = not out.exists()
+    fd, error = None, None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = _acquire(out)
+        except RunDirBusyError as e:
+            error = str(e)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RunDirBusyError(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
+            os.close(fd)  # releases the flock
+
+
+def clear_run_dir(out: Path) -> None:
+    """Delete everything in ``out`` but the lock file (which this process holds: deleting it would let another
+    run lock a new one)."""
+    for p in Path(out).iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def remove_orphan_temps(out: Path) -> None:
+    """Delete temp files that an atomic write killed mid-way left behind (``.NAME.XXXX.tmp``); call under the lock."""
+    for p in Path(out).glob(".*.tmp"):
+        log.info("removing the temp file %s left by an interrupted write", p)
+        p.unlink(missing_ok=True)
+
+
+def trim_metrics(out: Path, step: int) -> int:
+    """Drop the rows of ``out/metrics.jsonl`` logged after ``step`` (and unreadable, e.g. half-written, lines) so
+    that a resumed run does not repeat them. Returns the number of rows dropped."""
+    path = Path(out) / METRICS
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            ok = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        text = "".join(line + "\n" for line in keep)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        log.info("dropped %d row(s) of %s after the checkpoint's step %d", dropped, path, step)
+    return dropped
