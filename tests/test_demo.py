@@ -1,6 +1,7 @@
 """The demo: the quick profile end to end, its cache (skip / redo / resume), --overwrite, the operating points."""
 
 import json
+import shutil
 import signal
 from dataclasses import replace
 
@@ -62,6 +63,15 @@ def test_second_run_skips_every_stage(quick, capsys):
     cap = capsys.readouterr()
     assert "[demo] vqa-none: finished before with the same settings, skipped" in cap.err and "demo" in cap.err
     assert "| none | fine-tuned unpruned |" in cap.out and "Smoke run" in cap.out and "report:" in cap.out
+
+
+def test_moved_demo_directory_keeps_its_stages(quick, tmp_path):
+    """The stage keys hash paths inside OUT relative to it: a copied (or moved) demo directory is continued."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(quick, moved)
+    said = []
+    run_demo(moved, profile="quick", threads=1, quiet=True, say=said.append)
+    assert not any("redoing" in s for s in said) and sum("skipped" in s for s in said) > 40
 
 
 def test_vqa_first_stage_keeps_the_blind_row_blind(quick):

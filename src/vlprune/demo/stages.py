@@ -20,8 +20,12 @@ DONE = "done.json"
 VERSION = 1
 
 
-def settings_key(settings: Mapping[str, Any]) -> str:
+def settings_key(settings: Mapping[str, Any], out: Optional[Path] = None) -> str:
+    """The hash of a stage's settings. Paths inside ``out`` are hashed relative to it, so that a demo directory
+    that was moved or copied keeps its finished stages."""
     text = json.dumps({"version": VERSION, **settings}, sort_keys=True, default=str)
+    if out is not None:
+        text = text.replace(json.dumps(str(out))[1:-1], "<OUT>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -44,7 +48,7 @@ class Stages:
         """The result of stage ``name``: from its ``done.json`` when the settings match, else ``fn(stage_dir)``.
         ``keep_dir``: on changed settings leave the directory (a training stage decides itself what to reuse)."""
         d = self.out / name
-        key = settings_key(settings)
+        key = settings_key(settings, self.out)
         self.keys[name] = key
         self.bar.set_description(f"demo: {name}")
         done = _read(d / DONE)
