@@ -29,9 +29,11 @@ def _setup(tmp_path):
 def test_eval_and_train_from_an_official_checkpoint(tmp_path, capsys):
     ckpt, tok, data = _setup(tmp_path)
     common = ["--init-official", str(ckpt), "--format", "albef", "--official-heads", "4", "--tokenizer", str(tok)]
-    assert main(["eval", "ve", "--test", str(data / "ve_test.json"), "--json", "--quiet"] + common) == 0
+    assert main(["eval", "ve", "--test", str(data / "ve_test.json"), "--json", "--quiet",
+                 "--official-report", str(tmp_path / "rep.json")] + common) == 0
+    assert ["task_heads.ve.net.0.weight", "cls_head.0.weight", "copied"] in json.loads((tmp_path / "rep.json").read_text())["loaded"]
     out = capsys.readouterr().out
-    assert "albef (ve)" in out and "cls_head_m.0.weight" in out  # the report table, with the ignored keys
+    assert "albef (ve)" in out and "ignored      cls_head_m.*" in out  # the report table, with the ignored keys
     assert 0.0 <= json.loads(out.strip().splitlines()[-1])["accuracy"] <= 100.0
     run = tmp_path / "run"
     assert main(["train", "ve", "--train", str(data / "ve_train.json"), "--steps", "1", "--batch-size", "2",

@@ -5,6 +5,7 @@ every key, and give the official code's outputs. The checkpoints are tiny fakes 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -110,6 +111,12 @@ def test_round_trip_ours_to_official_names_and_back(tmp_path):
     for k, v in ours.state_dict().items():
         if not k.startswith("mlm_head."):  # a retrieval-layout file has no MLM head (reported)
             assert torch.equal(v, back.state_dict()[k]), k
+    laps = vlprune.build_model("tiny", method=vlprune.ReduceConfig("laps", options={"official": True})).eval()
+    back, rep = load_official(_save(tmp_path, to_official(laps, "laps"), "laps.pth"), "laps", heads=4)
+    assert rep.ok and back.cfg.fusion_layers == 1  # LAPS has no fusion encoder: one, initialised (reported)
+    for k, v in laps.state_dict().items():
+        if k.startswith(("vision.", "text.", "laps.")):
+            assert torch.equal(v, back.state_dict()[k]), k
     vilt = vlprune.build_model(_vilt_cfg(), method=vlprune.ReduceConfig(
         "tip", layers=(2, 3), keep=0.5, options={"placement": "post_mlp", "count": "pumer", "proj_dim": 8}))
     vlprune.models.heads.add_task_head(vilt, "vqa", 5, "vilt")
@@ -133,7 +140,8 @@ def test_errors_name_unknown_missing_and_mismatched_keys(tmp_path):
     assert "visual_encoder.extra.weight" in msg and "itm_head.bias" in msg and "text_proj.weight" in msg
     model, rep = load_official(_save(tmp_path, bad), "albef", heads=4, strict=False)
     assert rep.unknown == ["visual_encoder.extra.weight"] and ("itm_head.bias", "itm_head.bias") in rep.missing
-    assert "UNKNOWN" in rep.table() and "MISSING" in rep.table()
+    assert re.search(r"UNKNOWN +visual_encoder\.extra\.weight", rep.table()) and "MISSING" in rep.table(full=True)
+    assert "vision.layers.#.attn.qkv.{weight,bias}" in rep.table(full=True)  # layers and weight/bias grouped
     with pytest.raises(ValueError, match="not a LAPS state dict"):
         load_official(_save(tmp_path, sd), "laps")
     with pytest.raises(ValueError, match="valid: \\['albef', 'elip', 'laps', 'pumer-vilt'\\]"):

@@ -4,7 +4,7 @@ from (or evaluate) a checkpoint released with a paper's code.
 The checkpoint is converted with ``vlprune.load_official`` into a vlprune model directory (``config.json`` +
 ``model.safetensors`` + ``official_report.json``), and the report of every key is printed as a table. ``train``
 writes that directory beside the run (``OUT-official-init``, or ``--official-dir``) and fine-tunes from it as from
-``--init``; ``eval`` converts into a temporary directory. Official checkpoints carry no tokenizer: ``--tokenizer``
+``--init``; ``eval`` converts into a temporary directory (``--official-report FILE`` keeps the JSON report). Official checkpoints carry no tokenizer: ``--tokenizer``
 names a directory with the BERT ``vocab.txt`` they were trained with (bert-base-uncased for all four).
 Without ``--method`` the format's own method runs (ELIP, LAPS official=True, TiP at PuMer's layers with PuMer's
 placement and count; none for ALBEF).
@@ -31,6 +31,8 @@ def add_official_flags(p, eval_flags: bool = False) -> None:
                    help="'no': load what maps even when keys are unknown, missing or mismatched (all reported)")
     if eval_flags:
         g.add_argument("--tokenizer", default=None, help="with --init-official: directory with the BERT vocab.txt")
+        g.add_argument("--official-report", default=None, metavar="FILE",
+                       help="write the report of every key (JSON) to FILE (the table printed groups them)")
         g.add_argument("--answers", default=None,
                        help="with --init-official, vqa: JSON list of the answers in the official head's order")
     else:
@@ -71,7 +73,10 @@ def convert(args, dest: Path, answers: Optional[list] = None):
     if answers is not None:
         extra["answers"] = answers
     save_pretrained(model, dest, extra=extra)
-    (Path(dest) / "official_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    text = json.dumps(report.to_dict(), indent=1)
+    (Path(dest) / "official_report.json").write_text(text)
+    if getattr(args, "official_report", None):
+        Path(args.official_report).write_text(text)
     return report
 
 

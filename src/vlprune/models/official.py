@@ -80,22 +80,47 @@ class LoadReport:
         return "; ".join(parts)
 
     def table(self, full: bool = False) -> str:
-        """A plain-text table: a summary, then every ignored key, every initialised parameter and every problem
-        with its reason (and, with ``full``, every loaded key)."""
+        """A plain-text table. Compact (default): loaded tensors counted per pair of top-level modules (ours <-
+        theirs); ignored and initialised keys per top-level module and reason. ``full``: one row per key, keys that
+        differ only in layer numbers or weight/bias sharing a row (``#``, ``xN``). Problems are always listed."""
         lines = [f"{self.source}: {self.format} ({self.variant}), method {self.method['name'] if self.method else 'none'}",
                  f"  loaded {len(self.loaded)} tensors, ignored {len(self.ignored)}, initialised {len(self.initialised)}, "
                  f"unknown {len(self.unknown)}, missing {len(self.missing)}, mismatched {len(self.mismatched)}"]
-        rows = [("loaded", o, f"<- {t} ({how})") for o, t, how in self.loaded] if full else []
-        rows += [("ignored", t, why) for t, why in self.ignored]
-        rows += [("initialised", o, why) for o, why in self.initialised]
+        if full:
+            rows = [("loaded", _pattern(o), f"<- {_pattern(t)} ({how})") for o, t, how in self.loaded]
+            rows += [("ignored", _pattern(t), why) for t, why in self.ignored]
+            rows += [("initialised", _pattern(o), why) for o, why in self.initialised]
+        else:
+            rows = [("loaded", _top(o), f"<- {_top(t)} ({how.split(',')[0]})") for o, t, how in self.loaded]
+            rows += [("ignored", _top(t), why) for t, why in self.ignored]
+            rows += [("initialised", _top(o), why) for o, why in self.initialised]
         rows += [("UNKNOWN", t, "not known to the map") for t in self.unknown]
         rows += [("MISSING", t, f"expected for {o}") for t, o in self.missing]
         rows += [("MISMATCH", m, "") for m in self.mismatched]
-        if rows:
-            w0, w1 = max(len(r[0]) for r in rows), min(60, max(len(r[1]) for r in rows))
-            lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+        grouped: Dict[Tuple[str, str, str], int] = {}
+        for row in rows:
+            grouped[row] = grouped.get(row, 0) + 1
+        if grouped:
+            w0 = max(len(k[0]) for k in grouped)
+            w1 = min(56, max(len(k[1]) for k in grouped))
+            for (a, b, c), n in grouped.items():
+                lines.append(f"  {a:<{w0}}  {b:<{w1}}  {c}{f'  x{n}' if n > 1 else ''}".rstrip())
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _pattern(key: str) -> str:
+    """Layer numbers -> ``#`` and a trailing weight / bias -> ``{weight,bias}``, for grouping rows."""
+    return _LAYER.sub(".#.", re.sub(r"\.(weight|bias)\b", ".{weight,bias}", key))
+
+
+def _top(key: str) -> str:
+    """The top-level module of a key (``text_encoder.*``), or the whole key when it has none."""
+    head, dot, _ = key.partition(".")
+    return head + ".*" if dot else head
+
+
+_LAYER = re.compile(r"\.\d+\.")
 
 
 def _short(items, n: int = 8) -> str:
@@ -312,7 +337,7 @@ def apply_map(model: nn.Module, state: Dict[str, Tensor], km: M.KeyMap, report: 
             report.initialised.append((k, "a parameter of the installed method that the checkpoint does not have"))
         elif fresh is not None and fresh.from_online and online in own:
             target[k] = target.get(online, own[online])
-            report.initialised.append((k, f"{fresh.why}; a copy of {online}"))
+            report.initialised.append((k, f"{fresh.why}; a copy of the online weights"))
         elif fresh is not None:
             report.initialised.append((k, fresh.why))
         elif not any(o == k for _, o in report.missing) and not any(m.startswith(k + " ") for m in report.mismatched):
