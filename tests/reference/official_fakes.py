@@ -7,7 +7,7 @@ and code bases' descriptions. Their ``state_dict()`` has the official key names 
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -358,4 +358,4 @@ def interpolate_like_albef(pos, grid: int):
     return torch.cat([pos[:, :1], p.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
-__all__ = ["FakeALBEF", "FakeLAPS", "FakePuMerViLT", "interpolate_like_albef", "naive_attention", "Optional"]
+__all__ = ["FakeALBEF", "FakeLAPS", "FakePuMerViLT", "interpolate_like_albef", "naive_attention"]

@@ -25,7 +25,6 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig, TextConfig, VisionConfig
 from ..reduce.registry import ReduceConfig
 from . import official_maps as M
+from .official_report import LoadReport, short as _short
 from .build import build_model
 from .heads import add_task_head
 from .vit import interpolate_pos_embed
@@ -43,88 +43,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("albef", "elip", "laps", "pumer-vilt")
 HALF = (0.5, 0.5, 0.5)  # ViLT's and the Hugging Face in21k ViT's normalisation (ALBEF's is CLIP's, our default)
-
-
-@dataclass
-class LoadReport:
-    """What ``load_official`` did with every key (see the module docstring)."""
-
-    format: str
-    variant: str
-    source: str
-    loaded: List[Tuple[str, str, str]] = field(default_factory=list)  # (ours, theirs, how)
-    ignored: List[Tuple[str, str]] = field(default_factory=list)  # (theirs, why)
-    initialised: List[Tuple[str, str]] = field(default_factory=list)  # (ours, why)
-    unknown: List[str] = field(default_factory=list)  # theirs, not known to the map
-    missing: List[Tuple[str, str]] = field(default_factory=list)  # (theirs expected, ours it feeds)
-    mismatched: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-    method: Optional[Dict[str, Any]] = None
-
-    @property
-    def ok(self) -> bool:
-        return not (self.unknown or self.missing or self.mismatched)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in ("format", "variant", "source", "loaded", "ignored", "initialised",
-                                                "unknown", "missing", "mismatched", "notes", "method")}
-
-    def problems(self) -> str:
-        parts = []
-        if self.unknown:
-            parts.append(f"unknown keys {_short(self.unknown)}")
-        if self.missing:
-            parts.append(f"missing keys {_short([f'{t} (for {o})' for t, o in self.missing])}")
-        if self.mismatched:
-            parts.append(f"shape mismatches {_short(self.mismatched)}")
-        return "; ".join(parts)
-
-    def table(self, full: bool = False) -> str:
-        """A plain-text table. Compact (default): loaded tensors counted per pair of top-level modules (ours <-
-        theirs); ignored and initialised keys per top-level module and reason. ``full``: one row per key, keys that
-        differ only in layer numbers or weight/bias sharing a row (``#``, ``xN``). Problems are always listed."""
-        lines = [f"{self.source}: {self.format} ({self.variant}), method {self.method['name'] if self.method else 'none'}",
-                 f"  loaded {len(self.loaded)} tensors, ignored {len(self.ignored)}, initialised {len(self.initialised)}, "
-                 f"unknown {len(self.unknown)}, missing {len(self.missing)}, mismatched {len(self.mismatched)}"]
-        if full:
-            rows = [("loaded", _pattern(o), f"<- {_pattern(t)} ({how})") for o, t, how in self.loaded]
-            rows += [("ignored", _pattern(t), why) for t, why in self.ignored]
-            rows += [("initialised", _pattern(o), why) for o, why in self.initialised]
-        else:
-            rows = [("loaded", _top(o), f"<- {_top(t)} ({how.split(',')[0]})") for o, t, how in self.loaded]
-            rows += [("ignored", _top(t), why) for t, why in self.ignored]
-            rows += [("initialised", _top(o), why) for o, why in self.initialised]
-        rows += [("UNKNOWN", t, "not known to the map") for t in self.unknown]
-        rows += [("MISSING", t, f"expected for {o}") for t, o in self.missing]
-        rows += [("MISMATCH", m, "") for m in self.mismatched]
-        grouped: Dict[Tuple[str, str, str], int] = {}
-        for row in rows:
-            grouped[row] = grouped.get(row, 0) + 1
-        if grouped:
-            w0 = max(len(k[0]) for k in grouped)
-            w1 = min(56, max(len(k[1]) for k in grouped))
-            for (a, b, c), n in grouped.items():
-                lines.append(f"  {a:<{w0}}  {b:<{w1}}  {c}{f'  x{n}' if n > 1 else ''}".rstrip())
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _pattern(key: str) -> str:
-    """Layer numbers -> ``#`` and a trailing weight / bias -> ``{weight,bias}``, for grouping rows."""
-    return _LAYER.sub(".#.", re.sub(r"\.(weight|bias)\b", ".{weight,bias}", key))
-
-
-def _top(key: str) -> str:
-    """The top-level module of a key (``text_encoder.*``), or the whole key when it has none."""
-    head, dot, _ = key.partition(".")
-    return head + ".*" if dot else head
-
-
-_LAYER = re.compile(r"\.\d+\.")
-
-
-def _short(items, n: int = 8) -> str:
-    return str(list(items)[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------
@@ -214,7 +132,7 @@ def albef_setup(s, extra, image_size, heads, elip: bool):
             method = ReduceConfig("elip")
             notes.append("ELIP: no img_prune in the checkpoint's config; ELIP's defaults (blocks at 3, 5, 11)")
         notes.append("ELIP prunes in pre-training; its fine-tuning code runs the ViT unpruned (method=None does)")
-    km = M.albef_map(lay, M.albef_head_outputs(s))
+    km = M.albef_map(lay)
     km.notes[:0] = notes
     heads_ = {"ve": ("albef", 3)} if lay.variant == "ve" else {}
     return cfg, method, km, lay.variant, heads_
@@ -412,7 +330,7 @@ def to_official(model: nn.Module, kind: str) -> Dict[str, Tensor]:
     if kind in ("albef", "elip"):
         lay = M.AlbefLayout("retrieval", "text_encoder.", c.vision.layers, c.text.layers, c.fusion_layers,
                             c.use_momentum, c.queue_size > 0, c.queue_size > 0)
-        km = M.albef_map(lay, None)
+        km = M.albef_map(lay)
     elif kind == "laps":
         km = M.laps_map(c.vision.layers, c.text.layers)
     elif kind == "pumer-vilt":

@@ -157,7 +157,7 @@ def albef_layout(state: Dict[str, Tensor]) -> AlbefLayout:
                        any(k.startswith("visual_encoder_m.") for k in keys), "image_queue" in keys, "idx_queue" in keys)
 
 
-def albef_map(lay: AlbefLayout, head_outputs: Optional[int]) -> KeyMap:
+def albef_map(lay: AlbefLayout) -> KeyMap:
     rules: List[Rule] = []
     ignore = [Ignore(r".*embeddings\.position_ids$", "a buffer of the positions 0..L-1 (computed, not stored, here)")]
     fresh: List[Fresh] = []
@@ -220,11 +220,6 @@ def albef_map(lay: AlbefLayout, head_outputs: Optional[int]) -> KeyMap:
         notes.append("NLVR2: only the image and text encoders load; the fusion encoder and a new 'nlvr2' head "
                      "have to be fine-tuned ('vlprune train nlvr2 --init-official ...')")
     return KeyMap(rules, ignore, fresh, notes)
-
-
-def albef_head_outputs(state: Dict[str, Tensor]) -> Optional[int]:
-    w = state.get("cls_head.2.weight")
-    return None if w is None else int(w.shape[0])
 
 
 # -- LAPS ----------------------------------------------------------------------------------------------------------
