@@ -47,6 +47,8 @@ def test_albef_loads_and_matches_the_official_forward(variant, tmp_path):
         torch.testing.assert_close(out.image.x, fake.visual_encoder(images, 4), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.image_embed(out.image), nn.functional.normalize(
             fake.vision_proj(fake.visual_encoder(images, 4)[:, 0]), dim=-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.text_embed(out.text), nn.functional.normalize(
+            fake.text_proj(fake.bert().text(ids, mask, 4)[:, 0]), dim=-1), atol=1e-5, rtol=1e-5)
     # the momentum copies and the queues are the checkpoint's, not copies of the online weights
     assert torch.equal(model.momentum_encoders.vision.embeddings.pos_embed, fake.visual_encoder_m.pos_embed)
     assert torch.equal(model.image_queue, fake.image_queue)
@@ -153,6 +155,10 @@ def test_errors_name_unknown_missing_and_mismatched_keys(tmp_path):
         load_official(tmp_path / "pickled.pth", "albef")
     torch.save({"state_dict": {k: v for k, v in sd.items()}}, tmp_path / "sd.pth")
     assert load_official(tmp_path / "sd.pth", "albef", heads=4)[1].ok  # the {"state_dict": ...} wrapper
+    from safetensors.torch import save_file
+
+    save_file({"module." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "ddp.safetensors"))
+    assert load_official(tmp_path / "ddp.safetensors", "albef", heads=4)[1].ok  # DDP's module. prefix
 
 
 class _Opaque:
