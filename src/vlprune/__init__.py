@@ -8,7 +8,7 @@
 import logging
 
 from .config import ModelConfig, TextConfig, VisionConfig, list_presets, load_preset
-from .models import attach, build_model, from_hf, load_pretrained, save_pretrained
+from .models import attach, build_model, from_hf, load_official, load_pretrained, save_pretrained
 from .reduce import ReduceConfig, TokenState, list_methods
 from .version import __version__
 
@@ -17,6 +17,6 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ModelConfig", "VisionConfig", "TextConfig", "ReduceConfig", "TokenState", "build_model", "attach",
-    "from_hf", "save_pretrained", "load_pretrained", "list_methods", "list_presets", "load_preset",
+    "from_hf", "load_official", "save_pretrained", "load_pretrained", "list_methods", "list_presets", "load_preset",
     "__version__",
 ]

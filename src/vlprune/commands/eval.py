@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .method_flags import add_method_flags, method_config
+from .official import add_official_flags, check_official_flags, convert
 
 TASKS = ("retrieval", "vqa", "nlvr2", "ve")
 
@@ -21,7 +22,7 @@ TASKS = ("retrieval", "vqa", "nlvr2", "ve")
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a fine-tuned run on a downstream task (any method at inference)")
     p.add_argument("task", choices=TASKS, help="the downstream task")
-    p.add_argument("--checkpoint", required=True, help="run directory (or a saved model directory)")
+    p.add_argument("--checkpoint", default=None, help="run directory (or a saved model directory)")
     p.add_argument("--test", default=None, help="test annotation JSON (default: the run's scenes test split)")
     p.add_argument("--images", default=None, help="image root (default: the test file's folder)")
     add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
@@ -30,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--predictions", default=None,
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
+    add_official_flags(p, eval_flags=True)
     p.set_defaults(run=run)
 
 
@@ -52,6 +54,36 @@ def _test_file(args, ckpt_run: Path, task) -> Path:
 
 
 def run(args) -> int:
+    from vlprune.tasks.finetune import checkpoint_dir
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.predictions is not None and args.task == "retrieval":
+        raise ValueError("--predictions is for vqa, nlvr2 and ve")
+    if check_official_flags(args):
+        return _run_official(args)
+    if args.checkpoint is None:
+        raise ValueError("give --checkpoint (a run or saved model directory) or --init-official PATH --format F")
+    return _run(args, checkpoint_dir(args.checkpoint))
+
+
+def _run_official(args) -> int:
+    """Evaluate an official checkpoint: converted into a temporary model directory, then as --checkpoint."""
+    import tempfile
+
+    if args.test is None:
+        raise ValueError("--init-official needs --test (an annotation file of the task)")
+    answers = None
+    if args.answers is not None:
+        answers = json.loads(Path(args.answers).read_text())
+        if not isinstance(answers, list):
+            raise ValueError(f"--answers {args.answers} must hold a JSON list of answers")
+    with tempfile.TemporaryDirectory(prefix="vlprune-official-") as d:
+        convert(args, Path(d), answers)  # without --method, the saved (the format's own) method runs
+        return _run(args, Path(d))
+
+
+def _run(args, ckpt: Path) -> int:
     import torch
 
     from vlprune.data.images import ImageLoader
@@ -59,14 +91,9 @@ def run(args) -> int:
     from vlprune.models.build import load_pretrained, read_config
     from vlprune.tasks.base import get_task
     from vlprune.tasks.evaluation import evaluate
-    from vlprune.tasks.finetune import checkpoint_dir, tokenizer_dir
+    from vlprune.tasks.finetune import tokenizer_dir
     from vlprune.train import setup_distributed
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.predictions is not None and args.task == "retrieval":
-        raise ValueError("--predictions is for vqa, nlvr2 and ve")
-    ckpt = checkpoint_dir(args.checkpoint)
     meta = read_config(ckpt)
     task = get_task(args.task, **({"k": args.k} if args.task == "retrieval" else {}))
     test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .method_flags import add_method_flags, method_config
+from .official import add_official_flags, check_official_flags, convert, use_reported_method
 
 
 def _pairs(text: str, cast=float) -> dict:
@@ -68,6 +69,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_official_flags(p)
     p.set_defaults(run=run)
 
 
@@ -172,6 +174,26 @@ def _task_options(args) -> dict:
     return opts
 
 
+def _init_from_official(args) -> None:
+    """Convert --init-official into OUT-official-init (or --official-dir) and fine-tune from it as --init; a
+    --resume reuses the converted directory."""
+    from vlprune.distributed import rank
+    from vlprune.models.build import CONFIG_NAME, read_config
+    from vlprune.models.official import LoadReport
+
+    out = Path(args.out)
+    dest = Path(args.official_dir) if args.official_dir else out.with_name(out.name + "-official-init")
+    if args.resume and (dest / CONFIG_NAME).is_file():
+        report = LoadReport(args.format, "", args.init_official, method=read_config(dest).get("method"))
+    elif rank() == 0:
+        report = convert(args, dest)
+    else:  # pragma: no cover - DDP: rank 0 converts
+        raise ValueError("under torchrun, convert first: run 'vlprune train' with --init-official on one process, "
+                         "then --init the converted directory")
+    use_reported_method(args, report)
+    args.init = str(dest)
+
+
 def run(args) -> int:
     from vlprune.distributed import rank
     from vlprune.train import train
@@ -183,6 +205,8 @@ def run(args) -> int:
     for flag, path in (("--val", args.val), ("--answers", args.answers)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} file not found: {path}")
+    if check_official_flags(args):
+        _init_from_official(args)
     for flag, path in (("--init", args.init), ("--teacher", args.teacher)):
         if path is not None:
             from vlprune.tasks.finetune import checkpoint_dir

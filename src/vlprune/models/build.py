@@ -67,7 +67,9 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], extra: Option
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     rc = getattr(model, "method_config", None)
-    heads = {name: h.net[-1].out_features for name, h in model.task_heads.items()}
+    from .heads import head_record
+
+    heads = {name: head_record(h) for name, h in model.task_heads.items()}
     meta = {"model": to_dict(model.cfg), "method": None if rc is None else rc.to_dict(), "heads": heads,
             **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -109,10 +111,10 @@ def load_pretrained(
     chosen = (None if saved is None else ReduceConfig.from_dict(saved)) if not switched else method
     model = build_model(cfg, chosen)
     if meta.get("heads"):
-        from .heads import add_task_head
+        from .heads import add_recorded_head
 
-        for task, n in meta["heads"].items():
-            add_task_head(model, task, n)
+        for task, record in meta["heads"].items():
+            add_recorded_head(model, task, record)
     wpath = d / WEIGHTS_NAME
     if not wpath.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d}")

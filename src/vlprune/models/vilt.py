@@ -2,7 +2,8 @@
 
 Each joint layer: ``x = x + attn(ln1(x))`` over the concatenation (text padding masked), then the reduction slot
 reduces the *image* part (the guide is the layer's multimodal [CLS], i.e. the text [CLS] row of the joint
-sequence, as TRIPS-S and TiP use it), then ``x = x + mlp(ln2(x))``.
+sequence, as TRIPS-S and TiP use it), then ``x = x + mlp(ln2(x))``. A reducer with ``where = "post"`` runs after
+the MLP instead, on the layer's output (TiP's ``placement="post_mlp"``, PuMer's place); it gets no query or key rows.
 """
 
 from __future__ import annotations
@@ -68,13 +69,18 @@ class JointLayer(nn.Module):
         a, q, k = self.attn(self.ln1(x), bias=joint_bias(text_mask, image, x.dtype))
         x = x + a
         text, image = x[:, :L], image.replace(x=x[:, L:])
-        if self.reducer is not None:
+        r = self.reducer
+        if r is not None and r.where != "post":
             ctx = dataclasses.replace(ctx, guide=text[:, 0], text=text, text_mask=text_mask)
             slot = SlotInput.pre_norm("joint", self, q[:, :, L:], k[:, :, L:], q[:, :, :L], text_mask)
-            image = self.reducer(image, slot, ctx)
+            image = r(image, slot, ctx)
         x = torch.cat([text, image.x], dim=1)
         x = x + self.mlp(self.ln2(x))
-        return x[:, :L], image.replace(x=x[:, L:])
+        text, image = x[:, :L], image.replace(x=x[:, L:])
+        if r is not None and r.where == "post":  # on the layer's output (TiP placement="post_mlp", as PuMer)
+            ctx = dataclasses.replace(ctx, guide=text[:, 0], text=text, text_mask=text_mask)
+            image = r(image, SlotInput.pre_norm("joint", self, text_mask=text_mask), ctx)
+        return text, image
 
 
 class ViLT(nn.Module, ReductionSlots):

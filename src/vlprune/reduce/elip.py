@@ -27,6 +27,9 @@ scored against that layer's own keys (softmax over all keys, candidates' part, h
 there, before the MLP of layer s - 1: one MLP earlier than the look-ahead variant, the same place TRIPS and EViT
 prune. Traces record the layer where the pruning happened (s for look-ahead, s - 1 without).
 
+``count_cls=True`` counts the image [CLS] in N, as ELIP's CLIP code does (197 tokens for 196 patches: 177 / 128 /
+78 kept instead of our 176 / 127 / 78); its ALBEF code counts the patches only, as our default.
+
 N is the original patch count of the forward pass, which the image encoder puts in ``ctx.num_patches``.
 """
 
@@ -86,13 +89,15 @@ class ElipReducer(SelectReducer):
 
     method = "elip"
 
-    def __init__(self, ratio: float, span: int, lam: float, lookahead: bool) -> None:
+    def __init__(self, ratio: float, span: int, lam: float, lookahead: bool, count_cls: bool = False) -> None:
         super().__init__()
         self.ratio, self.span, self.lam, self.lookahead = F.check_keep(ratio, "ratio"), span, lam, lookahead
+        self.count_cls = count_cls
         self.where = "pre" if lookahead else "mid"
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, span={self.span}, lam={self.lam}, lookahead={self.lookahead}"
+        extra = ", count_cls=True" if self.count_cls else ""
+        return f"ratio={self.ratio}, span={self.span}, lam={self.lam}, lookahead={self.lookahead}{extra}"
 
     def check(self, state: TokenState, ctx: ReduceContext) -> None:
         check_unmasked(state, self.method)
@@ -100,7 +105,8 @@ class ElipReducer(SelectReducer):
 
     def keep_count(self, state: TokenState, ctx: ReduceContext) -> int:
         M = state.num_tokens - 1
-        return F.original_keep_count(self.ratio, original_patch_count(state, ctx), M)  # k_b = floor(ratio_b * N)
+        n = original_patch_count(state, ctx) + (1 if self.count_cls else 0)  # count_cls: ELIP's CLIP code, N + 1
+        return F.original_keep_count(self.ratio, n, M)  # k_b = floor(ratio_b * N)
 
     def plan(self, state: TokenState, slot: SlotInput, ctx: ReduceContext, k: int) -> Plan:
         if self.lookahead:
@@ -132,7 +138,8 @@ def block_spans(starts: Sequence[int], spans: Optional[Sequence[int]], num_layer
 
 
 OPTIONS = {"lam": Option(DEFAULT_LAM, "float", lo=0.0, hi=1.0), "lookahead": Option(True, "bool"),
-           "spans": Option(None, optional=True, allowed="one span (an integer >= 1) per block start")}
+           "spans": Option(None, optional=True, allowed="one span (an integer >= 1) per block start"),
+           "count_cls": Option(False, "bool")}
 
 
 @register("elip", groups=("vision",), placement="pre (lookahead=False: mid of the layer before)",
@@ -161,4 +168,4 @@ def build_elip(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
         raise ValueError(f"elip: ratios are fractions of the original patch count and must not increase, got {ratios}")
     for s, n, r in zip(starts, spans, ratios):
         slot = s - 1 if lookahead else s - 2  # 0-based: the block's first layer, or the layer before it
-        layers_[slot].reducer = ElipReducer(r, n, float(lam), lookahead)
+        layers_[slot].reducer = ElipReducer(r, n, float(lam), lookahead, bool(opts["count_cls"]))

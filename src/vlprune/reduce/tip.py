@@ -18,6 +18,11 @@ in the tensor, masked as keys in image self-attention / ViLT's joint attention (
 the fusion encoder's text-to-image cross-attention (``TokenState.cross_attention_bias``); straight-through gradients reach
 the mask (``state.POLICY_FLOOR``). Inference: keep the top ``ceil(keep * M)`` by p_i physically, spatial order.
 
+Options that restore PuMer's behaviour (defaults stay ours): ``placement="post_mlp"`` scores the layer's output
+tokens, after its MLP, as PuMer does (in a joint slot; in a fusion slot the image tokens do not change inside the
+layer, so both placements are the same there); ``count="pumer"`` keeps ``int((1 + M) * keep)`` tokens, counting the
+image [CLS] as PuMer does, instead of ``ceil(keep * M)``.
+
 Each reduction appends an ``AuxRecord(layer, "tip", values)`` to ``state.aux``; values (training):
     keep_prob (B, M)   p_i of every candidate in the tensor
     cum_prob  (B, M)   p_i x previous hard mask (0 for tokens already pruned): the cumulative keep probability
@@ -55,7 +60,18 @@ from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.5
-OPTIONS = {"proj_dim": Option(192, "int", lo=1), "tau": Option(1.0, "positive")}
+OPTIONS = {"proj_dim": Option(192, "int", lo=1), "tau": Option(1.0, "positive"),
+           "placement": Option("mid", "choice", choices=("mid", "post_mlp")),
+           "count": Option("ceil", "choice", choices=("ceil", "pumer"))}
+
+
+def tip_keep_count(keep: float, m: int, count: str = "ceil") -> int:
+    """Tokens kept by one pruner from M candidates: ours ``ceil(keep * M)``; ``count="pumer"`` PuMer's
+    ``int((1 + M) * keep)`` (it counts the image [CLS] among the tokens), both clamped to 1 <= k <= M."""
+    if count == "pumer":
+        Fn.check_keep(keep)
+        return max(1, min(m, int((1 + m) * keep)))
+    return Fn.keep_count(keep, m)
 
 
 class Pruner(nn.Module):
@@ -85,8 +101,10 @@ class TipReducer(Reducer):
     method = "tip"
 
     def __init__(self, dim: int, text_dim: int, keep: float, target: float, num_patches: int,
-                 proj_dim: int = 192, tau: float = 1.0) -> None:
+                 proj_dim: int = 192, tau: float = 1.0, placement: str = "mid", count: str = "ceil") -> None:
         super().__init__()
+        self.where = "post" if placement == "post_mlp" else "mid"  # "post": after the layer's MLP (PuMer)
+        self.count = count
         self.pruner = Pruner(dim)
         self.text_proj = nn.Linear(text_dim, proj_dim)
         self.image_proj = nn.Linear(dim, proj_dim)
@@ -94,7 +112,8 @@ class TipReducer(Reducer):
         self.keep, self.target, self.num_patches, self.tau = keep, target, num_patches, tau
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, target={self.target:.4g}"
+        extra = "" if (self.where, self.count) == ("mid", "ceil") else f", where={self.where}, count={self.count}"
+        return f"keep={self.keep}, target={self.target:.4g}{extra}"
 
     def forward(self, state: TokenState, slot: SlotInput, ctx: ReduceContext) -> TokenState:
         x = state.x
@@ -106,7 +125,7 @@ class TipReducer(Reducer):
         if not self.training:
             if state.mask is not None:
                 raise ValueError("tip inference got a masked state; run the whole model in eval mode")
-            new = apply_plan(state, Plan(scores=p.float(), k=Fn.keep_count(self.keep, M)), ctx.layer, self.method)
+            new = apply_plan(state, Plan(scores=p.float(), k=tip_keep_count(self.keep, M, self.count)), ctx.layer, self.method)
             return new.add_aux(ctx.layer, self.method, keep_prob=p, target=self.target)
         prev = None if state.mask is None else state.mask[:, 1:]
         hard = Fn.st_keep_mask(log_p, ctx.generator, prev, self.tau)
@@ -142,8 +161,9 @@ def build(cfg: ReduceConfig, model, opts: dict) -> None:
     text_dim = c.vision.width if group == "joint" else c.text.width
     for layer, kp, tgt in zip(layers, keeps, cumulative(keeps)):
         layers_[layer - 1].reducer = TipReducer(
-            dim, text_dim, kp, tgt, c.vision.num_patches, int(opts["proj_dim"]), float(opts["tau"])
+            dim, text_dim, kp, tgt, c.vision.num_patches, int(opts["proj_dim"]), float(opts["tau"]),
+            opts["placement"], opts["count"],
         )
 
 
-__all__ = ["Pruner", "TipReducer", "build"]
+__all__ = ["Pruner", "TipReducer", "build", "tip_keep_count"]

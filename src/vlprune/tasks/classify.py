@@ -28,7 +28,7 @@ from ..reduce.state import TokenState
 from .base import StepContext, Task, register_task
 from ..reduce.registry import get_spec
 from .finetune import learned_method, learned_methods, load_teacher, method_losses, set_stage
-from ..models.heads import add_task_head, task_head
+from ..models.heads import add_recorded_head, add_task_head, task_head
 from .metrics import accuracy, build_answer_vocab, normalize_answer, soft_targets, vqa_accuracy
 
 
@@ -82,6 +82,13 @@ class ClassificationTask(Task):
             self.teacher = load_teacher(self.teacher_path, device)
             if self.head not in self.teacher.task_heads:
                 raise ValueError(f"the teacher {self.teacher_path} has no {self.head!r} head (fine-tune it on {self.name} first)")
+
+    def restore(self, meta, model) -> None:
+        """A head of another layout in the checkpoint (an official ALBEF / ViLT head) is rebuilt in that layout,
+        so that fine-tuning from it continues with its weights."""
+        record = (meta.get("heads") or {}).get(self.head)
+        if isinstance(record, dict) and self.head not in model.task_heads:
+            add_recorded_head(model, self.head, record)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, model, batch, generator=None) -> Tuple[Tensor, List[TokenState], List[Tensor]]:
@@ -168,6 +175,7 @@ class VQATask(ClassificationTask):
         return {"answers": self.answer_list()} if self.vocab else {}
 
     def restore(self, meta, model) -> None:
+        super().restore(meta, model)
         if meta.get("answers"):
             self.vocab = {a: i for i, a in enumerate(meta["answers"])}
 
