@@ -432,3 +432,73 @@ def test_a_data_error_at_start_up_leaves_no_run_directory(scenes, tmp_path, caps
         assert not out.exists()
     ann.write_text(json.dumps(pairs))
     assert main(args) == 0
+
+
+def test_unreadable_checkpoints_give_a_reason(tmp_path):
+    """Empty: says so; garbage or a pickled object: a short reason, never torch's advice to retry with
+    weights_only=False; a file without a step: not a training state."""
+    from vlprune.checkpoint import read_state
+
+    cases = {"empty.pt": (b"", "the file is empty (0 bytes)"),
+             "garbage.pt": (bytes(range(256)) * 8, "not a PyTorch checkpoint file, or a damaged one"),
+             "zip.pt": (b"PK\x03\x04" + bytes(100), "not a PyTorch checkpoint file, or a damaged one")}
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            read_state(tmp_path / name)
+        assert str(e.value).startswith(f"cannot read checkpoint {tmp_path / name}: {reason}"), str(e.value)
+        assert "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module: code, not data
+    with pytest.raises(ValueError, match=r"holds Python objects other than tensors and plain values \(torch.nn.modules"
+                       r".linear.Linear\); vlprune reads checkpoints as data only") as e:
+        read_state(tmp_path / "module.pt")
+    assert "weights_only" not in str(e.value)
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+    torch.save({"model": {}}, run / "checkpoint-3" / "state.pt")
+    with pytest.raises(ValueError, match="not a vlprune training state"):
+        load_checkpoint(run)
+    (run / "checkpoint-3" / "state.pt").write_bytes(b"")
+    assert main(["train", "pretrain", "--out", str(run), "--resume", "--quiet"]) == 2  # no train_config.json either
+
+
+def test_save_total_limit_latest_and_old_run_directories(scenes, tmp_path, capsys):
+    """--save-total-limit 2 keeps the two newest checkpoint-STEP/ directories and points latest at the newest; a
+    run directory of the single-file layout (checkpoint.pt) still resumes, and its file goes once a newer
+    checkpoint exists."""
+    run = tmp_path / "run"
+    train(cfg_for(scenes, steps=7, ckpt_every=2, save_total_limit=2), run)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    assert (run / "latest").read_text() == "checkpoint-7\n" and load_checkpoint(run)["step"] == 7
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert (meta["step"], meta["total_steps"], meta["interrupted"]) == (7, 7, False)
+    old = tmp_path / "old"  # an earlier version's layout, interrupted at step 4
+
+    def stop(step, record):
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    assert train(cfg_for(scenes, steps=7, ckpt_every=2), old, callback=stop)["interrupted"]
+    os.replace(old / "checkpoint-4" / "state.pt", old / "checkpoint.pt")
+    (old / "checkpoint-4").rmdir()
+    (old / "latest").unlink()
+    assert load_checkpoint(old)["step"] == 4
+    train(cfg_for(scenes, steps=7, ckpt_every=2), old, resume=True)
+    assert not (old / "checkpoint.pt").exists() and [p.name for p in old.glob("checkpoint-*")] == ["checkpoint-7"]
+    a, b = params(run), params(old)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_interrupted_model_is_marked(scenes, tmp_path, caplog):
+    def stop(step, record):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    run = tmp_path / "run"
+    assert train(cfg_for(scenes, steps=4), run, callback=stop)["interrupted"]
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert (meta["step"], meta["total_steps"], meta["interrupted"]) == (2, 4, True)
+    train(cfg_for(scenes, steps=4), run, resume=True)
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert (meta["step"], meta["interrupted"]) == (4, False)

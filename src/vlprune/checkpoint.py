@@ -142,20 +142,16 @@ def read_state(path: PathLike) -> Dict[str, Any]:
 def _reason(e: Exception) -> str:
     """A short reason for a failed ``torch.load``, without torch's advice to retry with ``weights_only=False``
     (vlprune never unpickles code from a file)."""
-    text = str(e)
-    if "Weights only load failed" in text or "WeightsUnpickler" in text:
-        m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        detail = m.group(1).strip().splitlines()[0] if m else ""
-        if detail.startswith("Unsupported operand") or not detail:
-            return "not a PyTorch checkpoint (the file is damaged or of another kind)"
-        return (f"it holds Python objects other than tensors and plain values ({detail}); vlprune reads "
-                "checkpoints as data only and never runs code from them")
-    if isinstance(e, EOFError) or not text.strip():
-        return f"the file ends early ({type(e).__name__}): truncated or damaged"
-    first = text.strip().splitlines()[0]
-    if "zip archive" in first or "central directory" in first:
-        return f"not a PyTorch checkpoint, or a truncated one ({first})"
-    return first
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+    detail = m.group(1).strip().splitlines()[0] if m else ""
+    if "Unsupported global" in detail:
+        name = re.search(r"GLOBAL (\S+)", detail)
+        what = f" ({name.group(1)})" if name else ""
+        return (f"it holds Python objects other than tensors and plain values{what}; vlprune reads checkpoints as "
+                "data only and never runs code from them")
+    if isinstance(e, EOFError):
+        return "the file ends early: truncated or damaged"
+    return "not a PyTorch checkpoint file, or a damaged one"
 
 
 def load_checkpoint(directory: PathLike) -> Dict[str, Any]:

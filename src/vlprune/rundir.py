@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import CLIError
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ LOCK_FILE = ".lock"
 METRICS = "metrics.jsonl"
 
 
-class RunDirBusyError(RuntimeError):
-    """Another process holds the run directory's lock."""
+class RunDirBusyError(CLIError, RuntimeError):
+    """Another process holds the run directory's lock (bad usage: exit code 2)."""
 
 
 def _acquire(out: Path):
