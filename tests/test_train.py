@@ -499,6 +499,10 @@ def test_interrupted_model_is_marked(scenes, tmp_path, caplog):
     assert train(cfg_for(scenes, steps=4), run, callback=stop)["interrupted"]
     meta = json.loads((run / "model" / "config.json").read_text())
     assert (meta["step"], meta["total_steps"], meta["interrupted"]) == (2, 4, True)
+    caplog.set_level("WARNING")
+    assert main(["eval", "retrieval", "--checkpoint", str(run), "--test", str(scenes / "retrieval_test.json"),
+                 "--images", str(scenes), "--k", "2", "--quiet"]) == 0
+    assert "is the model of an interrupted run (step 2 of 4)" in caplog.text
     train(cfg_for(scenes, steps=4), run, resume=True)
     meta = json.loads((run / "model" / "config.json").read_text())
     assert (meta["step"], meta["interrupted"]) == (4, False)
