@@ -6,7 +6,8 @@ resized to ``image_size`` x ``image_size`` with bicubic resampling (no crop, as 
 
 A missing file raises FileNotFoundError; an empty, truncated or non-image file, or one with more pixels than
 ``max_pixels`` (``DEFAULT_MAX_PIXELS`` unless given; checked from the header, before anything is decoded, so a
-decompression bomb never allocates its pixels; this limit replaces PIL's global ``MAX_IMAGE_PIXELS``), raises
+decompression bomb never allocates its pixels; this limit replaces PIL's global ``MAX_IMAGE_PIXELS`` while the
+header is read), raises
 ``BadImageError`` (a ValueError) naming the path. Datasets built with ``skip_bad_images=True`` catch
 ``BadImageError`` (and missing files), drop the sample and count it instead.
 
@@ -79,19 +80,19 @@ def open_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS):
     if p.stat().st_size == 0:
         raise BadImageError(f"image file is empty: {p}")
     try:
-        with _PIL_LIMIT:  # PIL's global limit is off while our own (per loader) applies
+        with _PIL_LIMIT:  # PIL's global limit is off while the header is read: our own (per loader) applies
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                with Image.open(p) as img:
-                    w, h = img.size
-                    if w * h > max_pixels:
-                        raise BadImageError(
-                            f"image too large (a possible decompression bomb) {p}: {w} x {h} = {w * h:,} pixels, over "
-                            f"the limit of {max_pixels:,} (--max-image-pixels)")
-                    img.load()  # decodes everything: a truncated file raises here
-                    return to_rgb(img)
+                img = Image.open(p)  # reads the header only
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError(f"image too large (a possible decompression bomb) {p}: {w} x {h} = {w * h:,} "
+                                    f"pixels, over the limit of {max_pixels:,} (--max-image-pixels)")
+            img.load()  # decodes everything: a truncated file raises here
+            return to_rgb(img)
     except BadImageError:
         raise
     except UnidentifiedImageError:
