@@ -78,3 +78,31 @@ def test_unknown_preset_lists_valid(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(to_dict(vlprune.load_preset("tiny"))))
     assert vlprune.load_preset(good) == vlprune.load_preset("tiny")
+
+
+def test_sizes_are_bounded_before_anything_is_allocated():
+    """A config asking for terabytes is refused in its constructor (no tensor exists yet), naming the sizes; a
+    size beyond its field's bound names the field and the allowed range."""
+    import time
+
+    import vlprune
+    from vlprune.config import MAX_PARAMS, ModelConfig, estimate_params, from_dict, list_presets, load_preset
+
+    huge = {"vision": {"image_size": 4096, "patch_size": 16, "width": 16384, "heads": 128, "layers": 256,
+                       "mlp_dim": 65536}}
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"about [\d,.]+ billion parameters \([\d,]+ GB in float32\), over the limit "
+                       r"of 10 billion \(vision: width 16384, layers 256"):
+        from_dict(ModelConfig, huge)
+    assert time.perf_counter() - t0 < 1.0
+    for field, value, message in (("image_size", 16384, r"vision.image_size must be an integer in \[1, 8192\], got 16384"),
+                                  ("layers", 10**6, r"vision.layers must be an integer in \[1, 256\]")):
+        with pytest.raises(ValueError, match=message):
+            from_dict(ModelConfig, {"vision": {field: value}})
+    with pytest.raises(ValueError, match=r"text.vocab_size must be an integer in \[2, 2000000\]"):
+        from_dict(ModelConfig, {"text": {"vocab_size": 10**9}})
+    for name in list_presets():  # every preset fits, and the estimate is close to a built model's count
+        assert estimate_params(load_preset(name)) < MAX_PARAMS
+    model = vlprune.build_model("small")
+    real = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert abs(estimate_params(load_preset("small")) - real) < 0.05 * real

@@ -132,19 +132,57 @@ def _bomb_png(path, width=20000, height=20000):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
-def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+def test_decompression_bomb_is_a_bad_image(tmp_path):
+    """Refused from the header by the loader's own limit (PIL's global limit plays no part, either way)."""
+    from PIL import Image
+
     _bomb_png(tmp_path / "bomb.png")
     load = ImageLoader(tmp_path, 8, MEAN, STD)
-    with pytest.raises(BadImageError, match="too large.*bomb.png"):
+    with pytest.raises(BadImageError, match="too large.*bomb.png: 20000 x 20000 = 400,000,000 pixels, over the limit "
+                       "of 100,000,000"):
         load("bomb.png")
-    _png(tmp_path / "small.png", "RGB", (1, 2, 3))  # 10 x 6 = 60 pixels: a bomb under a limit of 20
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
-    with pytest.raises(BadImageError, match="too large.*small.png"):
-        load("small.png")
+    _png(tmp_path / "small.png", "RGB", (1, 2, 3))  # 10 x 6 = 60 pixels: a bomb under a limit of 59
+    assert load("small.png").shape == (3, 8, 8)
+    with pytest.raises(BadImageError, match="small.png: 10 x 6 = 60 pixels, over the limit of 59"):
+        ImageLoader(tmp_path, 8, MEAN, STD, max_pixels=59)("small.png")
+    assert ImageLoader(tmp_path, 8, MEAN, STD, max_pixels=60)("small.png").shape == (3, 8, 8)
+    limit = Image.MAX_IMAGE_PIXELS
+    ImageLoader(tmp_path, 8, MEAN, STD, max_pixels=60)("small.png")
+    assert Image.MAX_IMAGE_PIXELS == limit  # put back after each image
+    with pytest.raises(ValueError, match="--max-image-pixels must be an integer >= 1"):
+        ImageLoader(tmp_path, 8, MEAN, STD, max_pixels=0)
     entries = [{"image": n, "caption": f"cap {n}"} for n in ("bomb.png", "small.png")]
-    ds = CaptionDataset(entries, load, skip_bad_images=True)
+    ds = CaptionDataset(entries, ImageLoader(tmp_path, 8, MEAN, STD, max_pixels=59), skip_bad_images=True)
     batch = Collate(TextTokenizer.train(["cap a"], 40), 10)([ds[i] for i in range(2)])
     assert batch["skipped"] == 2 and batch["size"] == 0
+    with pytest.raises(BadImageError, match=r"bomb.png.*\(annotation entry 0; --skip-bad-images skips"):
+        CaptionDataset(entries, load)[0]
+
+
+def test_image_paths_stay_inside_the_root(tmp_path):
+    """../ and absolute paths elsewhere are refused, naming the entry, unless allowed; a path that only passes
+    through .. back into the root, an absolute path inside it and a symbolic link placed in the root are fine."""
+    from vlprune.data.datasets import check_image_paths
+    from vlprune.data.images import ImagePathError
+
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "sub").mkdir(parents=True)
+    other.mkdir()
+    for d in (root, other):
+        _png(d / "a.png", "RGB", (1, 2, 3))
+    (root / "link").symlink_to(other, target_is_directory=True)
+    load = ImageLoader(root, 8, MEAN, STD)
+    for ok in ("a.png", "sub/../a.png", str(root / "a.png"), "link/a.png"):
+        assert load(ok).shape == (3, 8, 8), ok
+    for bad in ("../other/a.png", str(other / "a.png"), "sub/../../other/a.png"):
+        with pytest.raises(ImagePathError, match="outside the image root.*--allow-outside-root"):
+            load(bad)
+        assert ImageLoader(root, 8, MEAN, STD, allow_outside_root=True)(bad).shape == (3, 8, 8)
+    entries = [{"image": "a.png", "caption": "x"}, {"images": ["a.png", "../other/a.png"], "sentence": "y"},
+               {"image": str(other / "a.png"), "caption": "z"}]
+    with pytest.raises(ImagePathError, match=r"annotation entry 1: image path '../other/a.png'.*\(2 entries in all\)"):
+        check_image_paths(entries, load)
+    check_image_paths(entries, ImageLoader(root, 8, MEAN, STD, allow_outside_root=True))
 
 
 def test_skip_bad_images_counts(tmp_path):

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from vlprune.checkpoint import has_checkpoint
 from vlprune.cli import main
 from vlprune.demo import QUICK, Recipe, run_demo
 from vlprune.demo.profiles import DEFAULT, FULL, METHODS, model_config, point, validate
@@ -47,7 +48,7 @@ def test_quick_demo_report(quick, capsys):
     assert 2 <= len(res["sentences"]) <= 5 and res["informative"] in (True, False)
     # a finished training stage keeps its model and tokenizer, not the optimiser checkpoint
     for run in ("vqa-none", "vqa-trips", "vqa-blind", "retrieval-none"):
-        assert (quick / run / "model" / "config.json").is_file() and not (quick / run / "checkpoint.pt").exists()
+        assert (quick / run / "model" / "config.json").is_file() and not has_checkpoint(quick / run)
     blind = json.loads((quick / "data" / "vqa_test_blind.json").read_text())
     assert {e["image"] for e in blind} == {"blind.png"}
 
@@ -108,7 +109,7 @@ def test_changed_settings_redo_downstream(tmp_path):
                     pretrain_task="pretrain")
     run_demo(out, profile=small, threads=1, quiet=True)
     # the fine-tunes start from the pre-trained checkpoint, whose optimiser state is gone
-    assert (out / "pretrain" / "model").is_dir() and not (out / "pretrain" / "checkpoint.pt").exists()
+    assert (out / "pretrain" / "model").is_dir() and not has_checkpoint(out / "pretrain")
     assert json.loads((out / "vqa-trips" / "train_config.json").read_text())["init"] == str(out / "pretrain")
     res = json.loads((out / "results.json").read_text())  # a second seed for the rows in seed_rows
     assert [r["method"] for r in res["seeds"]] == ["none", "blind"] and len(res["seeds"][0]["accuracies"]) == 2
@@ -158,9 +159,9 @@ def test_interrupted_training_resumes(tmp_path):
     run = tmp_path / "run"
     stop = lambda step, rec: signal.raise_signal(signal.SIGINT) if step == 2 else None  # noqa: E731
     assert train(cfg, run, overwrite=True, callback=stop)["interrupted"]
-    assert (run / "checkpoint.pt").is_file()
+    assert has_checkpoint(run)
     res = train_run(run, cfg, progress=False)
-    assert res["steps"] == 4 and not (run / "checkpoint.pt").exists()
+    assert res["steps"] == 4 and not has_checkpoint(run)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 4
 

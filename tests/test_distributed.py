@@ -111,5 +111,5 @@ def test_two_process_step_equals_single_process(tmp_path):
     res = [json.loads((tmp_path / f"res{r}.json").read_text()) for r in (0, 1)]
     assert res[0]["steps"] == res[1]["steps"] == 2 and res[0]["last"]["loss"] == pytest.approx(res[1]["last"]["loss"])
     run = tmp_path / "run"
-    assert (run / "checkpoint.pt").is_file() and (run / "model" / "config.json").is_file()
+    assert (run / "latest").read_text().strip() == "checkpoint-2" and (run / "model" / "config.json").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

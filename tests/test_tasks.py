@@ -212,7 +212,8 @@ def test_bad_inputs(scenes, capsys, runs, tmp_path):
         (["eval", "ve", "--checkpoint", tmp_path, "--test", scenes / "ve_test.json"], "neither a vlprune run"),
         (["eval", "ve", "--checkpoint", ve, "--test", scenes / "vqa_test.json"], "has no field 'sentence'"),
         (["eval", "ve", "--checkpoint", ve, "--test", tmp_path / "missing.json"], "missing.json"),
-        (["eval", "vqa", "--checkpoint", ve, "--test", scenes / "vqa_test.json"], "no 'vqa' head"),
+        (["eval", "vqa", "--checkpoint", ve, "--test", scenes / "vqa_test.json"],
+         f"the checkpoint {ve / 'model'} was trained for 've': it can be evaluated on ve, not vqa"),
         (["eval", "ve", "--checkpoint", ve, "--test", scenes / "ve_test.json", "--keep", "0.5"], "need --method"),
         (["eval", "ve", "--checkpoint", ve, "--test", scenes / "ve_test.json", "--method", "evit", "--layers", "2", "--keep", "1.5"], "1.5"),
         (["eval", "retrieval", "--checkpoint", ve, "--predictions", tmp_path / "p.json"], "--predictions is for"),
@@ -223,6 +224,71 @@ def test_bad_inputs(scenes, capsys, runs, tmp_path):
     for args, msg in cases:
         rc, _, err = run_cli(capsys, *args)
         assert rc == 2 and msg in err, (args, err)
+
+
+def test_eval_refuses_a_checkpoint_not_trained_for_the_task(scenes, capsys, runs):
+    """A VQA run has no retrieval training (its ITC/ITM heads come untouched from pre-training at best) and a
+    pre-training run no VQA head: both refused, naming the tasks the checkpoint has. A pre-training run is
+    evaluated on retrieval (zero-shot), as ALBEF does."""
+    from vlprune.commands.eval import checkpoint_tasks
+
+    vqa = run_of(scenes, capsys, runs, "vqa")
+    rc, _, err = run_cli(capsys, "eval", "retrieval", "--checkpoint", vqa, "--test", scenes / "retrieval_test.json",
+                         "--images", scenes, "--quiet")
+    assert rc == 2 and "was trained for 'vqa': it can be evaluated on vqa, not retrieval" in err, err
+    assert f"vlprune train retrieval --init {vqa}" in err
+    rc, _, err = run_cli(capsys, "eval", "vqa", "--checkpoint", scenes / "pt", "--test", scenes / "vqa_test.json",
+                         "--images", scenes, "--quiet")
+    assert rc == 2 and "was trained for 'pretrain': it can be evaluated on retrieval, not vqa" in err, err
+    res = evaluate(scenes, capsys, "retrieval", scenes / "pt", "--k", "2")
+    assert res["examples"] == len(json.loads((scenes / "retrieval_test.json").read_text()))
+    assert checkpoint_tasks({"model": {"arch": "albef"}, "heads": {"vqa": 5}}) == ["retrieval", "vqa"]
+    assert checkpoint_tasks({"model": {"arch": "vilt"}, "heads": {}}) == []
+
+
+def test_eval_bad_images(scenes, capsys, runs, tmp_path):
+    """A bad test image stops eval naming the file, the entry and --skip-bad-images; with the flag the examples
+    of that image are skipped and counted; a decompression bomb (--max-image-pixels) is a bad image; a path
+    outside the image root is refused unless --allow-outside-root."""
+    import shutil
+
+    from test_data import _bomb_png
+
+    ve = run_of(scenes, capsys, runs, "ve")
+    entries = json.loads((scenes / "ve_test.json").read_text())
+    root = tmp_path / "images"
+    for e in entries:
+        (root / e["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(scenes / e["image"], root / e["image"])
+    test = tmp_path / "ve_test.json"
+    test.write_text(json.dumps(entries))
+    args = ["eval", "ve", "--checkpoint", ve, "--test", test, "--images", root, "--json", "--quiet"]
+    bad = entries[2]["image"]
+    (root / bad).write_bytes(b"garbage")
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 2 and bad in err and "not an image file" in err and "--skip-bad-images" in err, err
+    first = min(i for i, e in enumerate(entries) if e["image"] == bad)
+    assert f"(annotation entry {first};" in err
+    rc, out, err = run_cli(capsys, *args, "--skip-bad-images")
+    res = json.loads(out.strip().splitlines()[-1])
+    n_bad = sum(e["image"] == bad for e in entries)
+    assert rc == 0 and res["skipped"] == n_bad and res["examples"] == len(entries) - n_bad
+    _bomb_png(root / bad)
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 2 and "20000 x 20000" in err and bad in err
+    rc, _, err = run_cli(capsys, *args, "--skip-bad-images", "--max-image-pixels", "10")
+    assert rc == 2 and "no example" in err and f"({len(entries)} skipped)" in err
+    good = [e for e in entries if e["image"] != bad]
+    shutil.copy(scenes / good[0]["image"], tmp_path / "outside.png")
+    test.write_text(json.dumps([{**good[0], "image": "../outside.png"}] + good[1:2]))
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 2 and "annotation entry 0: image path '../outside.png' points outside the image root" in err, err
+    rc, out, err = run_cli(capsys, *args, "--allow-outside-root")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["examples"] == 2, err
+    ret = run_of(scenes, capsys, runs, "retrieval")  # retrieval reads its images itself: the same message
+    rc, _, err = run_cli(capsys, "eval", "retrieval", "--checkpoint", ret, "--test", scenes / "retrieval_test.json",
+                         "--images", root, "--quiet")
+    assert rc == 2 and "(annotation entry " in err and "--skip-bad-images" in err, err
 
 
 def _ddp_eval(rank: int, world: int, jobs, outdir: str) -> None:

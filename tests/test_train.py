@@ -16,7 +16,7 @@ from method_cases import CASES, reduce_config
 from vlprune import checkpoint as ckpt_mod
 from vlprune.data.tokenizer import TextTokenizer
 from vlprune.tasks.base import StepContext, StepModule, get_task
-from vlprune.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from vlprune.checkpoint import load_checkpoint, save_checkpoint
 from vlprune.cli import main
 from vlprune.data.scenes import generate
 from vlprune.rundir import RunDirBusyError, run_lock
@@ -133,24 +133,31 @@ def test_evaluate_leaves_queues_and_momentum_alone(batch):
 
 
 def test_resume_trims_metrics_after_the_checkpoint_and_removes_orphan_temp_files(scenes, tmp_path):
-    """A crash (here an exception, as kill -9 would) after step 3 was logged but with the checkpoint at step 2:
-    the resumed run logs steps 3 and 4 once each."""
+    """As after a kill -9 between the checkpoint of step 2 and that of step 3: ``latest`` names step 2, metrics has
+    step 3 and half a row, a checkpoint write left a temp file and a temp directory. The resumed run logs steps 3
+    and 4 once each, and the stale checkpoint-3 of the abandoned future is replaced."""
     run = tmp_path / "run"
 
     def crash(step, record):
         if step == 3:
             raise RuntimeError("crash")
 
+    cfg = cfg_for(scenes, steps=4, log_every=1, ckpt_every=2, save_total_limit=2)
     with pytest.raises(RuntimeError, match="crash"):
-        train(cfg_for(scenes, steps=4, log_every=1, ckpt_every=2), run, callback=crash)
+        train(cfg, run, callback=crash)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    (run / "latest").write_text("checkpoint-2\n")
     assert load_checkpoint(run)["step"] == 2
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # a row half-written when the process died
     (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"partial")  # a checkpoint write killed mid-way
-    train(cfg_for(scenes, steps=4, log_every=1, ckpt_every=2), run, resume=True)
+    (run / ".checkpoint-4.x1y2.tmp").mkdir()
+    train(cfg, run, resume=True)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert (run / "latest").read_text().strip() == "checkpoint-4"
 
 
 def test_cli_resume_refuses_changed_arguments(scenes, tmp_path, capsys):
@@ -170,7 +177,7 @@ def test_cli_resume_refuses_changed_arguments(scenes, tmp_path, capsys):
     for args, parts in changed:
         assert main(args + ["--out", out, "--resume", "--steps", "3", "--quiet"]) == 2, args
         err = capsys.readouterr().err
-        assert f"cannot resume {out}" in err and "only --ckpt-every, --epochs, --log-every, --steps, --threads, --workers may" in err
+        assert f"cannot resume {out}" in err and "only --allow-outside-root, --ckpt-every, --epochs, --log-every, --max-image-pixels, --save-total-limit, --steps, --threads, --workers may" in err
         for part in parts:
             assert part in err, (part, err)
     assert (tmp_path / "run" / "train_config.json").read_text() == saved  # nothing was touched
@@ -229,7 +236,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT]  # no temp file left, the old checkpoint intact
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "latest"]  # no temp file left, the old checkpoint intact
     assert load_checkpoint(tmp_path)["step"] == 1
 
 
@@ -329,9 +336,173 @@ def test_cli_decompression_bomb_is_a_bad_image(scenes, tmp_path, capsys):
     pairs[3]["image"] = str(tmp_path / "bomb.png")
     (tmp_path / "ann.json").write_text(json.dumps(pairs))
     args = ["train", "pretrain", "--model", str(scenes / "model.json"), "--train", str(tmp_path / "ann.json"),
-            "--images", str(scenes), "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]
+            "--images", str(scenes), "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet",
+            "--allow-outside-root"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "too large" in err and "bomb.png" in err and "Traceback" not in err
+    assert "20000 x 20000" in err and "annotation entry 3" in err and "--skip-bad-images" in err
+    assert not (tmp_path / "run").exists()  # stopped before its first step: no run directory to trip over
     assert main(args + ["--overwrite", "--skip-bad-images"]) == 0
     assert "skipped 1 sample(s)" in capsys.readouterr().out
+
+
+def _own_scenes(scenes, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(scenes, data)
+    return data
+
+
+def test_data_error_mid_run_writes_a_resumable_checkpoint(scenes, tmp_path, capsys, monkeypatch):
+    """Every image turns bad after step 6 (no --skip-bad-images): exit 2 naming the file, the entry and the flag;
+    the checkpoint of step 6 is written (--ckpt-every is 100); once the images are back, --resume finishes the run
+    and gives the uninterrupted run's model bit for bit."""
+    import vlprune.train as train_mod
+
+    data = _own_scenes(scenes, tmp_path)
+    args = ["train", "pretrain", "--model", str(data / "model.json"), "--train", str(data / "pretrain.json"),
+            "--batch-size", "4", "--steps", "9", "--ckpt-every", "100", "--threads", "1", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    pngs = {p: p.read_bytes() for p in data.rglob("*.png")}
+    assert len(pngs) >= 40
+    plain = train_mod.train
+
+    def breaks(cfg, out, **kw):
+        def corrupt(step, record):
+            if step == 6:
+                for p in pngs:
+                    p.write_bytes(b"not a png")
+        return plain(cfg, out, callback=corrupt, **kw)
+
+    monkeypatch.setattr(train_mod, "train", breaks)
+    part = tmp_path / "part"
+    capsys.readouterr()
+    assert main(args + ["--out", str(part)]) == 2
+    err = capsys.readouterr().err
+    assert "not an image file" in err and "(annotation entry " in err and "--skip-bad-images" in err, err
+    assert f"holds the checkpoint of step 6; once the cause is fixed, continue with: vlprune train pretrain --out {part} --resume" in err
+    assert load_checkpoint(part)["step"] == 6 and not (part / "model").exists()
+    monkeypatch.setattr(train_mod, "train", plain)
+    for p, b in pngs.items():
+        p.write_bytes(b)
+    assert main(["train", "pretrain", "--out", str(part), "--resume", "--quiet"]) == 0
+    a, b = params(tmp_path / "full"), params(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert json.loads((part / "model" / "config.json").read_text())["interrupted"] is False
+
+
+def test_error_inside_a_step_keeps_the_last_checkpoint(scenes, tmp_path, monkeypatch):
+    """An error in the middle of a step (the model between two steps) writes nothing: the newest checkpoint stays
+    that of step 2 and the error says so."""
+    from vlprune.tasks.pretrain import PretrainTask
+
+    calls = []
+    step = PretrainTask.step
+
+    def fails(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory, say")
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(PretrainTask, "step", fails)
+    with pytest.raises(RuntimeError, match="out of memory") as e:
+        train(cfg_for(scenes, steps=5, ckpt_every=2), tmp_path / "run")
+    assert e.value.saved_step == 2 and load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_a_data_error_at_start_up_leaves_no_run_directory(scenes, tmp_path, capsys):
+    """A broken annotation file, or one whose images leave the image root, stops the run before the run
+    directory exists: the same command runs once the file is fixed (no 'exists; use --overwrite')."""
+    data = _own_scenes(scenes, tmp_path)
+    pairs = json.loads((data / "pretrain.json").read_text())
+    ann = tmp_path / "ann.json"
+    out = tmp_path / "run"
+    args = ["train", "pretrain", "--model", str(data / "model.json"), "--train", str(ann), "--images", str(data),
+            "--batch-size", "4", "--steps", "1", "--out", str(out), "--quiet"]
+    for broken, message in (([{"image": pairs[0]["image"]}] + pairs[1:], "caption"),
+                            ([{**pairs[0], "image": "../elsewhere.png"}] + pairs[1:], "annotation entry 0: image path '../elsewhere.png' points outside"),
+                            (pairs[:3], "3 samples over 1 process(es) give no full batch of 4 (--batch-size)")):
+        ann.write_text(json.dumps(broken))
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    ann.write_text(json.dumps(pairs))
+    assert main(args) == 0
+
+
+def test_unreadable_checkpoints_give_a_reason(tmp_path):
+    """Empty: says so; garbage or a pickled object: a short reason, never torch's advice to retry with
+    weights_only=False; a file without a step: not a training state."""
+    from vlprune.checkpoint import read_state
+
+    cases = {"empty.pt": (b"", "the file is empty (0 bytes)"),
+             "garbage.pt": (bytes(range(256)) * 8, "not a PyTorch checkpoint file, or a damaged one"),
+             "zip.pt": (b"PK\x03\x04" + bytes(100), "not a PyTorch checkpoint file, or a damaged one")}
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            read_state(tmp_path / name)
+        assert str(e.value).startswith(f"cannot read checkpoint {tmp_path / name}: {reason}"), str(e.value)
+        assert "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1
+    torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module: code, not data
+    with pytest.raises(ValueError, match=r"holds Python objects other than tensors and plain values \(torch.nn.modules"
+                       r".linear.Linear\); vlprune reads checkpoints as data only") as e:
+        read_state(tmp_path / "module.pt")
+    assert "weights_only" not in str(e.value)
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+    torch.save({"model": {}}, run / "checkpoint-3" / "state.pt")
+    with pytest.raises(ValueError, match="not a vlprune training state"):
+        load_checkpoint(run)
+    (run / "checkpoint-3" / "state.pt").write_bytes(b"")
+    assert main(["train", "pretrain", "--out", str(run), "--resume", "--quiet"]) == 2  # no train_config.json either
+
+
+def test_save_total_limit_latest_and_old_run_directories(scenes, tmp_path, capsys):
+    """--save-total-limit 2 keeps the two newest checkpoint-STEP/ directories and points latest at the newest; a
+    run directory of the single-file layout (checkpoint.pt) still resumes, and its file goes once a newer
+    checkpoint exists."""
+    run = tmp_path / "run"
+    train(cfg_for(scenes, steps=7, ckpt_every=2, save_total_limit=2), run)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    assert (run / "latest").read_text() == "checkpoint-7\n" and load_checkpoint(run)["step"] == 7
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert (meta["step"], meta["total_steps"], meta["interrupted"]) == (7, 7, False)
+    old = tmp_path / "old"  # an earlier version's layout, interrupted at step 4
+
+    def stop(step, record):
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    assert train(cfg_for(scenes, steps=7, ckpt_every=2), old, callback=stop)["interrupted"]
+    os.replace(old / "checkpoint-4" / "state.pt", old / "checkpoint.pt")
+    (old / "checkpoint-4").rmdir()
+    (old / "latest").unlink()
+    assert load_checkpoint(old)["step"] == 4
+    train(cfg_for(scenes, steps=7, ckpt_every=2), old, resume=True)
+    assert not (old / "checkpoint.pt").exists() and [p.name for p in old.glob("checkpoint-*")] == ["checkpoint-7"]
+    a, b = params(run), params(old)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_interrupted_model_is_marked(scenes, tmp_path, caplog):
+    def stop(step, record):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    run = tmp_path / "run"
+    assert train(cfg_for(scenes, steps=4), run, callback=stop)["interrupted"]
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert (meta["step"], meta["total_steps"], meta["interrupted"]) == (2, 4, True)
+    caplog.set_level("WARNING")
+    assert main(["eval", "retrieval", "--checkpoint", str(run), "--test", str(scenes / "retrieval_test.json"),
+                 "--images", str(scenes), "--k", "2", "--quiet"]) == 0
+    assert "is the model of an interrupted run (step 2 of 4)" in caplog.text
+    train(cfg_for(scenes, steps=4), run, resume=True)
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert (meta["step"], meta["interrupted"]) == (4, False)

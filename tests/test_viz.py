@@ -199,14 +199,15 @@ def test_visualize_cli_registered_methods(run_dir, tmp_path, method):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(image="nope.png"), "image not found"),
+    (dict(image="nope.png"), "image file not found"),
     (dict(text="   "), "empty"),
     (dict(method=None), "no reduction method installed"),
     (dict(out="v.jpg"), "must be a .png"),
     (dict(method="nosuch"), "unknown reduction method 'nosuch'"),
     (dict(tokenizer=False), "tokenizer"),
-    (dict(bad_image=True), "cannot read image"),
+    (dict(bad_image=True), "not an image file"),
     (dict(bomb=True), "decompression bomb"),
+    (dict(max_pixels="10"), "img.png: 50 x 40 = 2,000 pixels, over the limit of 10 (--max-image-pixels)"),
 ])
 def test_visualize_errors(run_dir, tmp_path, monkeypatch, capsys, change, match):
     monkeypatch.setitem(registry._REGISTRY, "toy", _toy_builder)
@@ -226,6 +227,8 @@ def test_visualize_errors(run_dir, tmp_path, monkeypatch, capsys, change, match)
     method = change.get("method", "toy")
     if method is not None:
         argv += ["--method", method]
+    if "max_pixels" in change:
+        argv += ["--max-image-pixels", change["max_pixels"]]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err

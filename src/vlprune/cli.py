@@ -11,15 +11,32 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
+import signal
 import sys
+import threading
 from typing import Iterator, List, Optional, Set
 
-from .errors import CLIError  # noqa: F401  (re-exported: ``from vlprune.cli import CLIError`` keeps working)
+from .errors import CLIError, Terminated, exit_code  # noqa: F401  (CLIError re-exported for earlier imports)
 from .version import __version__
 
 # sub-command modules under vlprune.commands, in help order
 COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
 GLOBAL_DEFAULTS = {"debug": False, "verbose": False, "quiet": False, "threads": None}
+# settings that error messages name by their config field -> the flag the user typed, per sub-command (replaced
+# where the message says "FIELD must ..." or "FIELD=VALUE")
+FIELD_FLAGS = {
+    "train": {"batch_size": "--batch-size", "accum": "--accum", "steps": "--steps", "epochs": "--epochs",
+              "log_every": "--log-every", "ckpt_every": "--ckpt-every", "scenes_images": "--scenes-images",
+              "num_workers": "--workers", "save_total_limit": "--save-total-limit", "threads": "--threads",
+              "max_image_pixels": "--max-image-pixels", "lr": "--lr", "weight_decay": "--weight-decay",
+              "grad_clip": "--grad-clip"},
+    "bench": {"vision.image_size": "--image-size", "text_len": "--text-len", "batch_size": "--batch-size",
+              "repeats": "--repeats", "warmup": "--warmup", "mem_budget": "--mem-budget"},
+    "data": {"image_size": "--image-size", "images": "--images", "questions": "--questions",
+             "min_objects": "--min-objects", "max_objects": "--max-objects", "test_fraction": "--test-fraction",
+             "object_scale": "--object-scale"},
+}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -105,6 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    old = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -113,14 +131,33 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             torch.set_num_threads(args.threads)
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("vlprune: interrupted", file=sys.stderr)
-        return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"vlprune: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return exit_code(e)
+    except Exception as e:
         if args.debug:
             raise
-        print(f"vlprune {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = exit_code(e)
+        print(f"vlprune {args.command}: error: {error_message(args.command, e, code)}", file=sys.stderr)
+        return code
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def error_message(command: str, e: BaseException, code: int) -> str:
+    """One line for ``e``: its message with config fields named by the flags typed (``FIELD_FLAGS``); an error
+    that is not about the input also names its type and points at --debug."""
+    text = str(e).strip() or type(e).__name__
+    for field, flag in FIELD_FLAGS.get(command, {}).items():
+        text = re.sub(rf"(?<![\w.-]){re.escape(field)}(?=\s+must\b|=)", flag, text)
+    if code == 1:
+        text = f"{type(e).__name__}: {text} (--debug shows the traceback)"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

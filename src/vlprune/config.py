@@ -21,11 +21,20 @@ T = TypeVar("T")
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
 ARCHS = ("albef", "vilt")
+# upper bounds of the sizes (far above any published model of this family), so that a crafted or mistyped config
+# is refused with a clear error before anything is allocated
+MAX_SIZE = {"image_size": 8192, "patch_size": 1024, "width": 16384, "heads": 256, "layers": 256, "mlp_dim": 65536,
+            "channels": 16, "vocab_size": 2_000_000, "max_len": 16384, "type_vocab_size": 1024,
+            "fusion_layers": 256, "embed_dim": 16384, "queue_size": 1 << 20}
+MAX_PARAMS = 10_000_000_000  # 10 billion parameters: 40 GB in float32
 
 
 def _check_pos_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    maximum = MAX_SIZE.get(name.rsplit(".", 1)[-1])
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
@@ -165,11 +174,36 @@ class ModelConfig:
         _check_pos_int("queue_size", self.queue_size, 0)
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_range("temp", self.temp, 0.0, 1.0, lo_open=True)
+        n = estimate_params(self)
+        if n > MAX_PARAMS:
+            sizes = (f"vision: width {self.vision.width}, layers {self.vision.layers}, mlp_dim {self.vision.mlp_dim}, "
+                     f"{self.vision.num_patches} patches; text: width {self.text.width}, layers {self.text.layers}, "
+                     f"mlp_dim {self.text.mlp_dim}, vocab_size {self.text.vocab_size}; fusion_layers {self.fusion_layers}")
+            raise ValueError(f"the model config asks for about {n / 1e9:,.1f} billion parameters ({n * 4 / 1e9:,.0f} GB "
+                             f"in float32), over the limit of {MAX_PARAMS / 1e9:.0f} billion ({sizes})")
 
     @property
     def width(self) -> int:
         """Width of the text / fusion / joint stream."""
         return self.text.width
+
+
+def estimate_params(cfg: "ModelConfig") -> int:
+    """About how many parameters (and buffers) ``cfg`` builds: embeddings, attention and MLP weights of every
+    layer, cross-attention, heads, momentum copies and queues (biases and norms left out). Used to refuse a config
+    too large to allocate; ``vlprune info`` counts the real number of a built model."""
+    v, t = cfg.vision, cfg.text
+
+    def layers(n: int, w: int, mlp: int) -> int:
+        return n * (4 * w * w + 2 * w * mlp)
+
+    total = v.channels * v.patch_size**2 * v.width + (v.num_patches + 1) * v.width + layers(v.layers, v.width, v.mlp_dim)
+    total += (t.vocab_size + t.max_len + t.type_vocab_size) * t.width + layers(t.layers, t.width, t.mlp_dim)
+    total += layers(cfg.fusion_layers, t.width, t.mlp_dim) + cfg.fusion_layers * 2 * t.width * (t.width + v.width)
+    total += t.vocab_size * t.width + cfg.embed_dim * (v.width + t.width)  # MLM decoder, ITC projections
+    if cfg.use_momentum:
+        total *= 2
+    return total + 2 * cfg.queue_size * cfg.embed_dim
 
 
 def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "config") -> T:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import CLIError
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ LOCK_FILE = ".lock"
 METRICS = "metrics.jsonl"
 
 
-class RunDirBusyError(RuntimeError):
-    """Another process holds the run directory's lock."""
+class RunDirBusyError(CLIError, RuntimeError):
+    """Another process holds the run directory's lock (bad usage: exit code 2)."""
 
 
 def _acquire(out: Path):
@@ -87,10 +88,14 @@ def clear_run_dir(out: Path) -> None:
 
 
 def remove_orphan_temps(out: Path) -> None:
-    """Delete temp files that an atomic write killed mid-way left behind (``.NAME.XXXX.tmp``); call under the lock."""
+    """Delete temp files and checkpoint temp directories that an atomic write killed mid-way left behind
+    (``.NAME.XXXX.tmp``); call under the lock."""
     for p in Path(out).glob(".*.tmp"):
-        log.info("removing the temp file %s left by an interrupted write", p)
-        p.unlink(missing_ok=True)
+        log.info("removing %s, left by an interrupted write", p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def trim_metrics(out: Path, step: int) -> int:

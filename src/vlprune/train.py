@@ -7,9 +7,17 @@ Run directory (``out``)::
     train_config.json   this TrainConfig, with the torch threads (resuming checks it and restores the threads)
     tokenizer/          tokenizer.json + vocab.txt (trained on the training text unless a checkpoint's is given)
     data/               the built-in scenes data, when no --train file is given
-    checkpoint.pt       model + optimiser + scheduler + counters + RNG states (atomic; torch.load weights_only)
+    checkpoint-STEP/    state.pt: model + optimiser + scheduler + counters + RNG states (vlprune.checkpoint: atomic,
+                        the newest --save-total-limit kept; torch.load weights_only)
+    latest              the name of the checkpoint a resume starts from
     metrics.jsonl       one JSON line per logging interval (rank 0)
-    model/              save_pretrained() of the final (or interrupted) model: config.json with the method
+    model/              save_pretrained() of the final (or interrupted) model: config.json with the method, the
+                        task, the step, total_steps and "interrupted" (true when a signal stopped the run)
+
+A data error (a bad image without --skip-bad-images) or any other error between two optimiser steps writes the
+checkpoint of the last completed step before it is raised, so the run resumes from there once the cause is fixed.
+A fresh run that fails before its first step leaves no run directory behind. Annotation files, image paths and
+the batch size are checked before the run directory is created.
 
 Resume = same result: the data order comes from a ``ResumableSampler`` seeded by ``seed + epoch`` and started at
 the saved micro-batch; the randomness of each micro-batch (ITM negatives, MLM masks, methods' noise) comes from
@@ -34,10 +42,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import from_dict, load_preset, to_dict
-from .data.datasets import Collate, ResumableSampler
-from .data.images import ImageLoader
+from .data.datasets import Collate, ResumableSampler, check_image_paths
+from .data.images import DEFAULT_MAX_PIXELS, ImageLoader, check_max_pixels
 from .data.tokenizer import TextTokenizer
 from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
@@ -48,7 +56,8 @@ from .tasks.base import StepContext, StepModule, get_task
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
-RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads")
+RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads",
+                     "save_total_limit", "max_image_pixels", "allow_outside_root")
 
 
 @dataclass(frozen=True)
@@ -82,12 +91,16 @@ class TrainConfig:
     scenes_seed: int = 0
     progress: bool = False
     threads: Optional[int] = None  # torch CPU threads; None = the current setting, recorded in train_config.json
+    save_total_limit: int = 1  # checkpoints kept (checkpoint-STEP/ directories; `latest` names the newest)
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are bad images (decompression bombs)
+    allow_outside_root: bool = False  # image paths may leave the image root (../, absolute paths elsewhere)
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
-        for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images"):
+        check_max_pixels(self.max_image_pixels, "max_image_pixels")
+        for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images", "save_total_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -145,8 +158,9 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
         raise ValueError("--resume and --overwrite exclude each other")
     exists = out.exists() and any(p.name != LOCK_FILE for p in out.iterdir())
     if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
+        if not has_checkpoint(out):
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {out} (no latest, checkpoint-STEP/ or "
+                                    "checkpoint.pt)")
         saved = from_dict(TrainConfig, json.loads((out / CONFIG_FILE).read_text()), str(out / CONFIG_FILE))
         diff = [f"{f.name} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})" for f in fields(TrainConfig)
                 if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
@@ -174,17 +188,15 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
     return cfg
 
 
-def _data(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world: int):
-    if cfg.train is None:
-        from .data.scenes import generate
+def _scenes(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world: int):
+    """(entries, image root) of the built-in scenes data, generated into ``out/data`` (once)."""
+    from .data.scenes import generate
 
-        root = out / "data"
-        if rank == 0 and not (root / task.scenes_file).is_file():
-            generate(root, images=cfg.scenes_images, seed=cfg.scenes_seed, image_size=image_size)
-        _barrier(world)
-        return task.load(root / task.scenes_file), root
-    path = Path(cfg.train)
-    return task.load(path), Path(cfg.images) if cfg.images else path.parent
+    root = out / "data"
+    if rank == 0 and not (root / task.scenes_file).is_file():
+        generate(root, images=cfg.scenes_images, seed=cfg.scenes_seed, image_size=image_size)
+    _barrier(world)
+    return task.load(root / task.scenes_file), root
 
 
 def _tokenizer(cfg: TrainConfig, task, entries, out: Path, text_cfg, rank: int, world: int) -> TextTokenizer:
@@ -242,6 +254,39 @@ def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwri
             dist.destroy_process_group()
 
 
+def _validate_inputs(cfg: TrainConfig, task, mcfg, world: int):
+    """Everything that can be checked before the run directory is touched: the annotation files, the image paths
+    in them (inside the image root), the batch size against the data, and where the tokenizer comes from. Returns
+    (entries, image root) of a --train file, or (None, None) for the built-in scenes data."""
+    if cfg.tokenizer is None and cfg.init is not None:
+        from .tasks.finetune import tokenizer_dir
+
+        if tokenizer_dir(cfg.init) is None:
+            raise FileNotFoundError(f"no tokenizer found with the init checkpoint {cfg.init}; give --tokenizer")
+    entries = root = None
+    if cfg.train is not None:
+        path = Path(cfg.train)
+        entries, root = task.load(path), Path(cfg.images) if cfg.images else path.parent
+        check_image_paths(entries, _loader(cfg, mcfg, root))
+        _per_epoch(len(entries), world, cfg)
+    if cfg.val is not None:
+        val = task.load_test(cfg.val)  # evaluated with the training image root (of the scenes data: not yet made)
+        if root is not None:
+            check_image_paths(val, _loader(cfg, mcfg, root))
+    return entries, root
+
+
+def _loader(cfg: TrainConfig, mcfg, root) -> ImageLoader:
+    return ImageLoader.for_model(mcfg.vision, root, cfg.max_image_pixels, cfg.allow_outside_root)
+
+
+def _per_epoch(n: int, world: int, cfg: TrainConfig) -> int:
+    per_epoch = (n // world) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n} samples over {world} process(es) give no full batch of {cfg.batch_size} (--batch-size)")
+    return per_epoch
+
+
 def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) -> Dict[str, Any]:
     task = get_task(cfg.task, **cfg.task_options)
     init_meta = None
@@ -250,26 +295,40 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
         from .tasks.finetune import checkpoint_dir, model_config
 
         mcfg, init_meta = model_config(cfg.init), read_config(checkpoint_dir(cfg.init))
+        if init_meta.get("interrupted"):
+            log.warning("--init %s is the model of an interrupted run (step %s of %s)", cfg.init,
+                        init_meta.get("step"), init_meta.get("total_steps"))
     else:
         mcfg = load_preset(cfg.model)
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, cfg.method).to(device).train()  # a bad method fails before the run dir is touched
     task.check_model(model)
+    entries, root = _validate_inputs(cfg, task, mcfg, world)  # and so does bad data
     stack.enter_context(run_lock(out, rank, world))  # held until train() returns; a second run is refused
     cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
+    try:
+        run = _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, world, device)
+        return _loop(run, cfg, task, out, resume, callback, rank, world, device)
+    except BaseException:
+        if not resume and rank == 0 and not has_checkpoint(out):
+            clear_run_dir(out)  # nothing was trained: leave no run directory that a rerun would trip over
+        raise
+
+
+def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, world, device) -> Dict[str, Any]:
+    """Data, tokenizer, heads, optimiser, scheduler, the resumed state and the DataLoader of a run."""
     if resume and rank == 0:
         remove_orphan_temps(out)  # a checkpoint write killed mid-way
     torch.set_num_threads(cfg.threads)  # saved in train_config.json: resume is bitwise exact with the same threads
-    entries, root = _data(cfg, task, out, mcfg.vision.image_size, rank, world)
+    if entries is None:
+        entries, root = _scenes(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
-    dataset = task.build_dataset(entries, ImageLoader.for_model(mcfg.vision, root), cfg.skip_bad_images)
+    dataset = task.build_dataset(entries, _loader(cfg, mcfg, root), cfg.skip_bad_images)
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
-    per_epoch = sampler.num_samples // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{len(dataset)} samples over {world} process(es) give no full batch of {cfg.batch_size}")
+    per_epoch = _per_epoch(len(dataset), world, cfg)
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch // cfg.accum
     if total < 1:
-        raise ValueError(f"one epoch has {per_epoch} micro-batches, fewer than accum={cfg.accum}: no optimiser step")
+        raise ValueError(f"one epoch has {per_epoch} micro-batches, fewer than --accum {cfg.accum}: no optimiser step")
     warmup = cfg.warmup if cfg.warmup >= 0 else max(1, total // 20)
 
     if init_meta is not None:
@@ -287,7 +346,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     step = micro = skipped = 0
     if resume:
         ck = load_checkpoint(out)
-        load_state_strict(model, ck["model"], str(out / CHECKPOINT))
+        load_state_strict(model, ck["model"], str(latest_checkpoint(out)))
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
@@ -303,14 +362,62 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          collate_fn=Collate(tok, mcfg.text.max_len), num_workers=cfg.num_workers,
                                          pin_memory=cuda)
+    return dict(model=model, wrapped=wrapped, tok=tok, mcfg=mcfg, root=root, opt=opt, sched=sched, scaler=scaler,
+                amp_dtype=amp_dtype, loader=loader, sampler=sampler, per_epoch=per_epoch, total=total, warmup=warmup,
+                step=step, micro=micro, skipped=skipped)
 
-    def checkpoint(final: bool) -> None:
+
+def _micro_batches(loader, sampler, per_epoch: int, batch_size: int, micro: int):
+    """(epoch, batch) from micro-batch number ``micro`` on, epoch after epoch, without end."""
+    while True:
+        epoch, offset = divmod(micro, per_epoch)
+        sampler.set_position(epoch, offset * batch_size)
+        for batch in loader:
+            yield epoch, batch
+            micro += 1
+
+
+def _fetch(batches, n: int):
+    """The next ``n`` micro-batches (one optimiser step's) and the error that stopped reading them, or None."""
+    group = []
+    try:
+        for _ in range(n):
+            group.append(next(batches))
+    except Exception as e:  # a bad image, a worker that died, ...
+        return group, e
+    return group, None
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, device) -> Dict[str, Any]:
+    """The training loop. The micro-batches of an optimiser step are read before it runs, so a data error always
+    stops the run between two steps: the state of the last completed step is then saved as a checkpoint (every
+    rank agrees on that), and the error is raised with ``saved_step`` set on it."""
+    model, wrapped, opt, sched, scaler = run["model"], run["wrapped"], run["opt"], run["sched"], run["scaler"]
+    total, warmup, amp_dtype, tok = run["total"], run["warmup"], run["amp_dtype"], run["tok"]
+    step, micro, skipped = run["step"], run["micro"], run["skipped"]
+    saved = step if resume else None  # the step of the newest checkpoint
+
+    def checkpoint(final: bool = False, interrupted: bool = False) -> None:
+        nonlocal saved
         if rank == 0:
-            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "scaler": scaler.state_dict() if scaler else {}, "step": step, "micro": micro,
-                             "skipped": skipped, "rng": rng_state()}, out)
+            if saved != step:
+                save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                                 "step": step, "micro": micro, "skipped": skipped, "rng": rng_state()},
+                                out, keep=cfg.save_total_limit)
             if final:
-                save_pretrained(model, out / "model", extra={"task": cfg.task, "tokenizer": "../tokenizer", **task.save_extra()})
+                save_pretrained(model, out / "model", extra={
+                    "task": cfg.task, "tokenizer": "../tokenizer", "step": step, "total_steps": total,
+                    "interrupted": interrupted, **task.save_extra()})
+        saved = step
         _barrier(world)
 
     from tqdm import tqdm
@@ -318,22 +425,26 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and rank == 0), dynamic_ncols=True, unit="step")
     sums: Dict[str, torch.Tensor] = {}
     n_micro, t0, first, last = 0, time.perf_counter(), None, None
-    interrupted = False
-    with _Stop() as stop:
-        while step < total and not interrupted:
-            epoch, offset = divmod(micro, per_epoch)
-            sampler.set_position(epoch, offset * cfg.batch_size)
-            for batch in loader:
-                skipped += batch["skipped"]
-                gen = torch.Generator(device=device).manual_seed(_mixed_seed(cfg.seed, micro, rank))
-                ctx = StepContext(gen, tok, step, total, warmup)
-                micro += 1
-                sync = micro % cfg.accum == 0
-                if batch["size"] == 0:
-                    if world > 1:
-                        raise RuntimeError("a whole local batch had bad images; DDP needs a sample on every rank")
-                else:
+    interrupted, clean, epoch = False, True, micro // run["per_epoch"]
+    batches = _micro_batches(run["loader"], run["sampler"], run["per_epoch"], cfg.batch_size, micro)
+    try:
+        with _Stop() as stop:
+            while step < total and not interrupted:
+                group, error = _fetch(batches, cfg.accum)
+                if _any_rank(error is not None, world, device):
+                    raise _data_error(error, step, saved, checkpoint)
+                clean = False  # from here until the step is done, the model is between two steps
+                for epoch, batch in group:
+                    skipped += batch["skipped"]
+                    gen = torch.Generator(device=device).manual_seed(_mixed_seed(cfg.seed, micro, rank))
+                    ctx = StepContext(gen, tok, step, total, warmup)
+                    micro += 1
+                    if batch["size"] == 0:
+                        if world > 1:
+                            raise RuntimeError("a whole local batch had bad images; DDP needs a sample on every rank")
+                        continue
                     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    sync = micro % cfg.accum == 0
                     no_sync = wrapped.no_sync() if (world > 1 and not sync) else nullcontext()
                     with no_sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         losses = wrapped(batch, ctx)
@@ -342,20 +453,9 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                     n_micro += 1
-                if not sync:
-                    continue
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
+                _optimizer_step(model, opt, sched, scaler, cfg.grad_clip)
                 step += 1
+                clean = True
                 bar.update(1)
                 record = None
                 if step % cfg.log_every == 0 or step == total:
@@ -367,22 +467,82 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
                 if callback is not None:
                     callback(step, record or {})
                 if step % cfg.ckpt_every == 0 and step < total:
-                    checkpoint(False)
+                    checkpoint()
                 if stop.signal is not None:
                     log.warning("signal %d: checkpoint at step %d; continue with --resume", stop.signal, step)
                     interrupted = True
-                if step >= total or interrupted:
-                    break
-    bar.close()
-    checkpoint(True)
+    except _DataError as e:
+        raise e.error from None
+    except BaseException as e:
+        if world == 1 and clean and step > (saved or 0):  # between two steps: the state is that of `step`
+            _save_on_error(e, step, checkpoint)
+        elif saved is not None:
+            _note(e, saved)
+        raise
+    finally:
+        bar.close()
+        batches.close()
+    checkpoint(final=True, interrupted=interrupted)
     if skipped:
         log.warning("skipped %d sample(s) with bad images", skipped)
     val = None
     if cfg.val is not None and not interrupted:
-        val = _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
+        val = _validate(cfg, task, model, tok, run["mcfg"], run["root"], out, device, rank, world, step)
     return {"steps": step, "total_steps": total, "interrupted": interrupted, "first": first, "last": last,
             "skipped": skipped, "out": str(out), "val": val, "threads": cfg.threads,
             "signal": int(stop.signal) if stop.signal is not None else None}
+
+
+class _DataError(Exception):
+    """Carries a data error (already checkpointed) through the loop's generic handler."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _note(e: BaseException, step: Optional[int]) -> None:
+    try:
+        e.saved_step = step  # type: ignore[attr-defined]  (the CLI prints the resume command)
+    except AttributeError:
+        pass
+
+
+def _save_on_error(e: BaseException, step: int, checkpoint: Callable[[], None]) -> None:
+    try:
+        checkpoint()
+    except Exception as save_error:  # never hide the first error behind this one
+        log.error("could not write a checkpoint after the error: %s", save_error)
+        return
+    log.warning("stopped by an error after step %d: checkpoint written; continue with --resume once the cause is "
+                "fixed", step)
+    _note(e, step)
+
+
+def _data_error(error: Optional[BaseException], step: int, saved: Optional[int], checkpoint) -> _DataError:
+    """The error a data failure (on this rank or another) stops the run with, after the checkpoint of ``step``."""
+    if step > (saved or 0):
+        checkpoint()  # every rank is here: rank 0 writes, all meet at the barrier
+        log.warning("stopped by a data error after step %d: checkpoint written; continue with --resume once the "
+                    "data is fixed", step)
+    if error is None:
+        error = RuntimeError(f"another process stopped the run with a data error after step {step}")
+    _note(error, step if step > 0 or saved is not None else None)
+    return _DataError(error)
+
+
+def _optimizer_step(model, opt, sched, scaler, grad_clip: float) -> None:
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
 
 
 def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step) -> Dict[str, float]:
@@ -391,7 +551,7 @@ def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
 
     images = root  # the training image root
     entries = task.load_test(cfg.val)
-    metrics, info = evaluate(task, model, entries, ImageLoader.for_model(mcfg.vision, images), tok, cfg.batch_size,
+    metrics, info = evaluate(task, model, entries, _loader(cfg, mcfg, images), tok, cfg.batch_size,
                              device, rank, world, cfg.progress)
     model.train()
     if rank == 0:

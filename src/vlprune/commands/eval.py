@@ -11,12 +11,39 @@ With ``--json`` the last line of stdout is one JSON object: the task's metrics p
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from .method_flags import add_method_flags, method_config
+from .method_flags import add_image_flags, add_method_flags, image_options, method_config
 from .official import add_official_flags, check_official_flags, convert
 
 TASKS = ("retrieval", "vqa", "nlvr2", "ve")
+log = logging.getLogger(__name__)
+
+
+def checkpoint_tasks(meta: dict) -> list:
+    """The tasks a checkpoint may be evaluated on, from its config.json: the task its run fine-tuned (``"task"``;
+    a pre-training run's ITC/ITM heads are what retrieval uses, so ``pretrain`` gives zero-shot retrieval); a
+    checkpoint that records no task (written by ``vlprune.save_pretrained``) gives retrieval for a two-stream model
+    and the tasks of the heads it has."""
+    task = meta.get("task")
+    if task in ("pretrain", "retrieval"):
+        return ["retrieval"]
+    if task is not None:
+        return [task]
+    two_stream = meta.get("model", {}).get("arch", "albef") == "albef"
+    return sorted(set(meta.get("heads") or {}) & set(TASKS) | ({"retrieval"} if two_stream else set()))
+
+
+def check_task(meta: dict, task: str, ckpt: Path) -> None:
+    """Refuse to evaluate ``task`` with a checkpoint never trained for it (``checkpoint_tasks``)."""
+    tasks = checkpoint_tasks(meta)
+    if task in tasks:
+        return
+    trained = f"was trained for {meta['task']!r}" if meta.get("task") else "records no task"
+    raise ValueError(f"the checkpoint {ckpt} {trained}: it can be evaluated on {', '.join(tasks) or 'no task'}, "
+                     f"not {task} (its {'ITC/ITM' if task == 'retrieval' else task} head was never trained for "
+                     f"{task}); fine-tune it first: vlprune train {task} --init {ckpt.parent if ckpt.name == 'model' else ckpt}")
 
 
 def add_parser(sub) -> None:
@@ -32,6 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--predictions", default=None,
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
     add_official_flags(p, eval_flags=True)
+    add_image_flags(p)
     p.set_defaults(run=run)
 
 
@@ -86,7 +114,8 @@ def _run_official(args) -> int:
 def _run(args, ckpt: Path) -> int:
     import torch
 
-    from vlprune.data.images import ImageLoader
+    from vlprune.data.datasets import check_image_paths, readable_entries
+    from vlprune.data.images import DEFAULT_MAX_PIXELS, ImageLoader
     from vlprune.data.tokenizer import TextTokenizer
     from vlprune.models.build import load_pretrained, read_config
     from vlprune.tasks.base import get_task
@@ -95,6 +124,10 @@ def _run(args, ckpt: Path) -> int:
     from vlprune.train import setup_distributed
 
     meta = read_config(ckpt)
+    check_task(meta, args.task, ckpt)
+    if meta.get("interrupted"):
+        log.warning("%s is the model of an interrupted run (step %s of %s)", ckpt, meta.get("step"),
+                    meta.get("total_steps"))
     task = get_task(args.task, **({"k": args.k} if args.task == "retrieval" else {}))
     test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)
     if args.images is not None and not Path(args.images).is_dir():
@@ -113,7 +146,17 @@ def _run(args, ckpt: Path) -> int:
         task.restore(meta, model)
         tok = TextTokenizer.from_dir(tdir)
         tok.check_model(model.cfg.text)
-        loader = ImageLoader.for_model(model.cfg.vision, Path(args.images) if args.images else test.parent)
+        opts = image_options(args)
+        loader = ImageLoader.for_model(model.cfg.vision, Path(args.images) if args.images else test.parent,
+                                       opts.get("max_image_pixels", DEFAULT_MAX_PIXELS), opts.get("allow_outside_root", False))
+        check_image_paths(entries, loader)
+        dropped = []
+        if args.skip_bad_images:
+            entries, dropped = readable_entries(entries, loader)
+            for line in dropped:
+                log.warning("skipping %s", line)
+            if not entries:
+                raise ValueError(f"no example of {test} has a readable image ({len(dropped)} skipped)")
         with torch.inference_mode():
             metrics, info = evaluate(task, model, entries, loader, tok, args.batch_size, device, rank, world,
                                      progress=not args.quiet)
@@ -132,9 +175,12 @@ def _run(args, ckpt: Path) -> int:
     print(f"{args.task} on {test} ({info['examples']} examples), method {name if rc is None else rc.to_dict()}")
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     print(f"  image-encoder GFLOPs per example {info['gflops']:.4f}, image tokens after the encoder {info['image_tokens']:.1f}")
+    if dropped:
+        print(f"  skipped {len(dropped)} example(s) with bad images (the metrics are over the other {info['examples']}); "
+              f"first: {dropped[0]}")
     if args.json:
         out = {**metrics, "method": name, "method_config": None if rc is None else rc.to_dict(),
-               "examples": info["examples"], "gflops": info["gflops"], "image_tokens": info["image_tokens"],
+               "examples": info["examples"], "skipped": len(dropped), "gflops": info["gflops"], "image_tokens": info["image_tokens"],
                **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
         print(json.dumps(out))
     return 0

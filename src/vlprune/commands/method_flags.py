@@ -116,3 +116,29 @@ def method_config(args: argparse.Namespace):
     """The one ReduceConfig of a single-method sub-command, or None without --method."""
     rcs = method_configs(args)
     return rcs[0] if rcs else None
+
+
+def add_image_flags(p: argparse.ArgumentParser, skip: bool = True) -> None:
+    """--skip-bad-images, --max-image-pixels and --allow-outside-root (train, eval; visualize: the pixel limit)."""
+    g = p.add_argument_group("images")
+    if skip:
+        g.add_argument("--skip-bad-images", action="store_true",
+                       help="skip (and count) samples whose image is missing or cannot be read, instead of stopping")
+    g.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="an image with more pixels is refused as a bad image (a decompression bomb), from its header "
+                   "(default: 100000000)")
+    if skip:
+        g.add_argument("--allow-outside-root", action="store_true", default=None,
+                       help="let image paths of the annotation file leave the image root (../, absolute paths)")
+
+
+def image_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The TrainConfig / ImageLoader settings of the image flags that were given."""
+    out: Dict[str, Any] = {}
+    if getattr(args, "max_image_pixels", None) is not None:
+        if args.max_image_pixels < 1:
+            raise ValueError(f"--max-image-pixels must be an integer >= 1, got {args.max_image_pixels}")
+        out["max_image_pixels"] = args.max_image_pixels
+    if getattr(args, "allow_outside_root", None):
+        out["allow_outside_root"] = True
+    return out

@@ -10,21 +10,41 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .method_flags import add_method_flags, method_config
+from .method_flags import add_image_flags, add_method_flags, image_options, method_config
 from .official import add_official_flags, check_official_flags, convert, use_reported_method
 
 
-def _pairs(text: str, cast=float) -> dict:
+def _pairs(text: str, flag: str) -> dict:
+    """``a=1,b=0.5`` -> {"a": 1.0, "b": 0.5}; anything else raises naming ``flag``."""
     out = {}
     for part in filter(None, (text or "").split(",")):
-        if "=" not in part:
-            raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {part!r}")
-        k, v = part.split("=", 1)
-        out[k.strip()] = cast(v)
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"{flag}: expected NAME=VALUE pairs separated by commas (e.g. itc=1,mlm=0.3), got {part!r}")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise ValueError(f"{flag}: the value of {k.strip()} must be a number, got {v.strip()!r}") from None
     return out
+
+
+OPTION_FLAGS = ("teacher", "stage", "answers", "k")  # task options with flags of their own
+
+
+def _loss_options(task: str, text: str) -> dict:
+    """The ``--loss`` pairs, each checked against the options the task has."""
+    from vlprune.tasks.base import task_option_names
+
+    pairs = _pairs(text, "--loss")
+    allowed = [n for n in task_option_names(task) if n not in OPTION_FLAGS]
+    bad = [k for k in pairs if k not in allowed]
+    if bad:
+        raise ValueError(f"--loss: unknown option {bad[0]!r} for task {task!r}; valid: {', '.join(allowed)}")
+    return pairs
 
 
 def add_parser(sub) -> None:
@@ -65,9 +85,12 @@ def add_parser(sub) -> None:
                    "from scratch: mlm=0.3 unless given)")
     p.add_argument("--scenes-images", type=int, default=2000, help="size of the built-in data")
     p.add_argument("--scenes-seed", type=int, default=0)
-    p.add_argument("--skip-bad-images", action="store_true", help="skip and count unreadable images")
+    add_image_flags(p)
+    p.add_argument("--save-total-limit", type=int, default=None, metavar="N",
+                   help="checkpoints to keep, newest first (RUN/checkpoint-STEP/; RUN/latest names the newest) "
+                   "(default: 1)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     add_official_flags(p)
     p.set_defaults(run=run)
@@ -98,12 +121,14 @@ def _fresh_config(args):
     return TrainConfig(
         task=args.task, train=args.train, val=args.val, images=args.images, model=args.model or "small",
         init=args.init, method=method, steps=args.steps,
-        epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=_lr(args), lr_mult=_pairs(args.lr_mult),
+        epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=_lr(args),
+        lr_mult=_pairs(args.lr_mult, "--lr-mult"),
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, amp=not args.no_amp,
         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,
         tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
         scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
-        threads=getattr(args, "threads", None),
+        threads=getattr(args, "threads", None), **image_options(args),
+        **({} if args.save_total_limit is None else {"save_total_limit": args.save_total_limit}),
     )
 
 
@@ -115,7 +140,8 @@ _SHAPING = {"train": "train", "val": "val", "images": "images", "model": "model"
             "skip_bad_images": "skip_bad_images"}
 # flag dest -> TrainConfig field, for the flags a resume may change
 _RESUMABLE = {"steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
-              "ckpt_every": "ckpt_every", "threads": "threads"}
+              "ckpt_every": "ckpt_every", "threads": "threads", "save_total_limit": "save_total_limit",
+              "max_image_pixels": "max_image_pixels", "allow_outside_root": "allow_outside_root"}
 
 
 def _resume_config(args, path: Path):
@@ -142,7 +168,7 @@ def _resume_config(args, path: Path):
     if DEST in given and old["method"] != new["method"]:
         diff.append(("--method/--layers/--keep/--option", old["method"], new["method"]))
     for key, value in new["task_options"].items():
-        typed_option = key in _pairs(args.loss) or (key in ("teacher", "stage", "answers", "k") and key in given)
+        typed_option = key in _pairs(args.loss, "--loss") or (key in OPTION_FLAGS and key in given)
         if typed_option and old["task_options"].get(key) != value:
             diff.append((f"task option {key}", old["task_options"].get(key), value))
     if diff:
@@ -159,7 +185,7 @@ def _resume_config(args, path: Path):
 def _task_options(args) -> dict:
     from vlprune.recipes import default_task_options
 
-    opts = {**default_task_options(args.task, args.model, args.init), **_pairs(args.loss)}
+    opts = {**default_task_options(args.task, args.model, args.init), **_loss_options(args.task, args.loss)}
     for name, key in (("teacher", "teacher"), ("stage", "stage"), ("answers", "answers"), ("k", "k")):
         v = getattr(args, name, None)
         if v is not None:
@@ -213,7 +239,14 @@ def run(args) -> int:
 
             checkpoint_dir(path)
     cfg = build_config(args)
-    res = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    try:
+        res = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    except Exception as e:
+        step = getattr(e, "saved_step", None)
+        if step is not None and rank() == 0:
+            print(f"vlprune train: {args.out} holds the checkpoint of step {step}; once the cause is fixed, continue "
+                  f"with: vlprune train {cfg.task} --out {shlex.quote(str(args.out))} --resume", file=sys.stderr)
+        raise
     if rank() == 0:
         first, last = res["first"] or {}, res["last"] or {}
         skip = {"step", "epoch", "lr", "samples_per_s", "skipped", "time"}
@@ -224,7 +257,7 @@ def run(args) -> int:
             print("validation: " + ", ".join(f"{k} {v:.2f}" for k, v in res["val"].items()))
         if res["skipped"]:
             print(f"skipped {res['skipped']} sample(s) with bad images")
-        print(f"run directory: {res['out']} (metrics.jsonl, checkpoint.pt, model/, tokenizer/)")
+        print(f"run directory: {res['out']} (metrics.jsonl, checkpoint-STEP/, model/, tokenizer/)")
         if res["interrupted"]:
             print(f"resume with: vlprune train {cfg.task} --out {shlex.quote(str(args.out))} --resume "
                   f"--threads {res['threads']}")

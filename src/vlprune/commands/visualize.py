@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Tuple
 
-from .method_flags import add_method_flags, method_config
+from .method_flags import add_image_flags, add_method_flags, image_options, method_config
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     add_method_flags(p, method_help="method to apply instead of the saved one")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_image_flags(p, skip=False)
     p.set_defaults(run=run)
 
 
@@ -47,21 +48,17 @@ def _load_tokenizer(ckpt: Path, text_cfg) -> Callable[[str, int], Tuple]:
     return lambda text, max_len: tok.encode([text], max_len)
 
 
-def _load_image(path: Path, cfg):
-    """(1, C, S, S) normalised model input and the (S, S, 3) display image in [0, 1]."""
+def _load_image(path: Path, cfg, max_pixels: int):
+    """(1, C, S, S) normalised model input and the (S, S, 3) display image in [0, 1]. The file is read as the
+    datasets read theirs (``vlprune.data.images.open_image``: any mode to RGB, bad files and images over
+    ``max_pixels`` refused naming the path); ``--image`` names it directly, so no image root applies."""
     import numpy as np
     import torch
+    from PIL import Image
 
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    from PIL import Image, UnidentifiedImageError
+    from vlprune.data.images import open_image
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # a bomb: too many pixels
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    img = open_image(path, max_pixels).resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
     disp = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(disp).permute(2, 0, 1)
     mean = torch.tensor(cfg.image_mean)[:, None, None]
@@ -73,6 +70,7 @@ def run(args) -> int:
     import torch
 
     import vlprune
+    from vlprune.data.images import DEFAULT_MAX_PIXELS
     from vlprune.errors import CLIError
     from vlprune.viz.overlay import patch_status, save_overlay, trace_records
 
@@ -91,7 +89,8 @@ def run(args) -> int:
         raise CLIError("the model has no reduction method installed, so there is nothing to show; pass --method")
     encode = _load_tokenizer(ckpt, model.cfg.text)
     ids, mask = encode(args.text, model.cfg.text.max_len)
-    images, disp = _load_image(Path(args.image), model.cfg.vision)
+    images, disp = _load_image(Path(args.image), model.cfg.vision,
+                               image_options(args).get("max_image_pixels", DEFAULT_MAX_PIXELS))
     with torch.no_grad():
         output = model(images, ids, mask, trace=True)
     panels = patch_status(trace_records(model, output))

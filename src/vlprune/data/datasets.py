@@ -10,17 +10,71 @@ worker processes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 from .formats import NLVR2_LABELS, VE_LABELS
-from .images import BadImageError, ImageLoader
+from .images import BadImageError, ImageLoader, ImagePathError, open_image
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+SKIP_HINT = "--skip-bad-images skips such samples"
+
+
+def entry_images(e: Dict[str, Any]) -> List[str]:
+    """The image paths of one annotation entry (``image``, or NLVR2's ``images``)."""
+    return [e["image"]] if "image" in e else list(e.get("images", ()))
+
+
+def load_entry_image(loader: ImageLoader, path: str, index: int) -> Tensor:
+    """``loader(path)``; a missing or bad image raises the same error type, naming also the annotation entry and
+    the flag that skips such samples."""
+    try:
+        return loader(path)
+    except (BadImageError, FileNotFoundError) as e:
+        raise type(e)(f"{e} (annotation entry {index}; {SKIP_HINT})") from None
+
+
+def check_image_paths(entries: Sequence[Dict[str, Any]], loader: ImageLoader) -> None:
+    """Raise ``ImagePathError`` naming the first entry (and the count) whose image path leaves the loader's root;
+    run before training or evaluation starts, so that such a file never stops a run part-way."""
+    bad = []
+    for i, e in enumerate(entries):
+        for p in entry_images(e):
+            try:
+                loader.path(p)
+            except ImagePathError as err:
+                bad.append((i, err))
+                break
+    if bad:
+        i, err = bad[0]
+        more = f" ({len(bad)} entries in all)" if len(bad) > 1 else ""
+        raise ImagePathError(f"annotation entry {i}: {err}{more}")
+
+
+def readable_entries(entries: Sequence[Dict[str, Any]], loader: ImageLoader) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """(the entries whose images all open, one line per dropped entry naming it and the reason): evaluation with
+    ``--skip-bad-images`` scores the rest. Each distinct file is decoded once."""
+    ok: Dict[str, Optional[str]] = {}
+    kept, dropped = [], []
+    for i, e in enumerate(entries):
+        reason = None
+        for p in entry_images(e):
+            if p not in ok:
+                try:
+                    open_image(loader.path(p), loader.max_pixels)
+                    ok[p] = None
+                except (BadImageError, FileNotFoundError) as err:
+                    ok[p] = str(err)
+            reason = reason or ok[p]
+        if reason is None:
+            kept.append(e)
+        else:
+            dropped.append(f"annotation entry {i}: {reason}")
+    return kept, dropped
 
 
 class AnnotationDataset(Dataset):
@@ -47,13 +101,14 @@ class AnnotationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def load(self, path: str) -> Optional[Tensor]:
+    def load(self, path: str, index: int) -> Optional[Tensor]:
+        """The image of entry ``index``; a bad one is skipped (None) or raises naming the file and the entry."""
         try:
             return self.loader(path)
         except (BadImageError, FileNotFoundError) as e:
             if not self.skip_bad_images:
-                raise
-            log.warning("skipping bad image: %s", e)
+                raise type(e)(f"{e} (annotation entry {index}; {SKIP_HINT})") from None
+            log.warning("skipping annotation entry %d: %s", index, e)
             return None
 
     def item(self, i: int, e: Dict[str, Any]) -> Optional[Dict[str, Any]]:  # pragma: no cover - interface
@@ -67,7 +122,7 @@ class CaptionDataset(AnnotationDataset):
     """Pre-training and retrieval-train entries: {image, text = caption, image_id, index}."""
 
     def item(self, i, e):
-        img = self.load(e["image"])
+        img = self.load(e["image"], i)
         return None if img is None else {"image": img, "text": e["caption"], "image_id": self.image_ids[i], "index": i}
 
 
@@ -75,7 +130,7 @@ class VQADataset(AnnotationDataset):
     """{image, text = question, answers (list of str, may be empty on test), question_id, index}."""
 
     def item(self, i, e):
-        img = self.load(e["image"])
+        img = self.load(e["image"], i)
         if img is None:
             return None
         return {"image": img, "text": e["question"], "answers": list(e.get("answer", [])),
@@ -86,7 +141,7 @@ class NLVR2Dataset(AnnotationDataset):
     """{images (2, 3, S, S), text = sentence, label (1 = True), index}."""
 
     def item(self, i, e):
-        a, b = (self.load(p) for p in e["images"])
+        a, b = (self.load(p, i) for p in e["images"])
         if a is None or b is None:
             return None
         return {"images": torch.stack([a, b]), "text": e["sentence"], "label": int(e["label"] == NLVR2_LABELS[0]),
@@ -97,7 +152,7 @@ class VEDataset(AnnotationDataset):
     """{image, text = sentence, label (index into VE_LABELS), index}."""
 
     def item(self, i, e):
-        img = self.load(e["image"])
+        img = self.load(e["image"], i)
         return None if img is None else {"image": img, "text": e["sentence"], "label": VE_LABELS.index(e["label"]), "index": i}
 
 

@@ -4,14 +4,23 @@ Every image is converted to RGB (grey "L"/"1"/"I"/"F", palette "P", "RGBA"/"LA" 
 resized to ``image_size`` x ``image_size`` with bicubic resampling (no crop, as ALBEF's test transform), scaled to
 [0, 1] and normalised with the VisionConfig's ``image_mean`` / ``image_std``.
 
-A missing file raises FileNotFoundError; an empty, truncated or non-image file, or one whose size exceeds PIL's
-decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice it for an error), raises ``BadImageError`` (a
-ValueError) naming the path. Datasets built with ``skip_bad_images=True`` catch ``BadImageError`` (and missing
-files), drop the sample and count it instead.
+A missing file raises FileNotFoundError; an empty, truncated or non-image file, or one with more pixels than
+``max_pixels`` (``DEFAULT_MAX_PIXELS`` unless given; checked from the header, before anything is decoded, so a
+decompression bomb never allocates its pixels; this limit replaces PIL's global ``MAX_IMAGE_PIXELS`` while the
+header is read), raises
+``BadImageError`` (a ValueError) naming the path. Datasets built with ``skip_bad_images=True`` catch
+``BadImageError`` (and missing files), drop the sample and count it instead.
+
+Paths in annotation files are resolved inside the loader's root: a path that leaves it (``../x.jpg``, or an
+absolute path elsewhere) raises ``ImagePathError`` unless the loader was built with ``allow_outside_root=True``.
+The check is on the path as written (normalised, symbolic links not followed), so a link that the user placed
+inside the root still works.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -22,10 +31,22 @@ from torch import Tensor
 from ..config import VisionConfig
 
 PathLike = Union[str, Path]
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: 10000 x 10000, ~300 MB as 8-bit RGB
+_PIL_LIMIT = threading.Lock()
 
 
 class BadImageError(ValueError):
-    """An image file that exists but cannot be used (empty, truncated, not an image)."""
+    """An image file that exists but cannot be used (empty, truncated, not an image, too many pixels)."""
+
+
+class ImagePathError(ValueError):
+    """An image path of an annotation file that points outside the image root."""
+
+
+def check_max_pixels(value, flag: str = "--max-image-pixels") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag} must be an integer >= 1 (pixels), got {value!r}")
+    return value
 
 
 def to_rgb(img):
@@ -48,8 +69,9 @@ def to_rgb(img):
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def open_image(path: PathLike):
-    """Open and fully decode an image file as RGB; raises naming the path when it cannot."""
+def open_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open and fully decode an image file as RGB; raises naming the path when it cannot. An image with more than
+    ``max_pixels`` pixels is refused from its header, before its pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -58,9 +80,21 @@ def open_image(path: PathLike):
     if p.stat().st_size == 0:
         raise BadImageError(f"image file is empty: {p}")
     try:
-        with Image.open(p) as img:
+        with _PIL_LIMIT:  # PIL's global limit is off while the header is read: our own (per loader) applies
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(p)  # reads the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError(f"image too large (a possible decompression bomb) {p}: {w} x {h} = {w * h:,} "
+                                    f"pixels, over the limit of {max_pixels:,} (--max-image-pixels)")
             img.load()  # decodes everything: a truncated file raises here
             return to_rgb(img)
+    except BadImageError:
+        raise
     except UnidentifiedImageError:
         raise BadImageError(f"not an image file (PIL cannot identify it): {p}") from None
     except Image.DecompressionBombError as e:  # a header claiming more pixels than PIL's limit
@@ -84,7 +118,8 @@ def pil_to_tensor(img, image_size: int, mean: Sequence[float], std: Sequence[flo
 class ImageLoader:
     """Loads images under ``root`` as model-ready tensors: ``loader("a.png") -> (3, S, S)``."""
 
-    def __init__(self, root: Optional[PathLike], image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, root: Optional[PathLike], image_size: int, mean: Sequence[float], std: Sequence[float],
+                 max_pixels: int = DEFAULT_MAX_PIXELS, allow_outside_root: bool = False):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
         self.root = None if root is None else Path(root)
@@ -92,14 +127,27 @@ class ImageLoader:
             raise FileNotFoundError(f"image root directory not found: {self.root}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.max_pixels = check_max_pixels(max_pixels)
+        self.allow_outside_root = bool(allow_outside_root)
 
     @staticmethod
-    def for_model(cfg: VisionConfig, root: Optional[PathLike]) -> "ImageLoader":
-        return ImageLoader(root, cfg.image_size, cfg.image_mean, cfg.image_std)
+    def for_model(cfg: VisionConfig, root: Optional[PathLike], max_pixels: int = DEFAULT_MAX_PIXELS,
+                  allow_outside_root: bool = False) -> "ImageLoader":
+        return ImageLoader(root, cfg.image_size, cfg.image_mean, cfg.image_std, max_pixels, allow_outside_root)
 
     def path(self, rel: PathLike) -> Path:
+        """The file of an annotation's image path; one outside the root raises ``ImagePathError`` (unless
+        ``allow_outside_root``)."""
         p = Path(rel)
-        return p if self.root is None or p.is_absolute() else self.root / p
+        if self.root is None:
+            return p
+        full = p if p.is_absolute() else self.root / p
+        if not self.allow_outside_root:
+            root = os.path.abspath(self.root)
+            if os.path.commonpath([root, os.path.abspath(full)]) != root:
+                raise ImagePathError(f"image path {str(rel)!r} points outside the image root {self.root}; pass "
+                                     "--allow-outside-root to read it")
+        return full
 
     def __call__(self, rel: PathLike) -> Tensor:
-        return pil_to_tensor(open_image(self.path(rel)), self.image_size, self.mean, self.std)
+        return pil_to_tensor(open_image(self.path(rel), self.max_pixels), self.image_size, self.mean, self.std)

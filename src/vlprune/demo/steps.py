@@ -50,20 +50,19 @@ def train_run(d: Path, cfg, progress: bool) -> Dict[str, Any]:
     Raises KeyboardInterrupt when the run was stopped by a signal (its checkpoint stays for the next run)."""
     from dataclasses import replace
 
+    from ..checkpoint import has_checkpoint, remove_checkpoints
     from ..config import to_dict
     from ..train import CONFIG_FILE, train
 
     cfg = replace(cfg, progress=progress)
     saved = d / CONFIG_FILE
-    resume = (d / "checkpoint.pt").is_file() and saved.is_file() and _same_run(json.loads(saved.read_text()), to_dict(cfg))
+    resume = has_checkpoint(d) and saved.is_file() and _same_run(json.loads(saved.read_text()), to_dict(cfg))
     if resume:
         log.info("resuming %s from its checkpoint", d)
     res = train(cfg, d, resume=resume, overwrite=not resume)
     if res["interrupted"]:
         raise KeyboardInterrupt(f"training in {d} was interrupted; run the demo again to continue it")
-    ck = d / "checkpoint.pt"
-    if ck.is_file():
-        ck.unlink()  # the optimiser state is not needed once the run is finished: keep model/ and tokenizer/
+    remove_checkpoints(d)  # the optimiser state is not needed once the run is finished: keep model/ and tokenizer/
     return {"steps": res["steps"], "first": res["first"], "last": res["last"]}
 
 

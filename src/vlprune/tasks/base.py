@@ -50,6 +50,25 @@ def get_task(name: str, **options: Any) -> "Task":
     return _TASKS[name](**options)
 
 
+def task_option_names(name: str) -> List[str]:
+    """The options ``get_task(name, **options)`` accepts (its constructor's keyword arguments, through ``**kw``
+    to the base classes)."""
+    import inspect
+
+    names: List[str] = []
+    if name not in list_tasks():
+        raise ValueError(f"unknown task {name!r}; valid tasks: {list_tasks()}")
+    for cls in _TASKS[name].__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return sorted(set(names))
+
+
 @dataclass
 class StepContext:
     """What a step may need besides the model and the batch: the randomness (a generator seeded from the run

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor
 
+from ..data.datasets import load_entry_image
 from ..data.formats import load_annotations
 from ..objectives.laps import laps_loss
 from ..reduce.laps import laps_similarity
@@ -70,7 +71,7 @@ class RetrievalTask(PretrainTask):
     def evaluate_set(self, model, entries, loader, tok, batch_size: int, device, rank: int = 0, world: int = 1,
                      progress=None) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Metrics and {"examples", "image_tokens", "images", "captions", ...} of a retrieval-test file."""
-        images = torch.stack([loader(e["image"]) for e in entries]).to(device)
+        images = torch.stack([load_entry_image(loader, e["image"], i) for i, e in enumerate(entries)]).to(device)
         captions, img2txt, txt2img = [], [], []
         for i, e in enumerate(entries):
             img2txt.append(list(range(len(captions), len(captions) + len(e["caption"]))))
