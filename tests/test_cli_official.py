@@ -41,7 +41,8 @@ def test_eval_and_train_from_an_official_checkpoint(tmp_path, capsys):
     conv = tmp_path / "run-official-init"
     report = json.loads((conv / "official_report.json").read_text())
     assert report["variant"] == "ve" and not report["unknown"] and not report["missing"]
-    assert json.loads((run / "train_config.json").read_text())["init"] == str(conv)
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["init"] == str(conv) and saved["lr"] == 2e-5  # the official fine-tuning rate, not 2e-4
     # the official head's layout (ALBEF's cls_head) carries over into fine-tuning
     assert json.loads((run / "model" / "config.json").read_text())["heads"]["ve"] == {"outputs": 3, "style": "albef"}
 

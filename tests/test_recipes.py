@@ -21,6 +21,11 @@ def test_default_lr(task, model, init, lr):
     assert default_lr(task, model, init) == lr
 
 
+def test_official_init_uses_the_official_fine_tuning_rates():
+    assert default_lr("retrieval", None, "runs/x", official=True) == 1e-5
+    assert default_lr("vqa", None, "runs/x", official=True) == default_lr("ve", None, "runs/x", official=True) == 2e-5
+
+
 def test_train_command_uses_the_recipe_unless_told(tmp_path):
     cfg = _cfg(tmp_path, "pretrain", "--model", "small")
     assert cfg.lr == 3e-4 and cfg.task_options == {"mlm": 0.3}

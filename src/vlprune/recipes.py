@@ -9,6 +9,8 @@ weights (``albef-base``, ``vilt-base``: ALBEF's own). Each number below was meas
 - a downstream task from scratch (no ``--init``) on a from-scratch preset: lr 1e-3 (3e-4 and 2e-3 learned less in
   the same steps);
 - a downstream task from a checkpoint (``--init``): lr 2e-4, the demo's second stage;
+- a downstream task from an official checkpoint (``--init-official``): the official fine-tuning rates, 1e-5 for
+  retrieval and 2e-5 for VQA, NLVR2 and SNLI-VE (ALBEF's configs; 2e-4 would wreck a base-size pre-trained model);
 - anything else: ALBEF's 1e-4 and its loss weights (1, 1, 1).
 """
 
@@ -20,9 +22,15 @@ FROM_SCRATCH = ("tiny", "small")
 GENERIC_LR = 1e-4
 
 
-def default_lr(task: str, model: Optional[str], init: Optional[str]) -> float:
+OFFICIAL_LR = {"pretrain": GENERIC_LR, "retrieval": 1e-5}
+
+
+def default_lr(task: str, model: Optional[str], init: Optional[str], official: bool = False) -> float:
     """The learning rate ``vlprune train TASK`` uses without ``--lr``. ``model``: the preset name or config
-    file (None = the default preset, ``small``); ``init``: the checkpoint a fine-tuning run starts from."""
+    file (None = the default preset, ``small``); ``init``: the checkpoint a fine-tuning run starts from;
+    ``official``: that checkpoint was converted from an official release (``--init-official``)."""
+    if official:
+        return OFFICIAL_LR.get(task, 2e-5)
     if init is not None:
         return GENERIC_LR if task == "pretrain" else 2e-4
     if (model or "small") not in FROM_SCRATCH:

@@ -99,7 +99,8 @@ def add_parser(sub) -> None:
 def _lr(args) -> float:
     from vlprune.recipes import default_lr
 
-    return args.lr if args.lr is not None else default_lr(args.task, args.model, args.init)
+    official = getattr(args, "init_official", None) is not None
+    return args.lr if args.lr is not None else default_lr(args.task, args.model, args.init, official)
 
 
 def build_config(args):
