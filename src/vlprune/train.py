@@ -38,6 +38,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint,
 from .config import from_dict, load_preset, to_dict
 from .data.datasets import Collate, ResumableSampler
 from .data.images import ImageLoader
+from .data.shards import expand_pattern, is_shard_spec
 from .data.tokenizer import TextTokenizer
 from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
@@ -82,12 +83,13 @@ class TrainConfig:
     scenes_seed: int = 0
     progress: bool = False
     threads: Optional[int] = None  # torch CPU threads; None = the current setting, recorded in train_config.json
+    shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
-        for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images"):
+        for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images", "shuffle_buffer"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -183,8 +185,46 @@ def _data(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world: 
             generate(root, images=cfg.scenes_images, seed=cfg.scenes_seed, image_size=image_size)
         _barrier(world)
         return task.load(root / task.scenes_file), root
+    if is_shard_spec(cfg.train):  # the captions, for a tokenizer trained from scratch; images come later
+        from .data.shard_dataset import shard_texts
+
+        if task.name not in ("pretrain", "retrieval"):
+            raise ValueError(f"tar shards hold image-caption pairs (tasks pretrain, retrieval), not task {cfg.task!r}")
+        entries = [{"caption": t} for t in shard_texts(cfg.train)]
+        return entries, Path(cfg.images) if cfg.images else Path(expand_pattern(cfg.train)[0]).parent
     path = Path(cfg.train)
     return task.load(path), Path(cfg.images) if cfg.images else path.parent
+
+
+def _dataset(cfg: TrainConfig, task, entries, mcfg, root: Path, rank: int, world: int):
+    """(dataset, sampler or None, position): ``position.num_samples`` per rank and epoch,
+    ``position.set_position(epoch, skip)``, ``position.state()`` for the checkpoint's "data" entry."""
+    if is_shard_spec(cfg.train):
+        from .data.shard_dataset import ShardDataset
+
+        ds = ShardDataset(cfg.train, ImageLoader.for_model(mcfg.vision, None), cfg.batch_size, rank, world, cfg.seed,
+                          cfg.shuffle_buffer, cfg.skip_bad_images)
+        return ds, None, ds
+    dataset = task.build_dataset(entries, ImageLoader.for_model(mcfg.vision, root), cfg.skip_bad_images)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
+    return dataset, sampler, sampler
+
+
+def _data_state(position, micro: int, per_epoch: int, batch_size: int) -> Dict[str, Any]:
+    """The checkpoint's "data" entry: where this rank's data continues (epoch, first sample of the next
+    micro-batch in the rank's epoch order) and the source's own record (shards: their fingerprint)."""
+    epoch, offset = divmod(micro, per_epoch)
+    own = position.state() if hasattr(position, "state") else {"kind": "json"}
+    return {**own, "epoch": epoch, "next_sample": offset * batch_size}
+
+
+def _check_data_state(saved: Optional[Dict[str, Any]], position, out: Path) -> None:
+    if saved is None or not hasattr(position, "state"):
+        return
+    now = position.state()
+    if saved.get("fingerprint") != now["fingerprint"]:
+        raise ValueError(f"cannot resume {out}: the training shards differ from the checkpoint's (names or sample "
+                         "counts in the manifest changed); resume with the same shards")
 
 
 def _tokenizer(cfg: TrainConfig, task, entries, out: Path, text_cfg, rank: int, world: int) -> TextTokenizer:
@@ -262,9 +302,8 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     torch.set_num_threads(cfg.threads)  # saved in train_config.json: resume is bitwise exact with the same threads
     entries, root = _data(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
-    dataset = task.build_dataset(entries, ImageLoader.for_model(mcfg.vision, root), cfg.skip_bad_images)
-    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
-    per_epoch = sampler.num_samples // cfg.batch_size
+    dataset, sampler, position = _dataset(cfg, task, entries, mcfg, root, rank, world)
+    per_epoch = position.num_samples // cfg.batch_size
     if per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples over {world} process(es) give no full batch of {cfg.batch_size}")
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch // cfg.accum
@@ -293,6 +332,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, micro, skipped = ck["step"], ck["micro"], ck["skipped"]
+        _check_data_state(ck.get("data"), position, out)
         set_rng_state(ck["rng"])
         if rank == 0:
             trim_metrics(out, step)  # rows logged after the checkpoint are logged again
@@ -308,7 +348,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
         if rank == 0:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "scaler": scaler.state_dict() if scaler else {}, "step": step, "micro": micro,
-                             "skipped": skipped, "rng": rng_state()}, out)
+                             "skipped": skipped, "rng": rng_state(), "data": _data_state(position, micro, per_epoch, cfg.batch_size)}, out)
             if final:
                 save_pretrained(model, out / "model", extra={"task": cfg.task, "tokenizer": "../tokenizer", **task.save_extra()})
         _barrier(world)
@@ -322,7 +362,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     with _Stop() as stop:
         while step < total and not interrupted:
             epoch, offset = divmod(micro, per_epoch)
-            sampler.set_position(epoch, offset * cfg.batch_size)
+            position.set_position(epoch, offset * cfg.batch_size)
             for batch in loader:
                 skipped += batch["skipped"]
                 gen = torch.Generator(device=device).manual_seed(_mixed_seed(cfg.seed, micro, rank))

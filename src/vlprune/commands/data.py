@@ -1,4 +1,5 @@
-"""``vlprune data scenes``: write the built-in procedural data set in the field's annotation formats."""
+"""``vlprune data scenes``: write the built-in procedural data set in the field's annotation formats.
+``vlprune data shards``: convert a pre-training / retrieval-train annotation file into WebDataset tar shards."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def add_parser(sub) -> None:
     s.add_argument("--object-scale", type=float, default=1.0, help="multiplies every object's radius, in [0.5, 2]")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(run=run)
+    h = dsub.add_parser("shards", help="WebDataset tar shards from a pre-training (or retrieval-train) annotation file")
+    h.add_argument("--from", dest="source", required=True, help="annotation JSON: [{\"image\", \"caption\"}, ...]")
+    h.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
+    h.add_argument("--out", required=True, help="output directory for 000000.tar, ... and manifest.json")
+    h.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    h.set_defaults(run=run_shards)
 
 
 def run(args) -> int:
@@ -45,4 +53,39 @@ def run(args) -> int:
     dt = time.perf_counter() - t0
     print(f"wrote {s['images']} images ({s['train_images']} train, {s['test_images']} test) to {out} in {dt:.1f} s")
     print("  " + ", ".join(f"{k}: {v}" for k, v in s.items() if k not in ("out", "images", "train_images", "test_images")))
+    return 0
+
+
+def run_shards(args) -> int:
+    import sys
+
+    from vlprune.data.formats import load_annotations
+    from vlprune.data.shards import MANIFEST, write_shards
+    from vlprune.errors import CLIError
+
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be >= 1, got {args.shard_size}")
+    src = Path(args.source)
+    if not src.is_file():
+        raise CLIError(f"--from: annotation file not found: {src}")
+    images = Path(args.images) if args.images else src.parent
+    if not images.is_dir():
+        raise CLIError(f"--images: image root directory not found: {images}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    entries = load_annotations(src, "pretrain")
+
+    def bad(i: int, image: str, error: str) -> None:
+        print(f"skipping entry {i} ({image}): {error}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    m = write_shards(entries, images, out, args.shard_size, source=str(src), progress=not args.quiet, on_bad=bad)
+    dt = time.perf_counter() - t0
+    n = len(m["shards"])
+    print(f"wrote {m['samples']} samples in {n} shard(s) to {out} in {dt:.1f} s; skipped {m['skipped']} bad image(s) "
+          f"(listed in {out / MANIFEST})")
+    print(f"train with: --train {str(out / m['pattern'])!r}")
     return 0

@@ -50,15 +50,22 @@ def to_rgb(img):
 
 def open_image(path: PathLike):
     """Open and fully decode an image file as RGB; raises naming the path when it cannot."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
     if p.stat().st_size == 0:
         raise BadImageError(f"image file is empty: {p}")
+    return decode_image(p, str(p))
+
+
+def decode_image(source, name: str):
+    """Fully decode an image (a path or a binary file object, e.g. ``io.BytesIO`` of a tar member) as RGB;
+    raises BadImageError naming ``name`` when it cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = name
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
             img.load()  # decodes everything: a truncated file raises here
             return to_rgb(img)
     except UnidentifiedImageError:

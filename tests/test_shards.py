@@ -1,0 +1,222 @@
+"""Tar shards: writing (bad images reported and counted, manifest, checksums, WebDataset-readable), the streaming
+reader (same samples as the JSON loader, split over ranks and workers without duplicates or gaps, an order that
+does not depend on the number of workers), exact resume (the keys seen across a kill and a resume equal an
+uninterrupted run's, per rank; the trainer's model is bitwise the same), and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlprune.checkpoint import load_checkpoint
+from vlprune.cli import main
+from vlprune.data.datasets import CaptionDataset, Collate
+from vlprune.data.formats import load_annotations
+from vlprune.data.images import ImageLoader
+from vlprune.data.scenes import generate
+from vlprune.data.shard_dataset import ShardDataset, shard_texts
+from vlprune.data.shards import expand_pattern, is_shard_spec, verify_shards, write_shards
+from vlprune.data.tokenizer import TextTokenizer
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+BAD = {3: b"not an image at all", 5: b""}  # image number -> bytes written over it
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Scenes (32 px) with two broken images, written into shards of 7 samples."""
+    root = tmp_path_factory.mktemp("shards")
+    generate(root / "sc", images=24, seed=5, image_size=32)
+    for n, b in BAD.items():
+        (root / "sc" / "images" / f"{n:06d}.png").write_bytes(b)
+    entries = load_annotations(root / "sc" / "pretrain.json", "pretrain")
+    reported = []
+    m = write_shards(entries, root / "sc", root / "sh", 7, on_bad=lambda i, img, err: reported.append((i, img)))
+    return {"root": root, "entries": entries, "manifest": m, "reported": reported,
+            "pattern": str(root / "sh" / m["pattern"])}
+
+
+def _loader():
+    return ImageLoader(None, 32, MEAN, STD)
+
+
+def test_expand_pattern():
+    assert expand_pattern("a/{08..11}.tar") == ["a/08.tar", "a/09.tar", "a/10.tar", "a/11.tar"]
+    assert expand_pattern("{x,y}/{0..1}.tar") == ["x/0.tar", "x/1.tar", "y/0.tar", "y/1.tar"]
+    assert expand_pattern("one.tar") == ["one.tar"]
+    for bad in ("{3..1}.tar", "a{.tar", "{}.tar"):
+        with pytest.raises(ValueError, match="shard pattern"):
+            expand_pattern(bad)
+    assert is_shard_spec("s/{000..003}.tar") and not is_shard_spec("pretrain.json") and not is_shard_spec(None)
+
+
+def test_write_shards_reports_bad_images_and_writes_a_true_manifest(data):
+    entries, m, sh = data["entries"], data["manifest"], data["root"] / "sh"
+    bad_idx = [i for i, e in enumerate(entries) if any(e["image"].endswith(f"{n:06d}.png") for n in BAD)]
+    assert bad_idx and [i for i, _ in data["reported"]] == bad_idx  # every bad entry reported, by index
+    assert [b["index"] for b in m["bad"]] == bad_idx and m["skipped"] == len(bad_idx)
+    assert m["samples"] + m["skipped"] == m["entries"] == len(entries)  # nothing silently lost
+    keys = []
+    for s in m["shards"]:
+        p = sh / s["name"]
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == s["sha256"] and p.stat().st_size == s["bytes"]
+        with tarfile.open(p) as tar:
+            names = tar.getnames()
+        shard_keys = sorted({n.split(".")[0] for n in names})
+        assert len(shard_keys) == s["samples"] <= 7 and len(names) == 3 * s["samples"]
+        keys += shard_keys
+    good = [i for i in range(len(entries)) if i not in bad_idx]
+    assert keys == [f"{i:09d}" for i in good]  # unique, in source order
+    assert verify_shards(sh) == []
+    again = write_shards(entries, data["root"] / "sc", data["root"] / "sh2", 7)  # byte-identical when rewritten
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_webdataset_reads_the_shards(data):
+    wds = pytest.importorskip("webdataset")
+    got = [(s["__key__"], s["txt"].decode()) for s in wds.WebDataset(data["pattern"], shardshuffle=False)]
+    entries = data["entries"]
+    assert got == [(k, entries[int(k)]["caption"]) for k, _ in got] and len(got) == data["manifest"]["samples"]
+
+
+def test_shard_items_equal_the_json_loader(data):
+    ds = ShardDataset(data["pattern"], _loader(), batch_size=1, buffer=1)
+    ref = CaptionDataset(data["entries"], ImageLoader(data["root"] / "sc", 32, MEAN, STD))
+    items = list(ds)
+    assert len(items) == data["manifest"]["samples"]
+    for it in items[:12]:
+        r = ref[it["index"]]
+        assert torch.equal(it["image"], r["image"]) and it["text"] == r["text"] and it["image_id"] == r["image_id"]
+    assert sorted(shard_texts(data["pattern"])) == sorted(e["caption"] for e in (data["entries"][i["index"]] for i in items))
+
+
+def _keys(ds, epoch=0, skip=0, workers=0, stop=None):
+    """Keys of the batches one rank's DataLoader yields, in order (stop after ``stop`` batches)."""
+    ds.set_position(epoch, skip)
+    tok = TextTokenizer.train(["a red circle"], 30)
+    dl = torch.utils.data.DataLoader(ds, batch_size=ds.batch_size, drop_last=True, num_workers=workers,
+                                     collate_fn=Collate(tok, 8))
+    out = []
+    for n, b in enumerate(dl):
+        if stop is not None and n == stop:
+            break
+        out.append(list(b["key"]))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_split_an_epoch_without_duplicates_or_gaps(data, world):
+    n = data["manifest"]["samples"]
+    per_rank = n // world
+    seen = []
+    for rank in range(world):
+        ds = ShardDataset(data["pattern"], _loader(), 4, rank, world, seed=1, buffer=5)
+        assert ds.num_samples == per_rank
+        seq = [r.key for r in ds.sequence(0)]
+        assert len(seq) == per_rank  # the rank's whole range; batches take the first per_rank // 4 * 4
+        seen += seq
+    assert len(seen) == len(set(seen)) == world * per_rank  # no duplicates; only the last n % world are left out
+    ds0 = ShardDataset(data["pattern"], _loader(), 4, 0, world, seed=1, buffer=5)
+    assert [r.key for r in ds0.sequence(0)] != [r.key for r in ds0.sequence(1)]  # each epoch reshuffles
+
+
+def test_kill_and_resume_see_the_same_samples_per_rank_whatever_the_workers(data):
+    world, bs = 2, 4
+    for rank in range(world):
+        ds = ShardDataset(data["pattern"], _loader(), bs, rank, world, seed=2, buffer=6)
+        full = _keys(ds)
+        assert len(full) == ds.num_samples // bs and all(len(b) == bs for b in full)
+        assert _keys(ds, workers=2) == full  # the order does not depend on the number of workers
+        head = _keys(ds, stop=3)
+        tail = _keys(ds, skip=3 * bs, workers=2)  # resumed after batch 3, with workers this time
+        assert head + tail == full
+        assert Counter(k for b in head + tail for k in b) == Counter(k for b in full for k in b)
+
+
+def test_reader_errors_name_the_problem(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ShardDataset(str(tmp_path / "{0..1}.tar"), _loader(), 2)
+    sh = data["root"] / "sh"
+    (tmp_path / "000000.tar").write_bytes((sh / "000000.tar").read_bytes())
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        ShardDataset(str(tmp_path / "000000.tar"), _loader(), 2)
+    m = json.loads((sh / "manifest.json").read_text())
+    m["shards"][0]["samples"] += 2  # the manifest promises more than the shard holds
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    ds = ShardDataset(str(tmp_path / "000000.tar"), _loader(), 2, buffer=1)
+    with pytest.raises(ValueError, match="fewer than its manifest"):
+        list(ds)
+    with pytest.raises(ValueError, match="no full batch"):
+        ShardDataset(data["pattern"], _loader(), 1000)
+
+
+# -- the trainer on shards ----------------------------------------------------------------------------------
+MODEL = {"arch": "albef",
+         "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 4, "mlp_dim": 37},
+         "text": {"vocab_size": 160, "width": 32, "layers": 1, "heads": 4, "mlp_dim": 37, "max_len": 24},
+         "fusion_layers": 1, "embed_dim": 16, "queue_size": 16, "use_momentum": True}
+
+
+def _recording(monkeypatch, seen):
+    import vlprune.train as tr
+    from vlprune.tasks.base import StepModule
+
+    class Recording(StepModule):
+        def forward(self, batch, ctx):
+            seen.append(list(batch["key"]))
+            return super().forward(batch, ctx)
+
+    monkeypatch.setattr(tr, "StepModule", Recording)
+
+
+def test_trainer_kill_and_resume_on_shards_is_exact(data, tmp_path, monkeypatch):
+    from vlprune.train import TrainConfig, train
+
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model=str(tmp_path / "model.json"), train=data["pattern"], batch_size=4, steps=5, accum=2,
+                      lr=5e-4, log_every=2, ckpt_every=2, seed=1, shuffle_buffer=8)
+    full_keys, part_keys = [], []
+    _recording(monkeypatch, full_keys)
+    train(cfg, tmp_path / "full")
+    _recording(monkeypatch, part_keys)
+
+    def kill(step, record):
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    assert train(cfg, tmp_path / "part", callback=kill)["steps"] == 3
+    ck = load_checkpoint(tmp_path / "part")
+    assert ck["data"]["kind"] == "shards" and ck["data"]["next_sample"] == 6 * 4  # 3 steps x accum 2 x batch 4
+    assert train(cfg, tmp_path / "part", resume=True)["steps"] == 5
+    assert len(full_keys) == 10 and part_keys == full_keys  # the same micro-batches, in the same order
+    a, b = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "part")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)  # bitwise
+
+
+def test_cli_shards_and_train(data, tmp_path, capsys):
+    sc = data["root"] / "sc"
+    assert main(["data", "shards", "--from", str(sc / "pretrain.json"), "--out", str(tmp_path / "s"),
+                 "--shard-size", "10", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert f"skipped {data['manifest']['skipped']} bad image(s)" in out
+    first = data["manifest"]["bad"][0]
+    assert f"skipping entry {first['index']} ({first['image']})" in err
+    assert main(["data", "shards", "--from", str(sc / "pretrain.json"), "--out", str(tmp_path / "s")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["data", "shards", "--from", str(tmp_path / "nope.json"), "--out", str(tmp_path / "t")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    pattern = str(tmp_path / "s" / "{000000..000003}.tar")
+    assert main(["train", "pretrain", "--model", str(tmp_path / "model.json"), "--train", pattern, "--steps", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["train", "vqa", "--train", pattern, "--steps", "1", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "tar shards hold image-caption pairs" in capsys.readouterr().err
