@@ -1,0 +1,68 @@
+"""Two "nodes" x one process on this machine, joined by torchrun's c10d rendezvous on localhost (gloo): the DDP
+step equals one process on the concatenated batch (as tests/test_distributed.py checks for two local
+processes), and training on tar shards gives each node its own, disjoint share of the epoch, in the order the
+shard reader defines for that rank. Opt-in: ``pytest -m slow tests/test_multinode.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import vlprune
+from test_distributed import B, _run
+from test_shards import MODEL
+from vlprune.data.formats import load_annotations
+from vlprune.data.images import ImageLoader
+from vlprune.data.scenes import generate
+from vlprune.data.shard_dataset import ShardDataset
+from vlprune.data.shards import write_shards
+
+WORKER = Path(__file__).with_name("multinode_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # four Python processes start (two agents, two workers): ~40 s on 2 busy cores
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_nodes_c10d_step_equals_single_process(tmp_path):
+    generate(tmp_path / "sc", images=10, seed=2, image_size=32)
+    m = write_shards(load_annotations(tmp_path / "sc" / "pretrain.json", "pretrain"), tmp_path / "sc", tmp_path / "sh", 5)
+    pattern = str(tmp_path / "sh" / m["pattern"])
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "vlprune-test",
+           "--max-restarts", "0", str(WORKER), str(tmp_path), pattern, str(tmp_path / "model.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs
+    info = [json.loads((tmp_path / f"node{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(i["node"] for i in info) == [0, 1] and all(i["nodes"] == 2 and i["world"] == 2 for i in info)
+    assert all(i["local_rank"] == 0 for i in info)  # one process per node
+    torch.manual_seed(0)
+    single = _run(vlprune.build_model("tiny"), slice(0, 2 * B), ddp=False)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"momentum{r}.pt", weights_only=True)
+        assert got.keys() == single.keys()
+        for k in single:
+            torch.testing.assert_close(got[k], single[k], rtol=1e-4, atol=1e-5, msg=f"rank {r}: {k}")
+    # shards under two nodes: each rank trained on its own range, in the reader's order for that rank
+    loader = ImageLoader(None, 32, (0.5,) * 3, (0.5,) * 3)
+    for i in info:
+        assert i["steps"] == 2
+        ds = ShardDataset(pattern, loader, 3, i["rank"], 2, seed=4, buffer=4)
+        expect = [r.key.rsplit("/", 1)[-1] for r in ds.sequence(0)][:6]
+        assert [k for b in i["keys"] for k in b] == expect
+    assert not set(sum(info[0]["keys"], [])) & set(sum(info[1]["keys"], []))
