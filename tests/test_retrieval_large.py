@@ -72,3 +72,24 @@ def test_large_gallery_metrics_equal_the_in_memory_evaluation(method, k):
         assert got[key] == pytest.approx(ref[key]), key
     assert max(loads) <= 5  # images are only ever loaded a batch at a time
     assert cost.itm_pairs == n_txt * min(k, n_img) + n_img * min(k, n_txt)
+
+
+def test_retrieval_task_gallery_chunk_gives_the_in_memory_metrics(tmp_path):
+    """The task's evaluation with ``gallery_chunk`` (``vlprune eval retrieval --gallery-chunk N``) on a scenes test
+    file: the same metrics as the in-memory path."""
+    from vlprune.data.images import ImageLoader
+    from vlprune.data.scenes import generate
+    from vlprune.data.tokenizer import TextTokenizer
+    from vlprune.tasks.base import get_task
+
+    generate(tmp_path, images=40, seed=1, image_size=32)
+    torch.manual_seed(0)
+    model = vlprune.build_model("tiny", method=reduce_config("trips")).eval()
+    mem, big = get_task("retrieval", k=6), get_task("retrieval", k=6, gallery_chunk=3, search="torch")
+    entries = mem.load_test(tmp_path / "retrieval_test.json")
+    tok = TextTokenizer.train([c for e in entries for c in e["caption"]], model.cfg.text.vocab_size)
+    loader = ImageLoader.for_model(model.cfg.vision, tmp_path)
+    a, ia = mem.evaluate_set(model, entries, loader, tok, 4, torch.device("cpu"))
+    b, ib = big.evaluate_set(model, entries, loader, tok, 4, torch.device("cpu"))
+    assert {k: pytest.approx(v) for k, v in a.items() if k != "itc_r_mean"} == {k: v for k, v in b.items()}
+    assert ia["itm_pairs"] == ib["itm_pairs"] and ia["image_tokens"] == ib["image_tokens"]

@@ -97,6 +97,27 @@ def test_shard_items_equal_the_json_loader(data):
     assert sorted(shard_texts(data["pattern"])) == sorted(e["caption"] for e in (data["entries"][i["index"]] for i in items))
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_parser_lists_what_tarfile_lists(tmp_path, fmt):
+    """The in-place ustar parser (and its fallback to tarfile for PAX / GNU long names) gives tarfile's members."""
+    import io
+
+    from vlprune.data.shard_dataset import _members
+
+    path = tmp_path / "x.tar"
+    names = ["a.txt", "d" * 90 + "/k1.jpg", "e" * 120 + "/" + "f" * 30 + ".json", "g.png", "h" * 130 + ".txt"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for j, n in enumerate(names):
+            if fmt == tarfile.USTAR_FORMAT and len(n.rsplit("/", 1)[-1]) > 100:
+                continue  # ustar cannot store a file name over 100 characters
+            info = tarfile.TarInfo(n)
+            info.size = 7 * j + 1
+            tar.addfile(info, io.BytesIO(bytes(range(info.size))))
+    with tarfile.open(path) as tar:
+        want = [(m.name, (m.offset_data, m.size)) for m in tar if m.isfile()]
+    assert list(_members(str(path))) == want and len(want) >= 4
+
+
 def _keys(ds, epoch=0, skip=0, workers=0, stop=None):
     """Keys of the batches one rank's DataLoader yields, in order (stop after ``stop`` batches)."""
     ds.set_position(epoch, skip)
