@@ -1,7 +1,8 @@
 """Run by tests/test_multinode.py under ``torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d``: one process
 per "node". It joins the process group from torchrun's environment (gloo), runs the ITC step of
 tests/test_distributed.py on its slice of the batch and saves the result; with a shard pattern it then trains 2
-steps on the shards, recording the sample keys of every micro-batch this rank saw.
+steps on the shards twice, uninterrupted and killed after step 1 then resumed, recording the sample
+keys of every micro-batch this rank saw.
 
     python -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \
         --rdzv-endpoint 127.0.0.1:29400 --rdzv-id job tests/multinode_worker.py OUT [SHARD_PATTERN MODEL_JSON]
@@ -9,6 +10,7 @@ steps on the shards, recording the sample keys of every micro-batch this rank sa
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -41,9 +43,18 @@ def main() -> None:
                 return super().forward(batch, ctx)
 
         tr.StepModule = Recording
-        cfg = tr.TrainConfig(model=sys.argv[3], train=sys.argv[2], steps=2, batch_size=3, log_every=1, seed=4,
+        cfg = tr.TrainConfig(model=sys.argv[3], train=sys.argv[2], steps=3, batch_size=3, log_every=1, seed=4,
                              shuffle_buffer=4)
         info["steps"] = tr.train(cfg, os.path.join(out, "run"))["steps"]
+        info["full_keys"], info["keys"] = list(seen), []
+        seen = info["keys"]
+
+        def kill(step, record):  # every rank stops after step 1, as when the job is preempted
+            if step == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+        info["part_steps"] = tr.train(cfg, os.path.join(out, "part"), callback=kill)["steps"]
+        info["rest_steps"] = tr.train(cfg, os.path.join(out, "part"), resume=True)["steps"]
     with open(os.path.join(out, f"node{rank}.json"), "w") as f:
         json.dump(info, f)
     dist.destroy_process_group()

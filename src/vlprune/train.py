@@ -190,7 +190,9 @@ def _data(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world: 
 
         if task.name not in ("pretrain", "retrieval"):
             raise ValueError(f"tar shards hold image-caption pairs (tasks pretrain, retrieval), not task {cfg.task!r}")
-        entries = [{"caption": t} for t in shard_texts(cfg.train)]
+        # only rank 0 trains a tokenizer, and only when none is given or saved yet
+        need = rank == 0 and cfg.tokenizer is None and cfg.init is None and not (out / "tokenizer" / "tokenizer.json").is_file()
+        entries = [{"caption": t} for t in shard_texts(cfg.train)] if need else []
         return entries, Path(cfg.images) if cfg.images else Path(expand_pattern(cfg.train)[0]).parent
     path = Path(cfg.train)
     return task.load(path), Path(cfg.images) if cfg.images else path.parent
