@@ -75,8 +75,9 @@ def test_write_shards_reports_bad_images_and_writes_a_true_manifest(data):
     good = [i for i in range(len(entries)) if i not in bad_idx]
     assert keys == [f"{i:09d}" for i in good]  # unique, in source order
     assert verify_shards(sh) == []
-    again = write_shards(entries, data["root"] / "sc", data["root"] / "sh2", 7)  # byte-identical when rewritten
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+    # byte-identical when rewritten, with images checked in 2 processes too
+    again = write_shards(entries, data["root"] / "sc", data["root"] / "sh2", 7, workers=2)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]] and again["bad"] == m["bad"]
 
 
 def test_webdataset_reads_the_shards(data):

@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     h.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
     h.add_argument("--out", required=True, help="output directory for 000000.tar, ... and manifest.json")
     h.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    h.add_argument("--workers", type=int, default=0, help="processes that decode and check images (default 0: this one)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     h.set_defaults(run=run_shards)
 
@@ -65,6 +66,8 @@ def run_shards(args) -> int:
 
     if args.shard_size < 1:
         raise CLIError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.workers < 0:
+        raise CLIError(f"--workers must be >= 0, got {args.workers}")
     src = Path(args.source)
     if not src.is_file():
         raise CLIError(f"--from: annotation file not found: {src}")
@@ -82,7 +85,8 @@ def run_shards(args) -> int:
         print(f"skipping entry {i} ({image}): {error}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    m = write_shards(entries, images, out, args.shard_size, source=str(src), progress=not args.quiet, on_bad=bad)
+    m = write_shards(entries, images, out, args.shard_size, source=str(src), progress=not args.quiet, on_bad=bad,
+                     workers=args.workers)
     dt = time.perf_counter() - t0
     n = len(m["shards"])
     print(f"wrote {m['samples']} samples in {n} shard(s) to {out} in {dt:.1f} s; skipped {m['skipped']} bad image(s) "

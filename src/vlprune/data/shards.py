@@ -21,8 +21,9 @@ import io
 import json
 import re
 import tarfile
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..fileio import atomic_write
 from .images import BadImageError, open_image
@@ -107,13 +108,33 @@ def _image_ids(entries: Sequence[Dict[str, Any]]) -> List[int]:
     return [table.setdefault(e.get("image_id", e["image"]), len(table)) for e in entries]
 
 
+def _prepare(path: Path) -> Any:
+    """``image_bytes(path)``, or the error that makes the image unusable (returned, so it crosses processes)."""
+    try:
+        return image_bytes(path)
+    except (BadImageError, FileNotFoundError) as err:
+        return err
+
+
+def _prepared(paths: Sequence[Path], workers: int, stack: ExitStack) -> Iterator[Any]:
+    """``_prepare`` of each run of equal consecutive paths, in order; in ``workers`` processes when > 0."""
+    runs = [p for i, p in enumerate(paths) if i == 0 or p != paths[i - 1]]
+    if workers <= 0:
+        return map(_prepare, runs)
+    import multiprocessing
+
+    pool = stack.enter_context(multiprocessing.get_context().Pool(workers))
+    return pool.imap(_prepare, runs, chunksize=16)
+
+
 def write_shards(entries: Sequence[Dict[str, Any]], images: PathLike, out: PathLike, shard_size: int,
                  source: str = "", progress: bool = False,
-                 on_bad: Optional[Callable[[int, str, str], None]] = None) -> Dict[str, Any]:
+                 on_bad: Optional[Callable[[int, str, str], None]] = None, workers: int = 0) -> Dict[str, Any]:
     """Write ``entries`` (validated pre-training / retrieval-train entries: ``image``, ``caption``) with images
     under ``images`` into ``out/000000.tar``, ... of ``shard_size`` samples each, then ``out/manifest.json``
     (returned). Every image is decoded first; an unusable one is left out, passed to ``on_bad(index, image,
-    error)`` and listed in the manifest. Each shard and the manifest are written atomically."""
+    error)`` and listed in the manifest. Each shard and the manifest are written atomically. ``workers`` > 0
+    checks images in that many processes (the shards are the same bytes either way)."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard size must be an integer >= 1, got {shard_size!r}")
     from tqdm import tqdm
@@ -143,29 +164,24 @@ def write_shards(entries: Sequence[Dict[str, Any]], images: PathLike, out: PathL
                        "sha256": digest.hexdigest()})
         pending.clear()
 
-    last: Tuple[Optional[Path], Any] = (None, None)  # consecutive captions of one image: decode it once
-    for i, e in enumerate(tqdm(entries, disable=not progress, unit="sample", dynamic_ncols=True, desc="shards")):
-        p = Path(e["image"])
-        p = p if p.is_absolute() else root / p
-        try:
-            if last[0] != p:
-                try:
-                    last = (p, image_bytes(p))
-                except (BadImageError, FileNotFoundError) as err:
-                    last = (p, err)
-            if isinstance(last[1], Exception):
-                raise last[1]
-            data, ext = last[1]
-        except (BadImageError, FileNotFoundError) as err:
-            bad.append({"index": i, "image": e["image"], "error": str(err)})
-            if on_bad is not None:
-                on_bad(i, e["image"], str(err))
-            continue
-        meta = {**e, "index": i, "iid": iids[i]}
-        pending.append((sample_key(i), {ext: data, "txt": e["caption"].encode("utf-8"),
-                                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}))
-        if len(pending) == shard_size:
-            flush()
+    paths = [Path(e["image"]) if Path(e["image"]).is_absolute() else root / e["image"] for e in entries]
+    with ExitStack() as stack:
+        results = _prepared(paths, workers, stack)
+        last: Optional[Path] = None
+        for i, e in enumerate(tqdm(entries, disable=not progress, unit="sample", dynamic_ncols=True, desc="shards")):
+            if paths[i] != last:  # consecutive captions of one image share one decode
+                last, res = paths[i], next(results)
+            if isinstance(res, Exception):
+                bad.append({"index": i, "image": e["image"], "error": str(res)})
+                if on_bad is not None:
+                    on_bad(i, e["image"], str(res))
+                continue
+            data, ext = res
+            meta = {**e, "index": i, "iid": iids[i]}
+            pending.append((sample_key(i), {ext: data, "txt": e["caption"].encode("utf-8"),
+                                            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}))
+            if len(pending) == shard_size:
+                flush()
     if pending:
         flush()
     if not shards:
