@@ -55,6 +55,14 @@ def main() -> None:
 
         info["part_steps"] = tr.train(cfg, os.path.join(out, "part"), callback=kill)["steps"]
         info["rest_steps"] = tr.train(cfg, os.path.join(out, "part"), resume=True)["steps"]
+    from test_retrieval_large import gallery_case  # noqa: E402
+
+    from vlprune.tasks.retrieval_large import evaluate_large_gallery
+
+    model, images, ids, mask, img2txt, txt2img = gallery_case()
+    info["gallery"] = evaluate_large_gallery(model, images.shape[0], lambda rows: images[list(rows)], ids, mask,
+                                             img2txt, txt2img, k=4, batch_size=5, chunk=4, backend="torch",
+                                             rank=rank, world=2)[0]
     with open(os.path.join(out, f"node{rank}.json"), "w") as f:
         json.dump(info, f)
     dist.destroy_process_group()

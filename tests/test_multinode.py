@@ -2,7 +2,8 @@
 step equals one process on the concatenated batch (as tests/test_distributed.py checks for two local
 processes), and training on tar shards gives each node its own, disjoint share of the epoch, in the order the
 shard reader defines for that rank; a run killed on both nodes after step 1 and resumed trains on the same
-micro-batches on every rank and ends bitwise equal to the uninterrupted run. Opt-in: ``pytest -m slow tests/test_multinode.py``."""
+micro-batches on every rank and ends bitwise equal to the uninterrupted run; large-gallery retrieval split over
+the two nodes gives the metrics of one process. Opt-in: ``pytest -m slow tests/test_multinode.py``."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def test_two_nodes_c10d_step_equals_single_process(tmp_path):
         assert got.keys() == single.keys()
         for k in single:
             torch.testing.assert_close(got[k], single[k], rtol=1e-4, atol=1e-5, msg=f"rank {r}: {k}")
+    # large-gallery retrieval split over the two nodes: the metrics of one process
+    from test_retrieval_large import gallery_case
+    from vlprune.tasks.retrieval_large import evaluate_large_gallery
+
+    model, images, ids, mask, img2txt, txt2img = gallery_case()
+    one = evaluate_large_gallery(model, images.shape[0], lambda rows: images[list(rows)], ids, mask, img2txt, txt2img,
+                                 k=4, batch_size=5, chunk=4, backend="torch")[0]
+    assert all(i["gallery"] == pytest.approx(one) for i in info)
     # shards under two nodes: each rank trained on its own range, in the reader's order for that rank; killed
     # after step 1 and resumed, each rank saw the same micro-batches and the model is bitwise the same
     loader = ImageLoader(None, 32, (0.5,) * 3, (0.5,) * 3)

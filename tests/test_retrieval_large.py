@@ -46,8 +46,8 @@ def test_rank_formula_equals_the_full_sort():
             assert rank_in_full_matrix(cand, scores, t) == want
 
 
-@pytest.mark.parametrize("method,k", [(None, 4), ("trips", 4), (None, 30)])
-def test_large_gallery_metrics_equal_the_in_memory_evaluation(method, k):
+def gallery_case(method=None):
+    """(model, images (14, 3, 32, 32), ids, mask, img2txt, txt2img): a tiny model, 14 images, 2 captions each."""
     torch.manual_seed(0)
     model = vlprune.build_model("tiny", method=reduce_config(method) if method else None).eval()
     g = torch.Generator().manual_seed(3)
@@ -59,6 +59,13 @@ def test_large_gallery_metrics_equal_the_in_memory_evaluation(method, k):
     ids = torch.randint(5, model.cfg.text.vocab_size, (n_txt, 10), generator=g).masked_fill(mask == 0, 0)
     img2txt = [list(range(i * per, (i + 1) * per)) for i in range(n_img)]
     txt2img = [t // per for t in range(n_txt)]
+    return model, images, ids, mask, img2txt, txt2img
+
+
+@pytest.mark.parametrize("method,k", [(None, 4), ("trips", 4), (None, 30)])
+def test_large_gallery_metrics_equal_the_in_memory_evaluation(method, k):
+    model, images, ids, mask, img2txt, txt2img = gallery_case(method)
+    n_img, n_txt = images.shape[0], ids.shape[0]
     ref, _ = evaluate_retrieval(model, images, ids, mask, img2txt, txt2img, k=k, batch_size=5)
     loads = []
 

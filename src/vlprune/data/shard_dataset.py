@@ -210,8 +210,8 @@ class ShardDataset(IterableDataset):
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard(s) of {pattern!r} not found: "
                                     f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
-        self.manifest, where = load_manifest(self.urls, manifest)
-        self.counts = shard_counts(self.urls, self.manifest, where)
+        self.counts = shard_counts(self.urls, *load_manifest(self.urls, manifest))  # the manifest is not kept: workers
+        # receive a pickled copy of the dataset
         self.loader, self.batch_size, self.rank, self.world = loader, batch_size, rank, world
         self.seed, self.buffer, self.skip_bad_images = seed, buffer, skip_bad_images
         self.num_samples = sum(self.counts) // world  # per rank and epoch
