@@ -242,3 +242,22 @@ def test_cli_shards_and_train(data, tmp_path, capsys):
                  "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert main(["train", "vqa", "--train", pattern, "--steps", "1", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "tar shards hold image-caption pairs" in capsys.readouterr().err
+
+
+def test_resume_over_other_shards_is_refused(data, tmp_path):
+    from vlprune.train import TrainConfig, train
+
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    sc = data["root"] / "sc"
+    m = write_shards(data["entries"], sc, tmp_path / "sh", 7)
+    cfg = TrainConfig(model=str(tmp_path / "model.json"), train=str(tmp_path / "sh" / m["pattern"]), batch_size=4,
+                      steps=3, log_every=1, ckpt_every=1, seed=1)
+
+    def kill(step, record):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    assert train(cfg, tmp_path / "run", callback=kill)["steps"] == 1
+    write_shards(data["entries"], sc, tmp_path / "sh", 6)  # the same names now hold other samples
+    with pytest.raises(ValueError, match="training shards differ"):
+        train(cfg, tmp_path / "run", resume=True)
