@@ -100,3 +100,10 @@ def test_retrieval_task_gallery_chunk_gives_the_in_memory_metrics(tmp_path):
     b, ib = big.evaluate_set(model, entries, loader, tok, 4, torch.device("cpu"))
     assert {k: pytest.approx(v) for k, v in a.items() if k != "itc_r_mean"} == {k: v for k, v in b.items()}
     assert ia["itm_pairs"] == ib["itm_pairs"] and ia["image_tokens"] == ib["image_tokens"]
+
+
+def test_cli_gallery_chunk_must_not_be_negative(tmp_path, capsys):
+    from vlprune.cli import main
+
+    assert main(["eval", "retrieval", "--checkpoint", str(tmp_path), "--gallery-chunk", "-1"]) == 2
+    assert "--gallery-chunk must be >= 0, got -1" in capsys.readouterr().err

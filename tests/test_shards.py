@@ -119,6 +119,17 @@ def test_fast_header_parser_lists_what_tarfile_lists(tmp_path, fmt):
     assert list(_members(str(path))) == want and len(want) >= 4
 
 
+def test_urls_stream_through_webdataset_gopen(data):
+    """A URL (here ``pipe:cat ...``) is opened with webdataset.gopen and streamed (manifest too): the same samples."""
+    pytest.importorskip("webdataset")
+    sh = data["root"] / "sh"
+    url = ShardDataset(f"pipe:cat {sh}/" + data["manifest"]["pattern"], _loader(), 4, seed=3, buffer=5)
+    local = ShardDataset(data["pattern"], _loader(), 4, seed=3, buffer=5)
+    a, b = list(url), list(local)
+    assert [x["key"] for x in a] == [x["key"] for x in b] and len(a) == local.num_samples // 4 * 4
+    assert all(torch.equal(x["image"], y["image"]) and x["text"] == y["text"] for x, y in zip(a[:6], b[:6]))
+
+
 def _keys(ds, epoch=0, skip=0, workers=0, stop=None):
     """Keys of the batches one rank's DataLoader yields, in order (stop after ``stop`` batches)."""
     ds.set_position(epoch, skip)

@@ -69,12 +69,12 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.gallery_chunk < 0:
+        raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
     ckpt = checkpoint_dir(args.checkpoint)
     meta = read_config(ckpt)
-    if args.gallery_chunk < 0:
-        raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     opts = {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
     task = get_task(args.task, **(opts if args.task == "retrieval" else {}))
     test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)
