@@ -272,3 +272,28 @@ def test_resume_over_other_shards_is_refused(data, tmp_path):
     write_shards(data["entries"], sc, tmp_path / "sh", 6)  # the same names now hold other samples
     with pytest.raises(ValueError, match="training shards differ"):
         train(cfg, tmp_path / "run", resume=True)
+
+
+def test_manifest_for_webdataset_written_shards(tmp_path, capsys):
+    """Shards written by webdataset's own TarWriter (no .json, a .txt caption), indexed with `vlprune data
+    manifest`, train-ready: the reader gives their samples."""
+    wds = pytest.importorskip("webdataset")
+    import io
+
+    from PIL import Image
+
+    img = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(img, format="PNG")
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"part-{s}.tar")) as w:
+            for j in range(5 + s):
+                w.write({"__key__": f"s{s}/x{j}", "png": img.getvalue(), "txt": f"caption {s} {j}"})
+    assert main(["data", "manifest", str(tmp_path / "part-{0..1}.tar"), "--quiet"]) == 0
+    assert "indexed 11 samples in 2 shard(s)" in capsys.readouterr().out
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["samples"] for s in m["shards"]] == [5, 6] and verify_shards(tmp_path) == []
+    items = list(ShardDataset(str(tmp_path / "part-{0..1}.tar"), _loader(), 1, buffer=1))
+    assert sorted(i["text"] for i in items) == sorted(f"caption {s} {j}" for s in range(2) for j in range(5 + s))
+    assert main(["data", "manifest", str(tmp_path / "part-{0..1}.tar")]) == 2  # exists: not replaced silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "manifest", str(tmp_path / "nope-{0..1}.tar")]) == 2

@@ -1,5 +1,6 @@
 """``vlprune data scenes``: write the built-in procedural data set in the field's annotation formats.
-``vlprune data shards``: convert a pre-training / retrieval-train annotation file into WebDataset tar shards."""
+``vlprune data shards``: convert a pre-training / retrieval-train annotation file into WebDataset tar shards.
+``vlprune data manifest``: index existing WebDataset shards (samples and sha256 per shard) so training can read them."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def add_parser(sub) -> None:
     h.add_argument("--workers", type=int, default=0, help="processes that decode and check images (default 0: this one)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     h.set_defaults(run=run_shards)
+    x = dsub.add_parser("manifest", help="write manifest.json for existing WebDataset shards (to train from them)")
+    x.add_argument("pattern", help="local shards, e.g. 'shards/{000000..000099}.tar'")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json")
+    x.set_defaults(run=run_manifest)
 
 
 def run(args) -> int:
@@ -92,4 +97,19 @@ def run_shards(args) -> int:
     print(f"wrote {m['samples']} samples in {n} shard(s) to {out} in {dt:.1f} s; skipped {m['skipped']} bad image(s) "
           f"(listed in {out / MANIFEST})")
     print(f"train with: --train {str(out / m['pattern'])!r}")
+    return 0
+
+
+def run_manifest(args) -> int:
+    from vlprune.data.shard_dataset import index_shards
+    from vlprune.data.shards import MANIFEST
+
+    from vlprune.errors import CLIError
+
+    where = Path(args.pattern).parent / MANIFEST
+    if where.exists() and not args.overwrite:
+        raise CLIError(f"{where} exists (use --overwrite to replace it; a manifest from `vlprune data shards` also "
+                       "lists the skipped entries)")
+    m = index_shards(args.pattern, progress=not args.quiet)
+    print(f"indexed {m['samples']} samples in {len(m['shards'])} shard(s); wrote {where}")
     return 0

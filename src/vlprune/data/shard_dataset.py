@@ -318,3 +318,36 @@ def shard_texts(pattern: str, limit: int = 200_000, manifest: Optional[str] = No
     finally:
         files.close()
     return out
+
+
+def index_shards(pattern: str, progress: bool = False) -> Dict[str, Any]:
+    """Write ``manifest.json`` next to existing local WebDataset shards (e.g. from ``webdataset.TarWriter``):
+    samples (groups of members sharing a key) and sha256 per shard. Returns the manifest."""
+    from tqdm import tqdm
+
+    from ..fileio import atomic_write
+    from .shards import MANIFEST_FORMAT, file_sha256
+
+    urls = expand_pattern(pattern)
+    remote = [u for u in urls if is_url(u)]
+    if remote:
+        raise ValueError(f"indexing reads local shards only, got {remote[0]}")
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) not found: {', '.join(missing[:3])}")
+    dirs = {str(Path(u).parent) for u in urls}
+    if len(dirs) != 1:
+        raise ValueError(f"the shards of one manifest must share a folder, got {sorted(dirs)[:3]}")
+    shards = []
+    for u in tqdm(urls, disable=not progress, unit="shard", dynamic_ncols=True, desc="index"):
+        keys, last = 0, None
+        for name, _ in _members(u):
+            m = _KEY.match(name)
+            if m is not None and m.group(1) != last:
+                keys, last = keys + 1, m.group(1)
+        shards.append({"name": Path(u).name, "samples": keys, "bytes": Path(u).stat().st_size, "sha256": file_sha256(u)})
+    manifest = {"format": MANIFEST_FORMAT, "source": pattern, "shard_size": max(s["samples"] for s in shards),
+                "pattern": Path(pattern).name, "entries": sum(s["samples"] for s in shards),
+                "samples": sum(s["samples"] for s in shards), "skipped": 0, "shards": shards, "bad": []}
+    atomic_write(Path(dirs.pop()) / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode("utf-8")))
+    return manifest

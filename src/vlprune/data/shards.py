@@ -148,7 +148,6 @@ def write_shards(entries: Sequence[Dict[str, Any]], images: PathLike, out: PathL
 
     def flush() -> None:
         name = f"{len(shards):06d}.tar"
-        digest = hashlib.sha256()
 
         def write(f):
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -157,11 +156,7 @@ def write_shards(entries: Sequence[Dict[str, Any]], images: PathLike, out: PathL
                         _member(tar, f"{key}.{ext}", data)
 
         path = atomic_write(out / name, write)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        shards.append({"name": name, "samples": len(pending), "bytes": path.stat().st_size,
-                       "sha256": digest.hexdigest()})
+        shards.append({"name": name, "samples": len(pending), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
         pending.clear()
 
     paths = [Path(e["image"]) if Path(e["image"]).is_absolute() else root / e["image"] for e in entries]
@@ -193,6 +188,14 @@ def write_shards(entries: Sequence[Dict[str, Any]], images: PathLike, out: PathL
     return manifest
 
 
+def file_sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verify_shards(directory: PathLike) -> List[str]:
     """Names of the shards in ``directory`` whose size or sha256 differs from the manifest (empty: all good)."""
     d = Path(directory)
@@ -200,7 +203,7 @@ def verify_shards(directory: PathLike) -> List[str]:
     bad = []
     for s in manifest["shards"]:
         p = d / s["name"]
-        if not p.is_file() or hashlib.sha256(p.read_bytes()).hexdigest() != s["sha256"]:
+        if not p.is_file() or file_sha256(p) != s["sha256"]:
             bad.append(s["name"])
     return bad
 
