@@ -44,12 +44,19 @@ def test_two_nodes_c10d_step_equals_single_process(tmp_path):
     m = write_shards(load_annotations(tmp_path / "sc" / "pretrain.json", "pretrain"), tmp_path / "sc", tmp_path / "sh", 5)
     pattern = str(tmp_path / "sh" / m["pattern"])
     (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    # The rendezvous store is hosted here, not by one of the agents: two agents on one host otherwise race to host
+    # it, and when the hosting agent exits first the other one loses the store while still polling it (seen as
+    # "RendezvousConnectionError" and a worker killed with SIGABRT). On real nodes the host node outlives the job.
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "vlprune-test",
-           "--max-restarts", "0", str(WORKER), str(tmp_path), pattern, str(tmp_path / "model.json")]
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "vlprune-test",
+           "--rdzv-conf", "is_host=false", "--max-restarts", "0", str(WORKER), str(tmp_path), pattern,
+           str(tmp_path / "model.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in nodes]
+    del store
     assert [p.returncode for p in nodes] == [0, 0], "\n\n".join(log[-4000:] for log in logs)
     info = [json.loads((tmp_path / f"node{r}.json").read_text()) for r in (0, 1)]
     assert sorted(i["node"] for i in info) == [0, 1] and all(i["nodes"] == 2 and i["world"] == 2 for i in info)
