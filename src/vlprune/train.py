@@ -46,6 +46,7 @@ from .checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, rng_
 from .config import from_dict, load_preset, to_dict
 from .data.datasets import Collate, ResumableSampler, check_image_paths
 from .data.images import DEFAULT_MAX_PIXELS, ImageLoader, check_max_pixels
+from .data.shards import expand_pattern, is_shard_spec
 from .data.tokenizer import TextTokenizer
 from .distributed import wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
@@ -94,13 +95,15 @@ class TrainConfig:
     save_total_limit: int = 1  # checkpoints kept (checkpoint-STEP/ directories; `latest` names the newest)
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are bad images (decompression bombs)
     allow_outside_root: bool = False  # image paths may leave the image root (../, absolute paths elsewhere)
+    shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
 
     def __post_init__(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
         check_max_pixels(self.max_image_pixels, "max_image_pixels")
-        for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images", "save_total_limit"):
+        for name in ("batch_size", "accum", "log_every", "ckpt_every", "scenes_images", "save_total_limit",
+                     "shuffle_buffer"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -199,6 +202,48 @@ def _scenes(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world
     return task.load(root / task.scenes_file), root
 
 
+def _shard_captions(cfg: TrainConfig, out: Path, rank: int):
+    """(entries, image root) of a tar-shard run: the captions, when a tokenizer must be trained from them (rank 0,
+    no --tokenizer, no init, none saved yet), else none; the images are streamed later."""
+    from .data.shard_dataset import shard_texts
+
+    need = rank == 0 and cfg.tokenizer is None and cfg.init is None and not (out / "tokenizer" / "tokenizer.json").is_file()
+    entries = [{"caption": t} for t in shard_texts(cfg.train)] if need else []
+    return entries, Path(cfg.images) if cfg.images else Path(expand_pattern(cfg.train)[0]).parent
+
+
+def _dataset(cfg: TrainConfig, task, entries, mcfg, root: Path, rank: int, world: int):
+    """(dataset, sampler or None, position): ``position.num_samples`` per rank and epoch,
+    ``position.set_position(epoch, skip)``, ``position.state()`` for the checkpoint's "data" entry."""
+    if is_shard_spec(cfg.train):
+        from .data.shard_dataset import ShardDataset
+
+        ds = ShardDataset(cfg.train, ImageLoader.for_model(mcfg.vision, None, cfg.max_image_pixels), cfg.batch_size,
+                          rank, world, cfg.seed,
+                          cfg.shuffle_buffer, cfg.skip_bad_images)
+        return ds, None, ds
+    dataset = task.build_dataset(entries, _loader(cfg, mcfg, root), cfg.skip_bad_images)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
+    return dataset, sampler, sampler
+
+
+def _data_state(position, micro: int, per_epoch: int, batch_size: int) -> Dict[str, Any]:
+    """The checkpoint's "data" entry: where this rank's data continues (epoch, first sample of the next
+    micro-batch in the rank's epoch order) and the source's own record (shards: their fingerprint)."""
+    epoch, offset = divmod(micro, per_epoch)
+    own = position.state() if hasattr(position, "state") else {"kind": "json"}
+    return {**own, "epoch": epoch, "next_sample": offset * batch_size}
+
+
+def _check_data_state(saved: Optional[Dict[str, Any]], position, out: Path) -> None:
+    if saved is None or not hasattr(position, "state"):
+        return
+    now = position.state()
+    if saved.get("fingerprint") != now["fingerprint"]:
+        raise ValueError(f"cannot resume {out}: the training shards differ from the checkpoint's (names or sample "
+                         "counts in the manifest changed); resume with the same shards")
+
+
 def _tokenizer(cfg: TrainConfig, task, entries, out: Path, text_cfg, rank: int, world: int) -> TextTokenizer:
     d = out / "tokenizer"
     source = cfg.tokenizer
@@ -264,7 +309,11 @@ def _validate_inputs(cfg: TrainConfig, task, mcfg, world: int):
         if tokenizer_dir(cfg.init) is None:
             raise FileNotFoundError(f"no tokenizer found with the init checkpoint {cfg.init}; give --tokenizer")
     entries = root = None
-    if cfg.train is not None:
+    if is_shard_spec(cfg.train):
+        if task.name not in ("pretrain", "retrieval"):
+            raise ValueError(f"tar shards hold image-caption pairs (tasks pretrain, retrieval), not task {cfg.task!r}")
+        _dataset(cfg, task, None, mcfg, None, 0, world)  # the shards, their manifest and the batch size
+    elif cfg.train is not None:
         path = Path(cfg.train)
         entries, root = task.load(path), Path(cfg.images) if cfg.images else path.parent
         check_image_paths(entries, _loader(cfg, mcfg, root))
@@ -320,12 +369,16 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
     if resume and rank == 0:
         remove_orphan_temps(out)  # a checkpoint write killed mid-way
     torch.set_num_threads(cfg.threads)  # saved in train_config.json: resume is bitwise exact with the same threads
-    if entries is None:
+    if is_shard_spec(cfg.train):
+        entries, root = _shard_captions(cfg, out, rank)
+    elif entries is None:
         entries, root = _scenes(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
-    dataset = task.build_dataset(entries, _loader(cfg, mcfg, root), cfg.skip_bad_images)
-    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
-    per_epoch = _per_epoch(len(dataset), world, cfg)
+    dataset, sampler, position = _dataset(cfg, task, entries, mcfg, root, rank, world)
+    per_epoch = position.num_samples // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{position.num_samples * world} samples over {world} process(es) give no full batch of "
+                         f"{cfg.batch_size} (--batch-size)")
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * per_epoch // cfg.accum
     if total < 1:
         raise ValueError(f"one epoch has {per_epoch} micro-batches, fewer than --accum {cfg.accum}: no optimiser step")
@@ -352,6 +405,7 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, micro, skipped = ck["step"], ck["micro"], ck["skipped"]
+        _check_data_state(ck.get("data"), position, out)
         set_rng_state(ck["rng"])
         if rank == 0:
             trim_metrics(out, step)  # rows logged after the checkpoint are logged again
@@ -363,15 +417,15 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
                                          collate_fn=Collate(tok, mcfg.text.max_len), num_workers=cfg.num_workers,
                                          pin_memory=cuda)
     return dict(model=model, wrapped=wrapped, tok=tok, mcfg=mcfg, root=root, opt=opt, sched=sched, scaler=scaler,
-                amp_dtype=amp_dtype, loader=loader, sampler=sampler, per_epoch=per_epoch, total=total, warmup=warmup,
+                amp_dtype=amp_dtype, loader=loader, position=position, per_epoch=per_epoch, total=total, warmup=warmup,
                 step=step, micro=micro, skipped=skipped)
 
 
-def _micro_batches(loader, sampler, per_epoch: int, batch_size: int, micro: int):
+def _micro_batches(loader, position, per_epoch: int, batch_size: int, micro: int):
     """(epoch, batch) from micro-batch number ``micro`` on, epoch after epoch, without end."""
     while True:
         epoch, offset = divmod(micro, per_epoch)
-        sampler.set_position(epoch, offset * batch_size)
+        position.set_position(epoch, offset * batch_size)
         for batch in loader:
             yield epoch, batch
             micro += 1
@@ -411,7 +465,8 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
             if saved != step:
                 save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                                 "step": step, "micro": micro, "skipped": skipped, "rng": rng_state()},
+                                 "step": step, "micro": micro, "skipped": skipped, "rng": rng_state(),
+                                 "data": _data_state(run["position"], micro, run["per_epoch"], cfg.batch_size)},
                                 out, keep=cfg.save_total_limit)
             if final:
                 save_pretrained(model, out / "model", extra={
@@ -426,7 +481,7 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
     sums: Dict[str, torch.Tensor] = {}
     n_micro, t0, first, last = 0, time.perf_counter(), None, None
     interrupted, clean, epoch = False, True, micro // run["per_epoch"]
-    batches = _micro_batches(run["loader"], run["sampler"], run["per_epoch"], cfg.batch_size, micro)
+    batches = _micro_batches(run["loader"], run["position"], run["per_epoch"], cfg.batch_size, micro)
     try:
         with _Stop() as stop:
             while step < total and not interrupted:

@@ -1,4 +1,6 @@
-"""``vlprune data scenes``: write the built-in procedural data set in the field's annotation formats."""
+"""``vlprune data scenes``: write the built-in procedural data set in the field's annotation formats.
+``vlprune data shards``: convert a pre-training / retrieval-train annotation file into WebDataset tar shards.
+``vlprune data manifest``: index existing WebDataset shards (samples and sha256 per shard) so training can read them."""
 
 from __future__ import annotations
 
@@ -25,6 +27,18 @@ def add_parser(sub) -> None:
     s.add_argument("--object-scale", type=float, default=1.0, help="multiplies every object's radius, in [0.5, 2]")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(run=run)
+    h = dsub.add_parser("shards", help="WebDataset tar shards from a pre-training (or retrieval-train) annotation file")
+    h.add_argument("--from", dest="source", required=True, help="annotation JSON: [{\"image\", \"caption\"}, ...]")
+    h.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
+    h.add_argument("--out", required=True, help="output directory for 000000.tar, ... and manifest.json")
+    h.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    h.add_argument("--workers", type=int, default=0, help="processes that decode and check images (default 0: this one)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    h.set_defaults(run=run_shards)
+    x = dsub.add_parser("manifest", help="write manifest.json for existing WebDataset shards (to train from them)")
+    x.add_argument("pattern", help="local shards, e.g. 'shards/{000000..000099}.tar'")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json")
+    x.set_defaults(run=run_manifest)
 
 
 def run(args) -> int:
@@ -45,4 +59,57 @@ def run(args) -> int:
     dt = time.perf_counter() - t0
     print(f"wrote {s['images']} images ({s['train_images']} train, {s['test_images']} test) to {out} in {dt:.1f} s")
     print("  " + ", ".join(f"{k}: {v}" for k, v in s.items() if k not in ("out", "images", "train_images", "test_images")))
+    return 0
+
+
+def run_shards(args) -> int:
+    import sys
+
+    from vlprune.data.formats import load_annotations
+    from vlprune.data.shards import MANIFEST, write_shards
+    from vlprune.errors import CLIError
+
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.workers < 0:
+        raise CLIError(f"--workers must be >= 0, got {args.workers}")
+    src = Path(args.source)
+    if not src.is_file():
+        raise CLIError(f"--from: annotation file not found: {src}")
+    images = Path(args.images) if args.images else src.parent
+    if not images.is_dir():
+        raise CLIError(f"--images: image root directory not found: {images}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    entries = load_annotations(src, "pretrain")
+
+    def bad(i: int, image: str, error: str) -> None:
+        print(f"skipping entry {i} ({image}): {error}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    m = write_shards(entries, images, out, args.shard_size, source=str(src), progress=not args.quiet, on_bad=bad,
+                     workers=args.workers)
+    dt = time.perf_counter() - t0
+    n = len(m["shards"])
+    print(f"wrote {m['samples']} samples in {n} shard(s) to {out} in {dt:.1f} s; skipped {m['skipped']} bad image(s) "
+          f"(listed in {out / MANIFEST})")
+    print(f"train with: --train {str(out / m['pattern'])!r}")
+    return 0
+
+
+def run_manifest(args) -> int:
+    from vlprune.data.shard_dataset import index_shards
+    from vlprune.data.shards import MANIFEST
+
+    from vlprune.errors import CLIError
+
+    where = Path(args.pattern).parent / MANIFEST
+    if where.exists() and not args.overwrite:
+        raise CLIError(f"{where} exists (use --overwrite to replace it; a manifest from `vlprune data shards` also "
+                       "lists the skipped entries)")
+    m = index_shards(args.pattern, progress=not args.quiet)
+    print(f"indexed {m['samples']} samples in {len(m['shards'])} shard(s); wrote {where}")
     return 0

@@ -55,6 +55,11 @@ def add_parser(sub) -> None:
     add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranking candidates")
+    p.add_argument("--gallery-chunk", type=int, default=0,
+                   help="retrieval over a large gallery in bounded memory: images are encoded and searched in chunks "
+                   "of this many (e.g. 16384); 0 = all in memory (default)")
+    p.add_argument("--search", choices=("auto", "torch", "faiss"), default="auto",
+                   help="with --gallery-chunk: top-k search backend (auto = faiss when installed)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--predictions", default=None,
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
@@ -86,6 +91,8 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.gallery_chunk < 0:
+        raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
     if check_official_flags(args):
@@ -128,7 +135,8 @@ def _run(args, ckpt: Path) -> int:
     if meta.get("interrupted"):
         log.warning("%s is the model of an interrupted run (step %s of %s)", ckpt, meta.get("step"),
                     meta.get("total_steps"))
-    task = get_task(args.task, **({"k": args.k} if args.task == "retrieval" else {}))
+    opts = {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
+    task = get_task(args.task, **(opts if args.task == "retrieval" else {}))
     test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)
     if args.images is not None and not Path(args.images).is_dir():
         raise FileNotFoundError(f"image root directory not found: {args.images}")

@@ -52,7 +52,9 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train a model (pretrain, retrieval, vqa, nlvr2, ve) with checkpoints, resume and DDP")
     p.add_argument("task", choices=list_tasks(), help="what to train")
-    p.add_argument("--train", default=None, help="annotation JSON (default: built-in scenes data in RUN_DIR/data)")
+    p.add_argument("--train", default=None, help="annotation JSON, or tar shards from `vlprune data shards` as a "
+                   "pattern such as 'shards/{000000..000123}.tar' (default: built-in scenes data in RUN_DIR/data)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="tar shards: samples in the shuffle buffer")
     p.add_argument("--val", default=None, help="annotation JSON (test format) evaluated after training")
     p.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
     p.add_argument("--model", default=None, help="preset name or config JSON (default small; with --init: the init's)")
@@ -128,7 +130,7 @@ def _fresh_config(args):
         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,
         tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
         scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
-        threads=getattr(args, "threads", None), **image_options(args),
+        threads=getattr(args, "threads", None), **image_options(args), shuffle_buffer=args.shuffle_buffer,
         **({} if args.save_total_limit is None else {"save_total_limit": args.save_total_limit}),
     )
 
@@ -138,7 +140,7 @@ _SHAPING = {"train": "train", "val": "val", "images": "images", "model": "model"
             "batch_size": "batch_size", "accum": "accum", "lr": "lr", "lr_mult": "lr_mult",
             "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "amp",
             "seed": "seed", "tokenizer": "tokenizer", "scenes_images": "scenes_images", "scenes_seed": "scenes_seed",
-            "skip_bad_images": "skip_bad_images"}
+            "skip_bad_images": "skip_bad_images", "shuffle_buffer": "shuffle_buffer"}
 # flag dest -> TrainConfig field, for the flags a resume may change
 _RESUMABLE = {"steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
               "ckpt_every": "ckpt_every", "threads": "threads", "save_total_limit": "save_total_limit",
@@ -225,7 +227,9 @@ def run(args) -> int:
     from vlprune.distributed import rank
     from vlprune.train import train
 
-    if args.train is not None and not Path(args.train).is_file():
+    from vlprune.data.shards import is_shard_spec
+
+    if args.train is not None and not is_shard_spec(args.train) and not Path(args.train).is_file():
         raise FileNotFoundError(f"annotation file not found: {args.train}")
     if args.images is not None and not Path(args.images).is_dir():
         raise FileNotFoundError(f"image root directory not found: {args.images}")

@@ -72,18 +72,26 @@ def to_rgb(img):
 def open_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open and fully decode an image file as RGB; raises naming the path when it cannot. An image with more than
     ``max_pixels`` pixels is refused from its header, before its pixels are decoded."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
     if p.stat().st_size == 0:
         raise BadImageError(f"image file is empty: {p}")
+    return decode_image(p, str(p), max_pixels)
+
+
+def decode_image(source, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Fully decode an image (a path or a binary file object, e.g. ``io.BytesIO`` of a tar member) as RGB;
+    raises BadImageError naming ``name`` when it cannot, or when it has more than ``max_pixels`` pixels (checked
+    from the header, before decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = name
     try:
         with _PIL_LIMIT:  # PIL's global limit is off while the header is read: our own (per loader) applies
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                img = Image.open(p)  # reads the header only
+                img = Image.open(source)  # reads the header only
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
         with img:

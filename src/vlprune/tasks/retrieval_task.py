@@ -41,12 +41,14 @@ class RetrievalTask(PretrainTask):
     scenes_file, scenes_test = "retrieval_train.json", "retrieval_test.json"
 
     def __init__(self, itc: float = 1.0, itm: float = 1.0, alpha: float = 0.4, k: int = 128, margin: float = 0.2,
-                 ratio: float = 2.0, hardest: bool = True, chunk: int = 64, hard_ramp: float = 0.0):
+                 ratio: float = 2.0, hardest: bool = True, chunk: int = 64, hard_ramp: float = 0.0,
+                 gallery_chunk: int = 0, search: str = "auto"):
         # hard_ramp 0: ITM negatives hard from the first step, as ALBEF fine-tunes (PretrainTask explains the ramp)
         super().__init__(itc=itc, itm=itm, mlm=0.0, alpha=alpha, hard_ramp=hard_ramp)
         if int(k) < 1:
             raise ValueError(f"k (ITM re-ranking candidates) must be >= 1, got {k}")
         self.k, self.margin, self.ratio, self.hardest, self.chunk = int(k), float(margin), float(ratio), bool(hardest), int(chunk)
+        self.gallery_chunk, self.search = int(gallery_chunk), str(search)  # > 0: tasks.retrieval_large
 
     def check_model(self, model) -> None:
         if model.cfg.arch != "albef":
@@ -71,12 +73,10 @@ class RetrievalTask(PretrainTask):
     def evaluate_set(self, model, entries, loader, tok, batch_size: int, device, rank: int = 0, world: int = 1,
                      progress=None) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Metrics and {"examples", "image_tokens", "images", "captions", ...} of a retrieval-test file."""
+        if self.gallery_chunk > 0 and not is_laps(model):
+            return self._large(model, entries, loader, tok, batch_size, device, rank, world, progress)
         images = torch.stack([load_entry_image(loader, e["image"], i) for i, e in enumerate(entries)]).to(device)
-        captions, img2txt, txt2img = [], [], []
-        for i, e in enumerate(entries):
-            img2txt.append(list(range(len(captions), len(captions) + len(e["caption"]))))
-            captions += e["caption"]
-            txt2img += [i] * len(e["caption"])
+        img2txt, txt2img, captions = _caption_index(entries)
         ids, mask = tok.encode(captions, model.cfg.text.max_len)
         ids, mask = ids.to(device), mask.to(device)
         info: Dict[str, Any] = {"images": len(entries), "captions": len(captions)}
@@ -94,6 +94,25 @@ class RetrievalTask(PretrainTask):
         info["examples"] = len(entries)
         return metrics, info
 
+    def _large(self, model, entries, loader, tok, batch_size, device, rank, world, progress):
+        """The bounded-memory path (``tasks.retrieval_large``): images loaded, encoded and searched in chunks."""
+        from .retrieval_large import evaluate_large_gallery
+
+        img2txt, txt2img, captions = _caption_index(entries)
+        ids, mask = (t.to(device) for t in tok.encode(captions, model.cfg.text.max_len))
+
+        def load(rows):
+            return torch.stack([load_entry_image(loader, entries[i]["image"], i) for i in rows])
+
+        metrics, cost = evaluate_large_gallery(model, len(entries), load, ids, mask, img2txt, txt2img, self.k,
+                                               batch_size, self.gallery_chunk, self.search, progress, rank, world)
+        n = min(batch_size, len(txt2img))
+        probe = load(txt2img[:n]).to(device)
+        tokens = model.encode_image(probe, model.encode_text(ids[:n], mask[:n]), mask[:n]).num_tokens
+        return metrics, {"images": len(entries), "captions": len(captions), "itm_pairs": cost.itm_pairs,
+                         "itc_seconds": cost.itc_seconds, "itm_seconds": cost.itm_seconds,
+                         "image_tokens": float(tokens), "examples": len(entries)}
+
     def _laps(self, model, images, ids, mask, img2txt, txt2img, batch_size, rank, world) -> Dict[str, float]:
         text = torch.cat([model.encode_text(ids[s:s + batch_size], mask[s:s + batch_size])
                           for s in range(0, ids.shape[0], batch_size)])
@@ -109,3 +128,15 @@ class RetrievalTask(PretrainTask):
 
             dist.all_reduce(sim)
         return retrieval_metrics(sim.cpu(), img2txt, txt2img)
+
+
+def _caption_index(entries) -> Tuple[List[List[int]], List[int], List[str]]:
+    """(img2txt, txt2img, captions) of retrieval-test entries: every image's caption indices, every caption's image."""
+    captions: List[str] = []
+    img2txt: List[List[int]] = []
+    txt2img: List[int] = []
+    for i, e in enumerate(entries):
+        img2txt.append(list(range(len(captions), len(captions) + len(e["caption"]))))
+        captions += e["caption"]
+        txt2img += [i] * len(e["caption"])
+    return img2txt, txt2img, captions
