@@ -253,6 +253,12 @@ def test_cli_shards_and_train(data, tmp_path, capsys):
                  "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert main(["train", "vqa", "--train", pattern, "--steps", "1", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "tar shards hold image-caption pairs" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+    # shards that are not there (or no manifest) are refused before a run directory is made
+    (tmp_path / "s" / "manifest.json").rename(tmp_path / "manifest.bak")
+    assert main(["train", "pretrain", "--model", str(tmp_path / "model.json"), "--train", pattern, "--steps", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "r3"), "--quiet"]) == 2
+    assert "shard manifest not found" in capsys.readouterr().err and not (tmp_path / "r3").exists()
 
 
 def test_resume_over_other_shards_is_refused(data, tmp_path):
