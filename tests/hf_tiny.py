@@ -1,0 +1,53 @@
+"""Tiny random Hugging Face models for the ``vlprune.patch`` tests (image 32, patch 8 -> 16 patches, width 32, 4 heads,
+MLP 37, 4 vision layers); nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+V = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8)
+T = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+         bos_token_id=1, eos_token_id=2, sep_token_id=2, pad_token_id=0)
+B, L, N = 3, 7, 16
+
+
+def blip(cls_name: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BlipConfig(vision_config=V, text_config=dict(T, max_position_embeddings=64, encoder_hidden_size=32),
+                                  projection_dim=32, image_text_hidden_size=32)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def clip(cls_name: str = "CLIPModel", seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(vision_config=V, text_config=dict(T, max_position_embeddings=16), projection_dim=16)
+    if cls_name == "CLIPVisionModel":
+        return transformers.CLIPVisionModel(cfg.vision_config).eval()
+    return transformers.CLIPModel(cfg).eval()
+
+
+def vilt(cls_name: str = "ViltForQuestionAnswering", seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.ViltConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=4,
+                                  num_attention_heads=4, image_size=32, patch_size=8, max_position_embeddings=16,
+                                  num_labels=5, max_image_length=-1)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def inputs(seed: int = 1):
+    """pixel_values (B, 3, 32, 32), input_ids (B, L) ending in eos, attention_mask with padding in sample 1."""
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(B, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 99, (B, L), generator=g)
+    ids[:, 0] = 1
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 4:] = 0
+    ids[1, 3] = 2
+    ids[[0, 2], -1] = 2
+    return px, ids, mask

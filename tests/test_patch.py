@@ -1,0 +1,205 @@
+"""vlprune.patch on tiny random Hugging Face models (BLIP, CLIP, ViLT) built by the tests: identity at keep 1.0,
+exact unpatch, save/reload, token counts, a naive per-sample reference, batch independence, padding, learned
+methods' gradients and the errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import vlprune  # noqa: E402
+from vlprune.patch import get_patch  # noqa: E402
+
+import hf_tiny  # noqa: E402
+from hf_tiny import B, N, inputs  # noqa: E402
+from reference.naive_hf_patch import vision_tower  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _tensor(out):
+    """The output tensors a caller reads, by class (logits / scores / embeddings)."""
+    for name in ("itm_score", "logits", "logits_per_image", "pooler_output", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out
+
+
+def _call(model, px, ids, mask, **kw):
+    torch.manual_seed(0)  # ViLT's image embedding shuffles the patches with the global generator
+    name = type(model).__name__
+    if name in ("CLIPVisionModel",):
+        return model(pixel_values=px, **kw)
+    if name == "BlipForQuestionAnswering":
+        kw = dict(kw, decoder_input_ids=ids)
+    if name == "BlipForConditionalGeneration":
+        return model(pixel_values=px, input_ids=ids, attention_mask=mask, **kw)
+    return model(input_ids=ids, pixel_values=px, attention_mask=mask, **kw)
+
+
+CASES = [  # (builder, class, method, options) with keep 1.0 (ToMe: r = 0)
+    (hf_tiny.blip, "BlipForImageTextRetrieval", "trips", dict(layers=(2, 3), keep=1.0)),
+    (hf_tiny.blip, "BlipForQuestionAnswering", "elip", dict(layers=(2, 3), keep=1.0)),
+    (hf_tiny.blip, "BlipForConditionalGeneration", "evit", dict(layers=(2,), keep=1.0)),
+    (hf_tiny.clip, "CLIPModel", "tome", dict(r=0)),
+    (hf_tiny.clip, "CLIPVisionModel", "evit", dict(layers=(1, 3), keep=1.0)),
+    (hf_tiny.vilt, "ViltForQuestionAnswering", "trips", dict(layers=(2,), keep=1.0)),
+    (hf_tiny.vilt, "ViltForImageAndTextRetrieval", "tip", dict(layers=(2, 3), keep=1.0)),
+]
+
+
+@pytest.mark.parametrize("build,cls,method,opts", CASES, ids=[c[1] + "-" + c[2] for c in CASES])
+def test_keep_one_is_the_unpatched_model_and_unpatch_is_exact(build, cls, method, opts):
+    model = build(cls)
+    px, ids, mask = inputs()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    own = dict(model.__dict__)
+    with torch.no_grad():
+        ref = _call(model, px, ids, mask)
+        vlprune.patch(model, method, **opts)
+        assert get_patch(model) is not None
+        out = _call(model, px, ids, mask)
+        torch.testing.assert_close(_tensor(out), _tensor(ref), **TOL)
+        assert get_patch(model).last_tokens == 1 + N  # nothing removed
+        vlprune.unpatch(model)
+        again = _call(model, px, ids, mask)
+    assert torch.equal(_tensor(again), _tensor(ref))
+    assert model.__dict__.keys() == own.keys() and all(model.__dict__[k] is own[k] for k in own)
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_blip_trips_equals_the_naive_reference_with_the_text_cls_guide():
+    model = hf_tiny.blip("BlipForImageTextRetrieval")
+    px, ids, mask = inputs()
+    vm = model.vision_model
+    with torch.no_grad():
+        guide = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        ref = vision_tower(vm.encoder.layers, vm.embeddings(px), 4, "trips", where=(1, 2), keep=0.5, guide=guide)
+        vlprune.patch(model, "trips", layers=(2, 3), keep=0.5)
+        out = model(input_ids=ids, pixel_values=px, attention_mask=mask).last_hidden_state
+    # counts: 16 -> 1 + ceil(8) + 1 fused = 10 -> 1 + ceil(0.5 * 9) + 1 = 7
+    assert out.shape == (B, 7, 32) and get_patch(model).last_tokens == 7
+    for b in range(B):
+        torch.testing.assert_close(out[b], vm.post_layernorm(ref[b]), **TOL)
+
+
+def test_clip_evit_equals_the_naive_reference():
+    model = hf_tiny.clip("CLIPModel")
+    px, _, _ = inputs()
+    vm = model.vision_model
+    with torch.no_grad():
+        emb = vm.pre_layrnorm(vm.embeddings(px))
+        ref = vision_tower(vm.encoder.layers, emb, 4, "evit", where=(0, 2), keep=0.7)
+        vlprune.patch(model, "evit", layers=(1, 3), keep=0.7)
+        feats = model.get_image_features(pixel_values=px)
+    feats = getattr(feats, "pooler_output", feats)
+    expect = model.visual_projection(vm.post_layernorm(torch.stack([r[0] for r in ref])))
+    torch.testing.assert_close(feats, expect, **TOL)
+    m = math.ceil(0.7 * N) + 1  # candidates after layer 1: kept + the fused token
+    assert get_patch(model).last_tokens == 1 + math.ceil(0.7 * m) + 1
+
+
+@pytest.mark.parametrize("cls", ["BlipForImageTextRetrieval", "ViltForQuestionAnswering"])
+def test_batch_independence_and_caption_padding(cls):
+    build = hf_tiny.blip if cls.startswith("Blip") else hf_tiny.vilt
+    model = build(cls)
+    px, ids, mask = inputs()
+    vlprune.patch(model, "trips", layers=(2, 3), keep=0.5)
+    with torch.no_grad():
+        full = _tensor(model(input_ids=ids, pixel_values=px, attention_mask=mask))
+        one = _tensor(model(input_ids=ids[2:], pixel_values=px[2:], attention_mask=mask[2:]))
+        torch.testing.assert_close(full[2:], one, **TOL)
+        # more padding on every caption (mask only) changes nothing
+        pad = torch.zeros(B, 3, dtype=ids.dtype)
+        padded = _tensor(model(input_ids=torch.cat([ids, pad], 1), pixel_values=px,
+                               attention_mask=torch.cat([mask, pad], 1)))
+    torch.testing.assert_close(padded, full, **TOL)
+
+
+def test_blip_itc_stays_text_free_and_vqa_generate_runs():
+    model = hf_tiny.blip("BlipForImageTextRetrieval")
+    px, ids, mask = inputs()
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
+        vlprune.patch(model, "trips", layers=(2,), keep=0.5)
+        itc = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
+        assert get_patch(model).last_tokens == 1 + N  # the ITC stage is not text-guided
+        torch.testing.assert_close(itc, ref, **TOL)
+        vqa = vlprune.patch(hf_tiny.blip("BlipForQuestionAnswering"), "trips", layers=(2,), keep=0.5)
+        gen = vqa.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=3)
+        assert gen.shape[0] == B and get_patch(vqa).last_tokens == 1 + N // 2 + 1
+        cap = vlprune.patch(hf_tiny.blip("BlipForConditionalGeneration"), "tome", r=3)
+        assert cap.generate(pixel_values=px, max_new_tokens=3).shape[0] == B
+        assert get_patch(cap).last_tokens == 1 + N - 3 * 4
+
+
+def test_clip_text_guided_needs_a_guide_of_the_vision_width():
+    model = vlprune.patch(hf_tiny.clip("CLIPVisionModel"), "trips", layers=(2,), keep=0.5)
+    px, _, _ = inputs()
+    with pytest.raises(ValueError, match="no guide"):
+        model(pixel_values=px)
+    with pytest.raises(ValueError, match=r"shape \(B=3, D=32\)"):
+        with vlprune.patch.guidance(model, torch.zeros(B, 16)):
+            model(pixel_values=px)
+    g = torch.randn(B, 32)
+    with torch.no_grad(), vlprune.patch.guidance(model, g):
+        a = model(pixel_values=px).pooler_output
+    assert a.shape == (B, 32) and get_patch(model).last_tokens == 1 + N // 2 + 1
+
+
+def test_save_pretrained_writes_the_original_weights_and_the_patch_beside(tmp_path):
+    import transformers
+
+    model = hf_tiny.clip("CLIPVisionModel")
+    px, _, _ = inputs()
+    vlprune.patch(model, "dynamicvit", layers=(2, 3), keep=0.7)
+    with torch.no_grad():
+        for p in get_patch(model).reducers.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        want = model(pixel_values=px).pooler_output
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "vlprune_patch.json").is_file() and (tmp_path / "vlprune_patch.pt").is_file()
+    fresh = transformers.CLIPVisionModel.from_pretrained(tmp_path).eval()
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+    vlprune.patch.load_patch(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(pixel_values=px).pooler_output, want, **TOL)
+
+
+@pytest.mark.parametrize("build,cls,method", [(hf_tiny.clip, "CLIPVisionModel", "dynamicvit"),
+                                              (hf_tiny.vilt, "ViltForQuestionAnswering", "tip")])
+def test_learned_methods_get_gradients_through_a_patched_model(build, cls, method):
+    model = build(cls).train()
+    px, ids, mask = inputs()
+    vlprune.patch(model, method, layers=(2, 3), keep=0.5, generator=torch.Generator().manual_seed(0))
+    out = _tensor(_call(model, px, ids, mask))
+    out.float().pow(2).sum().backward()
+    grads = [p.grad for p in get_patch(model).reducers.parameters() if p.requires_grad]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_errors_name_what_is_supported():
+    blip = hf_tiny.blip("BlipForImageTextRetrieval")
+    with pytest.raises(ValueError, match=r"'tip' is not supported on BlipForImageTextRetrieval.*supported methods: \['none', 'trips'"):
+        vlprune.patch(blip, "tip")
+    with pytest.raises(ValueError, match="unknown reduction method"):
+        vlprune.patch(blip, "nope")
+    with pytest.raises(ValueError, match="captioning"):
+        vlprune.patch(hf_tiny.blip("BlipForConditionalGeneration"), "trips")
+    with pytest.raises(TypeError, match="supported classes"):
+        vlprune.patch(torch.nn.Linear(2, 2), "evit")
+    with pytest.raises(ValueError, match=r"keep at layer 2 must be in \(0, 1\], got 1.5"):
+        vlprune.patch(blip, "evit", layers=(2,), keep=1.5)
+    assert get_patch(blip) is None and "forward" not in blip.vision_model.encoder.__dict__  # a failed patch leaves nothing
+    px, ids, mask = inputs()
+    vlprune.patch(blip, "evit", layers=(2,), keep=0.5)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        blip(input_ids=ids, pixel_values=px, attention_mask=mask, output_attentions=True)
+    with pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
+        blip(input_ids=ids, pixel_values=px, attention_mask=mask, output_hidden_states=True)
