@@ -51,3 +51,44 @@ def inputs(seed: int = 1):
     ids[1, 3] = 2
     ids[[0, 2], -1] = 2
     return px, ids, mask
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "cube", "red", "blue", "how", "many",
+         "two", "yes", "no", "?", "a"]
+
+
+def save_with_processor(model, directory):
+    """Save ``model`` with a tiny processor of its kind (a 19-word BERT vocabulary, 32 px images) to ``directory``."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    name = type(model).__name__
+    if name.startswith("Blip"):
+        proc = transformers.BlipProcessor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}), tok)
+    else:
+        ip = transformers.ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8)
+        proc = transformers.ViltProcessor(ip, tok)
+    model.save_pretrained(directory)
+    proc.save_pretrained(directory)
+    return directory
+
+
+def vqa_files(root, n: int = 4):
+    """n square PNG images and a VQA annotation file under ``root``; returns the annotation path."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        entries.append({"question_id": i, "image": f"img{i}.png", "question": "what color is the cube?" if i % 2 else "how many?",
+                        "answer": ["red"] * 10 if i % 2 else ["two"]})
+    path = root / "vqa.json"
+    path.write_text(json.dumps(entries))
+    return path

@@ -21,7 +21,9 @@ TASKS = ("retrieval", "vqa", "nlvr2", "ve")
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a fine-tuned run on a downstream task (any method at inference)")
     p.add_argument("task", choices=TASKS, help="the downstream task")
-    p.add_argument("--checkpoint", required=True, help="run directory (or a saved model directory)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory (or a saved model directory)")
+    src.add_argument("--hf", metavar="DIR_OR_ID", help="a Hugging Face model with its processor, patched by vlprune.patch (vqa)")
     p.add_argument("--test", default=None, help="test annotation JSON (default: the run's scenes test split)")
     p.add_argument("--images", default=None, help="image root (default: the test file's folder)")
     add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
@@ -66,6 +68,10 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
+    if args.hf is not None:  # a Hugging Face model (vlprune.tasks.hf_vqa)
+        from .hf_eval import run_hf
+
+        return run_hf(args)
     ckpt = checkpoint_dir(args.checkpoint)
     meta = read_config(ckpt)
     task = get_task(args.task, **({"k": args.k} if args.task == "retrieval" else {}))
@@ -111,3 +117,4 @@ def run(args) -> int:
                **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
         print(json.dumps(out))
     return 0
+
