@@ -203,3 +203,17 @@ def test_errors_name_what_is_supported():
         blip(input_ids=ids, pixel_values=px, attention_mask=mask, output_attentions=True)
     with pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
         blip(input_ids=ids, pixel_values=px, attention_mask=mask, output_hidden_states=True)
+
+
+def test_a_patched_model_refuses_deepcopy_and_repatching_replaces_the_patch():
+    import copy
+
+    model = vlprune.patch(hf_tiny.clip("CLIPVisionModel"), "evit", layers=(2,), keep=0.5)
+    with pytest.raises(TypeError, match="cannot be deep-copied"):
+        copy.deepcopy(model)
+    px, _, _ = inputs()
+    vlprune.patch(model, "tome", r=2)  # a second patch replaces the first
+    with torch.no_grad():
+        model(pixel_values=px)
+    assert get_patch(model).config.name == "tome" and get_patch(model).last_tokens == 1 + N - 2 * 4
+    copy.deepcopy(vlprune.unpatch(model))

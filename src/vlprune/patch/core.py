@@ -87,6 +87,11 @@ class Patch:
         self._guide: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_guide_{id(self)}", default=None)
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_call_{id(self)}", default=None)
 
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Patch":
+        # the overrides are closures over this model's layers: a copy would silently run the original's weights
+        raise TypeError(f"a {type(self.model).__name__} patched by vlprune cannot be deep-copied: vlprune.unpatch(model), "
+                        "copy it, then patch the copy (and the original again)")
+
     # -- instance overrides ---------------------------------------------------------------------------------------
     def override(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name = value`` on the instance, remembering what to put back."""
