@@ -92,3 +92,16 @@ def vqa_files(root, n: int = 4):
     path = root / "vqa.json"
     path.write_text(json.dumps(entries))
     return path
+
+
+def bridgetower(cls_name: str = "BridgeTowerForImageAndTextRetrieval", seed: int = 0):
+    """4 uni-modal text and vision layers, 3 cross-modal layers (split after layer 2), width 32."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BridgeTowerConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                         max_position_embeddings=64, pad_token_id=0),
+        vision_config=dict(hidden_size=64, num_hidden_layers=4, image_size=32, patch_size=8),
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+    return getattr(transformers, cls_name)(cfg).eval()

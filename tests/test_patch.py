@@ -49,6 +49,8 @@ CASES = [  # (builder, class, method, options) with keep 1.0 (ToMe: r = 0)
     (hf_tiny.clip, "CLIPVisionModel", "evit", dict(layers=(1, 3), keep=1.0)),
     (hf_tiny.vilt, "ViltForQuestionAnswering", "trips", dict(layers=(2,), keep=1.0)),
     (hf_tiny.vilt, "ViltForImageAndTextRetrieval", "tip", dict(layers=(2, 3), keep=1.0)),
+    (hf_tiny.bridgetower, "BridgeTowerForImageAndTextRetrieval", "tip", dict(layers=(1, 2), keep=1.0)),
+    (hf_tiny.bridgetower, "BridgeTowerForMaskedLM", "tip", dict(layers=(2,), keep=1.0)),
 ]
 
 
@@ -217,3 +219,58 @@ def test_a_patched_model_refuses_deepcopy_and_repatching_replaces_the_patch():
         model(pixel_values=px)
     assert get_patch(model).config.name == "tome" and get_patch(model).last_tokens == 1 + N - 2 * 4
     copy.deepcopy(vlprune.unpatch(model))
+
+
+def test_bridgetower_tip_equals_a_per_sample_reference_with_gathered_bridges():
+    """Reference: the unpatched model, one sample at a time, with forward hooks that keep the top ceil(keep * M)
+    image tokens (argsort of the pruner's keep log-probability) after cross-modal layer 1 and feed the later image
+    link towers the uni-modal tokens at the kept positions."""
+    model = hf_tiny.bridgetower()
+    px, ids, mask = inputs()
+    vlprune.patch(model, "tip", layers=(1,), keep=0.5)
+    pruner = get_patch(model).reducers["fusion_1"].pruner
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    assert get_patch(model).last_tokens == 1 + N // 2
+    vlprune.unpatch(model)
+    bt = model.bridgetower
+    for b in range(B):
+        kept = {}
+
+        def after_layer(mod, args, out):
+            x = out[0]
+            logp = pruner(x[:, 1:])[..., 0][0]
+            order = sorted(range(N), key=lambda j: (-float(logp[j]), j))[: math.ceil(0.5 * N)]
+            kept["idx"] = torch.tensor([0] + [1 + j for j in sorted(order)])
+            return (x[:, kept["idx"]],) + tuple(out[1:])
+
+        def before_tower(mod, args):
+            h, c, m = args
+            return (h[:, kept["idx"]], c, m) if h.shape[1] != c.shape[1] else None
+
+        def cut_image_masks(mod, args, kwargs):  # transformers 4.x passes an all-zero image mask of the full length
+            name = "encoder_attention_mask" if any(mod is t for t in bt.cross_modal_text_layers) else "attention_mask"
+            m = kwargs.get(name)
+            if "idx" in kept and m is not None and m.shape[-1] == 1 + N:
+                kwargs[name] = m[..., kept["idx"]]
+            return args, kwargs
+
+        hooks = [bt.cross_modal_image_layers[0].register_forward_hook(after_layer)]
+        hooks += [t.register_forward_pre_hook(before_tower) for t in bt.cross_modal_image_link_tower]
+        hooks += [m.register_forward_pre_hook(cut_image_masks, with_kwargs=True)
+                  for m in list(bt.cross_modal_text_layers) + list(bt.cross_modal_image_layers[1:])]
+        try:
+            with torch.no_grad():
+                want = model(input_ids=ids[b:b + 1], pixel_values=px[b:b + 1], attention_mask=mask[b:b + 1]).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.testing.assert_close(got[b:b + 1], want, **TOL)
+
+
+def test_bridgetower_tip_is_inference_only():
+    model = vlprune.patch(hf_tiny.bridgetower(), "tip", layers=(1,), keep=0.5)
+    px, ids, mask = inputs()
+    model.train()
+    with pytest.raises(ValueError, match="inference only"):
+        model(input_ids=ids, pixel_values=px, attention_mask=mask)

@@ -62,7 +62,7 @@ def test_bench_hf_counts_fewer_flops_for_the_patched_rows(tmp_path, capsys):
 
 def test_hf_cli_errors(tmp_path, capsys):
     assert main(["bench", "--hf-arch", "gpt-9"]) == 2
-    assert "unknown --hf-arch 'gpt-9'; valid: ['blip-base', 'clip-b16', 'vilt-b32']" in capsys.readouterr().err
+    assert "unknown --hf-arch 'gpt-9'; valid: ['blip-base', 'bridgetower-base', 'clip-b16', 'vilt-b32']" in capsys.readouterr().err
     assert main(["eval", "vqa", "--hf", str(tmp_path / "missing"), "--test", str(tmp_path / "a.json")]) == 2
     assert "not found" in capsys.readouterr().err
     ann = hf_tiny.vqa_files(tmp_path)

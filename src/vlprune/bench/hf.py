@@ -33,9 +33,11 @@ ARCHS: Dict[str, Tuple[str, str, Dict]] = {
     "blip-base": ("BlipForImageTextRetrieval", "BlipConfig", {}),  # ViT-B/16 at 384 px, BERT-base text
     "clip-b16": ("CLIPModel", "CLIPConfig", {"vision_config": {"patch_size": 16}}),  # ViT-B/16 at 224 px
     "vilt-b32": ("ViltForQuestionAnswering", "ViltConfig", {"num_labels": 3129}),  # ViT-B/32 at 384 px
+    "bridgetower-base": ("BridgeTowerForImageAndTextRetrieval", "BridgeTowerConfig", {}),  # ViT-B/16 at 288, 6 cross
 }
 # methods measured when none are given
-DEFAULT_METHODS = {"blip": ("trips", "evit", "tome"), "clip": ("evit", "tome"), "vilt": ("trips", "evit", "tome")}
+DEFAULT_METHODS = {"blip": ("trips", "evit", "tome"), "clip": ("evit", "tome"), "vilt": ("trips", "evit", "tome"),
+                   "bridgetower": ("tip",)}
 
 
 def build_arch(name: str) -> nn.Module:

@@ -174,9 +174,9 @@ def get_patch(model: nn.Module) -> Optional[Patch]:
 
 
 def _bind(model: nn.Module) -> Binding:
-    from . import blip, clip, vilt
+    from . import blip, bridgetower, clip, vilt
 
-    for family in (blip, clip, vilt):
+    for family in (blip, clip, vilt, bridgetower):
         b = family.bind(model)
         if b is not None:
             return b
@@ -187,10 +187,10 @@ def _bind(model: nn.Module) -> Binding:
 
 def supported_classes() -> Dict[str, Tuple[str, ...]]:
     """{HF class name: methods that make sense on it}."""
-    from . import blip, clip, vilt
+    from . import blip, bridgetower, clip, vilt
 
     out: Dict[str, Tuple[str, ...]] = {}
-    for family in (blip, clip, vilt):
+    for family in (blip, clip, vilt, bridgetower):
         out.update(family.CLASSES)
     return out
 
