@@ -274,3 +274,14 @@ def test_bridgetower_tip_is_inference_only():
     model.train()
     with pytest.raises(ValueError, match="inference only"):
         model(input_ids=ids, pixel_values=px, attention_mask=mask)
+
+
+def test_vilt_image_padding_raises_and_text_only_calls_of_the_encoder_are_refused():
+    model = vlprune.patch(hf_tiny.vilt(), "evit", layers=(2,), keep=0.5)
+    px, ids, mask = inputs()
+    pixel_mask = torch.ones(B, 32, 32, dtype=torch.long)
+    pixel_mask[0, :, 16:] = 0
+    with pytest.raises(ValueError, match="ViLT image padding"):
+        model(input_ids=ids, pixel_values=px, attention_mask=mask, pixel_mask=pixel_mask)
+    with pytest.raises(ValueError, match="runs inside its ViltModel's forward"):
+        model.vilt.encoder(torch.zeros(B, 10, 32))
