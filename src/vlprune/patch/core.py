@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +33,6 @@ from ..reduce.registry import MethodSpec, ReduceConfig, get_spec, install
 from ..reduce.state import ReduceContext
 from .layers import EncoderView, LayerView
 
-log = logging.getLogger(__name__)
 
 ATTR = "_vlprune_patch"
 CONFIG_FILE = "vlprune_patch.json"
