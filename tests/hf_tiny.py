@@ -86,7 +86,8 @@ def vqa_files(root, n: int = 4):
     rng = np.random.default_rng(0)
     entries = []
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        h, w = (40, 40) if i % 2 == 0 else (40, 56)  # two sizes: a ViLT processor pads a batch to one
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
         entries.append({"question_id": i, "image": f"img{i}.png", "question": "what color is the cube?" if i % 2 else "how many?",
                         "answer": ["red"] * 10 if i % 2 else ["two"]})
     path = root / "vqa.json"

@@ -285,3 +285,15 @@ def test_vilt_image_padding_raises_and_text_only_calls_of_the_encoder_are_refuse
         model(input_ids=ids, pixel_values=px, attention_mask=mask, pixel_mask=pixel_mask)
     with pytest.raises(ValueError, match="runs inside its ViltModel's forward"):
         model.vilt.encoder(torch.zeros(B, 10, 32))
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_blip_elip_counts_follow_the_original_patch_count(lookahead):
+    model = hf_tiny.blip("BlipForImageTextRetrieval")
+    px, ids, mask = inputs()
+    vlprune.patch(model, "elip", layers=(2, 3), keep=(0.8, 0.5), lookahead=lookahead)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px, attention_mask=mask).last_hidden_state
+    # k_b = floor(ratio_b * N) of the original N = 16, plus [CLS] and the fused token: 1 + 8 + 1 after the second block
+    assert out.shape[1] == get_patch(model).last_tokens == 1 + math.floor(0.5 * N) + 1
+    assert torch.isfinite(out).all()
