@@ -221,10 +221,42 @@ def test_a_patched_model_refuses_deepcopy_and_repatching_replaces_the_patch():
     copy.deepcopy(vlprune.unpatch(model))
 
 
+def _bridgetower_reference(model, px, ids, mask, b, kept_of):
+    """The unpatched BridgeTower on sample b alone, with forward hooks that keep the image tokens ``kept_of(x)``
+    (1-based candidate positions; [CLS] always) after cross-modal image layer 1 and feed the later image link towers
+    the uni-modal tokens at those positions (transformers 4.x: its all-zero image masks cut to match)."""
+    bt = model.bridgetower
+    kept = {}
+
+    def after_layer(mod, args, out):
+        kept["idx"] = torch.tensor([0] + [1 + j for j in kept_of(out[0])])
+        return (out[0][:, kept["idx"]],) + tuple(out[1:])
+
+    def before_tower(mod, args):
+        h, c, m = args
+        return (h[:, kept["idx"]], c, m) if h.shape[1] != c.shape[1] else None
+
+    def cut_image_masks(mod, args, kwargs):
+        name = "encoder_attention_mask" if any(mod is t for t in bt.cross_modal_text_layers) else "attention_mask"
+        m = kwargs.get(name)
+        if "idx" in kept and m is not None and m.shape[-1] == 1 + N:
+            kwargs[name] = m[..., kept["idx"]]
+        return args, kwargs
+
+    hooks = [bt.cross_modal_image_layers[0].register_forward_hook(after_layer)]
+    hooks += [t.register_forward_pre_hook(before_tower) for t in bt.cross_modal_image_link_tower]
+    hooks += [m.register_forward_pre_hook(cut_image_masks, with_kwargs=True)
+              for m in list(bt.cross_modal_text_layers) + list(bt.cross_modal_image_layers[1:])]
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids[b:b + 1], pixel_values=px[b:b + 1], attention_mask=mask[b:b + 1]).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_bridgetower_tip_equals_a_per_sample_reference_with_gathered_bridges():
-    """Reference: the unpatched model, one sample at a time, with forward hooks that keep the top ceil(keep * M)
-    image tokens (argsort of the pruner's keep log-probability) after cross-modal layer 1 and feed the later image
-    link towers the uni-modal tokens at the kept positions."""
+    """Inference: the top ceil(keep * M) by the pruner's keep log-probability (argsort, per sample)."""
     model = hf_tiny.bridgetower()
     px, ids, mask = inputs()
     vlprune.patch(model, "tip", layers=(1,), keep=0.5)
@@ -233,47 +265,36 @@ def test_bridgetower_tip_equals_a_per_sample_reference_with_gathered_bridges():
         got = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
     assert get_patch(model).last_tokens == 1 + N // 2
     vlprune.unpatch(model)
-    bt = model.bridgetower
+
+    def top(x):
+        logp = pruner(x[:, 1:])[..., 0][0]
+        return sorted(sorted(range(N), key=lambda j: (-float(logp[j]), j))[: math.ceil(0.5 * N)])
+
     for b in range(B):
-        kept = {}
-
-        def after_layer(mod, args, out):
-            x = out[0]
-            logp = pruner(x[:, 1:])[..., 0][0]
-            order = sorted(range(N), key=lambda j: (-float(logp[j]), j))[: math.ceil(0.5 * N)]
-            kept["idx"] = torch.tensor([0] + [1 + j for j in sorted(order)])
-            return (x[:, kept["idx"]],) + tuple(out[1:])
-
-        def before_tower(mod, args):
-            h, c, m = args
-            return (h[:, kept["idx"]], c, m) if h.shape[1] != c.shape[1] else None
-
-        def cut_image_masks(mod, args, kwargs):  # transformers 4.x passes an all-zero image mask of the full length
-            name = "encoder_attention_mask" if any(mod is t for t in bt.cross_modal_text_layers) else "attention_mask"
-            m = kwargs.get(name)
-            if "idx" in kept and m is not None and m.shape[-1] == 1 + N:
-                kwargs[name] = m[..., kept["idx"]]
-            return args, kwargs
-
-        hooks = [bt.cross_modal_image_layers[0].register_forward_hook(after_layer)]
-        hooks += [t.register_forward_pre_hook(before_tower) for t in bt.cross_modal_image_link_tower]
-        hooks += [m.register_forward_pre_hook(cut_image_masks, with_kwargs=True)
-                  for m in list(bt.cross_modal_text_layers) + list(bt.cross_modal_image_layers[1:])]
-        try:
-            with torch.no_grad():
-                want = model(input_ids=ids[b:b + 1], pixel_values=px[b:b + 1], attention_mask=mask[b:b + 1]).logits
-        finally:
-            for h in hooks:
-                h.remove()
-        torch.testing.assert_close(got[b:b + 1], want, **TOL)
+        torch.testing.assert_close(got[b:b + 1], _bridgetower_reference(model, px, ids, mask, b, top), **TOL)
 
 
-def test_bridgetower_tip_is_inference_only():
-    model = vlprune.patch(hf_tiny.bridgetower(), "tip", layers=(1,), keep=0.5)
+def test_bridgetower_tip_training_path_masks_as_the_pruned_path_and_gets_gradients():
+    """Train mode (dropout off): TiP's hard Gumbel mask keeps every token in the tensor but out of the later
+    attention; the ITM logits equal the physically pruned model's with the same kept set, and the pruner learns."""
+    model = hf_tiny.bridgetower()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     px, ids, mask = inputs()
-    model.train()
-    with pytest.raises(ValueError, match="inference only"):
-        model(input_ids=ids, pixel_values=px, attention_mask=mask)
+    vlprune.patch(model, "tip", layers=(1,), keep=0.5, generator=torch.Generator().manual_seed(0)).train()
+    logits = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    p = get_patch(model)
+    assert p.last_tokens == 1 + N  # nothing removed in training
+    hard = p.last_aux[0].values["mask"]
+    assert hard.shape == (B, N) and set(hard.unique().tolist()) <= {0.0, 1.0} and 0 < hard.sum() < B * N
+    logits.sum().backward()
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in p.reducers.parameters())
+    vlprune.unpatch(model).eval()
+    for b in range(B):
+        keep = [j for j in range(N) if hard[b, j] > 0]
+        ref = _bridgetower_reference(model, px, ids, mask, b, lambda x: keep)
+        torch.testing.assert_close(logits[b:b + 1].detach(), ref, **TOL)
 
 
 def test_vilt_image_padding_raises_and_text_only_calls_of_the_encoder_are_refused():

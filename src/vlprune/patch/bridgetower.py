@@ -10,10 +10,13 @@ the uni-modal tokens it covers (its provenance): for a kept token exactly that t
 transformers' own and run unchanged (their attention implementation included); only the model's ``forward``, the
 reducing cross-modal image layers and the image link towers are wrapped, per instance.
 
-Limitations: inference only (TiP's masked training path is not wired into BridgeTower's layers: a patched model
-in train mode raises); the pruners start untrained, so their selection means something only after training them
-elsewhere and loading their weights (``load_patch``); methods that score with the attention (TRIPS, EViT, ToMe)
-are not offered here, because the HF cross-modal layers do not expose their queries and keys.
+Training (``model.train()``): TiP's masked path, as in vlprune's own models: tokens stay, the hard
+straight-through mask removes pruned tokens from the later image self-attention (a token attends to itself) and from
+the text stream's cross-attention; the contrastive term's text is the cross-modal text stream entering the layer.
+The AuxRecords for TiP's losses are ``get_patch(model).last_aux`` after each call.
+
+Limitations: methods that score with the attention (TRIPS, EViT, ToMe) are not offered here, because the HF
+cross-modal layers do not expose their queries and keys.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from ..reduce.slots import SlotInput
 from ..reduce.state import ReduceContext, TokenState
 from .core import Binding, Patch
+from .vilt import key_mask
 
 METHODS = ("none", "tip")
 CLASSES = {"BridgeTowerForImageAndTextRetrieval": METHODS, "BridgeTowerForMaskedLM": METHODS,
@@ -52,36 +56,36 @@ def reducing_layer(p: Patch, slot: CrossLayerSlot, index: int, num_patches: int)
         run = p.call_info().get("bridge")
         if run is None:
             raise ValueError("the patched BridgeTower layers run inside the model's forward; call the model")
-        if slot.layer.training:
-            raise ValueError("tip on BridgeTower runs at inference only (model.eval()); its masked training path is "
-                             "not wired into BridgeTower's layers")
         x = out[0] if isinstance(out, tuple) else out
-        p.sync(x, False)
+        p.sync(x, slot.layer.training)
         state = run.get("state") or TokenState.start(x, trace=True)
-        state = slot.reducer(state.replace(x=x), SlotInput("fusion", slot, None, None, _no_query),
-                             ReduceContext(layer=index, num_patches=num_patches))
+        text = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        tmask = key_mask(kwargs.get("encoder_attention_mask"), text.shape[0], text.shape[1], text.device)
+        ctx = ReduceContext(text=text, text_mask=tmask, generator=p.generator, layer=index, num_patches=num_patches)
+        state = slot.reducer(state.replace(x=x), SlotInput("fusion", slot, None, None, _no_query), ctx)
         run["state"] = state
-        p.last_tokens = state.num_tokens
+        p.last_tokens, p.last_aux = state.num_tokens, state.aux
         return (state.x,) + tuple(out[1:]) if isinstance(out, tuple) else state.x
 
     return forward
 
 
-def fitted_masks(p: Patch, layer: nn.Module, names: tuple) -> Callable:
-    """A cross-modal layer's forward with the image mask keywords ``names`` cut to the image tokens now present.
-    transformers 4.x passes an (all-zero, additive) image mask built for the full token count; 5.x passes none."""
+def fitted_masks(p: Patch, layer: nn.Module, name: str, image_self: bool) -> Callable:
+    """A cross-modal layer's forward with its image mask keyword ``name`` set from the image tokens now present:
+    the image layers' self-attention bias (``TokenState.attn_bias``: a training mask, a token always attending to
+    itself) or the text layers' cross-attention bias (``cross_attention_bias``); None when nothing is masked.
+    transformers 4.x passes an all-zero image mask for the full token count (checked, then replaced); 5.x none."""
     inner = layer.forward
 
     def forward(*args: Any, **kwargs: Any):
         state = (p.call_info().get("bridge") or {}).get("state")
         if state is not None:
-            for n in names:
-                m = kwargs.get(n)
-                if m is not None and m.shape[-1] != state.num_tokens:
-                    if bool((m != 0).any()) if m.is_floating_point() else not bool(m.all()):
-                        raise ValueError("BridgeTower image padding (pixel_mask with zeros) is not supported by "
-                                         "vlprune.patch: resize the images of a batch to one size")
-                    kwargs[n] = m[..., : state.num_tokens]
+            m = kwargs.get(name)
+            if m is not None and (bool((m != 0).any()) if m.is_floating_point() else not bool(m.all())):
+                raise ValueError("BridgeTower image padding (pixel_mask with zeros) is not supported by vlprune.patch: "
+                                 "resize the images of a batch to one size")
+            dtype = args[0].dtype
+            kwargs[name] = state.attn_bias(dtype) if image_self else state.cross_attention_bias(dtype)
         return inner(*args, **kwargs)
 
     return forward
@@ -125,9 +129,9 @@ def bind(model: nn.Module) -> Optional[Binding]:
 
         p.override(bt, "forward", bt_forward)
         for layer in bt.cross_modal_text_layers:
-            p.override(layer, "forward", fitted_masks(p, layer, ("encoder_attention_mask",)))
+            p.override(layer, "forward", fitted_masks(p, layer, "encoder_attention_mask", False))
         for layer in bt.cross_modal_image_layers:
-            p.override(layer, "forward", fitted_masks(p, layer, ("attention_mask",)))
+            p.override(layer, "forward", fitted_masks(p, layer, "attention_mask", True))
         for i, slot in enumerate(slots):
             if slot.reducer is not None:
                 p.override(slot.layer, "forward", reducing_layer(p, slot, i, n))

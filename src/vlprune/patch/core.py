@@ -81,6 +81,7 @@ class Patch:
         self.reducers = nn.ModuleDict()
         self.generator: Optional[torch.Generator] = None  # randomness of random / Gumbel methods (None: seeded)
         self.last_tokens: Optional[int] = None  # image tokens after the patched encoder in the last call
+        self.last_aux: Tuple[Any, ...] = ()  # the learned methods' AuxRecords of the last call (for their losses)
         self._saved: List[Tuple[Any, str, bool, Any]] = []
         self._guide: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_guide_{id(self)}", default=None)
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_call_{id(self)}", default=None)
@@ -325,7 +326,7 @@ def vision_encoder_forward(p: Patch, config: Any, layer_owner: nn.Module) -> Cal
         p.sync(x, layer_owner.training)
         reduce = p.reduces_now(x.shape[0])
         state = p.encoder.run_vision(x, ReduceContext(guide=p.current_guide(), generator=p.generator), reduce)
-        p.last_tokens = state.num_tokens
+        p.last_tokens, p.last_aux = state.num_tokens, state.aux
         out = BaseModelOutput(last_hidden_state=state.x)
         return out if kwargs.get("return_dict", True) is not False else (state.x,)
 

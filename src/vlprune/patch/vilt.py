@@ -78,7 +78,7 @@ def encoder_forward(p: Patch, cfg: Any, encoder: nn.Module):
         p.sync(hidden_states, encoder.training)
         text, image = p.encoder.run_joint(hidden_states[:, :L], keep[:, :L], hidden_states[:, L:],
                                           ReduceContext(generator=p.generator))
-        p.last_tokens = image.num_tokens
+        p.last_tokens, p.last_aux = image.num_tokens, image.aux
         x = torch.cat([text, image.x], dim=1)
         return BaseModelOutput(last_hidden_state=x) if return_dict else (x,)
 
