@@ -318,3 +318,19 @@ def test_blip_elip_counts_follow_the_original_patch_count(lookahead):
     # k_b = floor(ratio_b * N) of the original N = 16, plus [CLS] and the fused token: 1 + 8 + 1 after the second block
     assert out.shape[1] == get_patch(model).last_tokens == 1 + math.floor(0.5 * N) + 1
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("build,cls,method,opts", [
+    (hf_tiny.blip, "BlipForImageTextRetrieval", "trips", dict(layers=(2, 3), keep=0.5)),
+    (hf_tiny.clip, "CLIPVisionModel", "dynamicvit", dict(layers=(2, 3))),
+    (hf_tiny.vilt, "ViltForQuestionAnswering", "tip", dict(layers=(2, 3))),
+    (hf_tiny.bridgetower, "BridgeTowerForImageAndTextRetrieval", "tip", dict(layers=(1, 2))),
+], ids=["blip-trips", "clip-dynamicvit", "vilt-tip", "bridgetower-tip"])
+def test_bf16_on_cpu_runs_without_nan_and_reducers_follow_the_dtype(build, cls, method, opts):
+    model = vlprune.patch(build(cls).to(torch.bfloat16), method, **opts)
+    px, ids, mask = inputs()
+    with torch.no_grad():
+        out = _tensor(_call(model, px.bfloat16(), ids, mask))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert get_patch(model).last_tokens < 1 + N
+    assert all(p.dtype == torch.bfloat16 for p in get_patch(model).reducers.parameters())
