@@ -64,7 +64,11 @@ def save_with_processor(model, directory):
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(WORDS) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    import inspect
+
+    params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters  # 5.x: vocab=, 4.x: vocab_file=
+    tok = transformers.BertTokenizerFast(**{"vocab" if "vocab" in params else "vocab_file": str(vocab)})
+    assert tok("what color")["input_ids"] == [2, 5, 6, 3]
     name = type(model).__name__
     if name.startswith("Blip"):
         proc = transformers.BlipProcessor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}), tok)
@@ -106,3 +110,22 @@ def bridgetower(cls_name: str = "BridgeTowerForImageAndTextRetrieval", seed: int
         vision_config=dict(hidden_size=64, num_hidden_layers=4, image_size=32, patch_size=8),
         hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
     return getattr(transformers, cls_name)(cfg).eval()
+
+
+def retrieval_files(root, n: int = 3):
+    """n images with two captions each and a retrieval test file under ``root``; returns its path."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    words = WORDS[5:]
+    entries = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"r{i}.png")
+        caps = [" ".join(rng.choice(words, size=3 + j)) for j in range(2)]
+        entries.append({"image": f"r{i}.png", "caption": caps})
+    path = root / "retrieval.json"
+    path.write_text(json.dumps(entries))
+    return path

@@ -70,3 +70,47 @@ def test_hf_cli_errors(tmp_path, capsys):
     ann = hf_tiny.vqa_files(tmp_path)
     assert main(["eval", "vqa", "--hf", str(tmp_path / "missing"), "--test", str(ann)]) == 2
     assert "--hf " in capsys.readouterr().err
+
+
+def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path, capsys):
+    """With k >= the number of candidates every pair is re-ranked, so the scores are the patched model's ITM match
+    probabilities of all pairs (computed here pair by pair) and the recalls are theirs. The weights are drawn with
+    std 0.2 so that images and captions change the scores (at the default init they barely do)."""
+    import transformers
+
+    from vlprune.data.images import open_image
+    from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval
+    from vlprune.tasks.metrics import retrieval_metrics
+
+    model = hf_tiny.blip("BlipForImageTextRetrieval")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    d = hf_tiny.save_with_processor(model, tmp_path / "m")
+    ann = hf_tiny.retrieval_files(tmp_path)
+    argv = ["eval", "retrieval", "--hf", str(d), "--method", "trips", "--layers", "2,3", "--keep", "0.5",
+            "--test", str(ann), "--k", "16", "--batch-size", "4", "--json", "--quiet"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = vlprune.patch(transformers.BlipForImageTextRetrieval.from_pretrained(d).eval(), "trips", layers=(2, 3), keep=0.5)
+    proc = transformers.AutoProcessor.from_pretrained(d)
+    entries = json.loads(ann.read_text())
+    res = evaluate_blip_retrieval(model, proc, entries, tmp_path, k=16, batch_size=4, progress=False)
+    caps = [c for e in entries for c in e["caption"]]
+    pair = torch.zeros(len(entries), len(caps))
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            for t, c in enumerate(caps):
+                x = proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt")
+                pair[i, t] = model(**x).itm_score.softmax(-1)[0, 1]
+    torch.testing.assert_close(res["scores_i2t"], pair, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res["scores_t2i"], pair, atol=1e-5, rtol=0)
+    for m in (pair, pair.t()):  # no near-ties within a row: the recalls below are not decided by rounding
+        v = m.sort(dim=1).values
+        assert float((v[:, 1:] - v[:, :-1]).min()) > 1e-4
+    want = retrieval_metrics(pair, [[2 * i, 2 * i + 1] for i in range(len(entries))], [t // 2 for t in range(len(caps))])
+    assert got["images"] == 3 and got["captions"] == 6 and got["method"] == "trips"
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        assert got[key] == pytest.approx(want[key])
