@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("task", choices=TASKS, help="the downstream task")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run directory (or a saved model directory)")
-    src.add_argument("--hf", metavar="DIR_OR_ID", help="a Hugging Face model with its processor, patched by vlprune.patch (vqa)")
+    src.add_argument("--hf", metavar="DIR_OR_ID", help="a Hugging Face model with its processor, patched by vlprune.patch (vqa, retrieval)")
     p.add_argument("--test", default=None, help="test annotation JSON (default: the run's scenes test split)")
     p.add_argument("--images", default=None, help="image root (default: the test file's folder)")
     add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
