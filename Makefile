@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlprune-installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow test-hf4 demo bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Opt-in: the vlprune.patch tests against the transformers 4.5x line, in a separate venv (make test runs 5.x).
+HF4 ?= 4.57.6
+HF4_VENV ?= .venv-hf4
+test-hf4:
+	test -x $(HF4_VENV)/bin/python || $(PYTHON) -m venv $(HF4_VENV)
+	$(HF4_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(HF4_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(HF4)"
+	$(HF4_VENV)/bin/python -m pytest -q -p no:xdist tests/test_patch.py tests/test_patch_cli.py
+
 demo: $(STAMP)
 	$(VENV)/bin/vlprune demo --out runs/demo
 
@@ -28,4 +37,4 @@ bench: $(STAMP)
 	$(VENV)/bin/vlprune bench --model albef-base --method none --method trips --method elip --method evit --method tome --image-size 384 --text-len 40
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(HF4_VENV) build dist src/*.egg-info .pytest_cache

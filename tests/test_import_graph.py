@@ -17,6 +17,7 @@ LAYERS: List[Set[str]] = [
     {"config", "recipes"},
     {"reduce"},
     {"models"},
+    {"patch"},
     {"objectives"},
     {"data"},
     {"tasks"},

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="tiny", help="model preset or config JSON (random weights)")
     src.add_argument("--checkpoint", default=None, help="a run directory saved by vlprune (instead of --model)")
+    src.add_argument("--hf", default=None, metavar="DIR_OR_ID", help="a Hugging Face model, patched by vlprune.patch")
+    src.add_argument("--hf-arch", default=None, help="a real HF architecture with random weights: blip-base, clip-b16, vilt-b32, bridgetower-base")
     add_method_flags(p, several=True, method_help="a method to measure; none (the baseline) is always measured")
     p.add_argument("--image-size", type=int, default=None, help="input size (position embeddings interpolated)")
     p.add_argument("--text-len", type=int, default=40, help="caption length in tokens (random ids)")
@@ -58,6 +60,10 @@ def run(args) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    if args.hf or args.hf_arch:  # a Hugging Face model, patched against unpatched (vlprune.bench.hf)
+        from vlprune.bench.hf import run_command
+
+        return run_command(args, method_configs(args, several=True), progress)
     rows = run_bench(settings, methods, progress)
     if args.json:
         for r in rows:

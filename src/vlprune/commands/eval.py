@@ -49,7 +49,9 @@ def check_task(meta: dict, task: str, ckpt: Path) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a fine-tuned run on a downstream task (any method at inference)")
     p.add_argument("task", choices=TASKS, help="the downstream task")
-    p.add_argument("--checkpoint", default=None, help="run directory (or a saved model directory)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", default=None, help="run directory (or a saved model directory)")
+    src.add_argument("--hf", metavar="DIR_OR_ID", help="a Hugging Face model with its processor, patched by vlprune.patch (vqa, retrieval)")
     p.add_argument("--test", default=None, help="test annotation JSON (default: the run's scenes test split)")
     p.add_argument("--images", default=None, help="image root (default: the test file's folder)")
     add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
@@ -96,9 +98,16 @@ def run(args) -> int:
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
     if check_official_flags(args):
+        if args.hf is not None:
+            raise ValueError("give --hf or --init-official, not both")
         return _run_official(args)
+    if args.hf is not None:  # a Hugging Face model (vlprune.tasks.hf_vqa)
+        from .hf_eval import run_hf
+
+        return run_hf(args)
     if args.checkpoint is None:
-        raise ValueError("give --checkpoint (a run or saved model directory) or --init-official PATH --format F")
+        raise ValueError("give --checkpoint (a run or saved model directory), --hf DIR_OR_ID (a Hugging Face model) "
+                         "or --init-official PATH --format F")
     return _run(args, checkpoint_dir(args.checkpoint))
 
 
@@ -192,3 +201,4 @@ def _run(args, ckpt: Path) -> int:
                **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
         print(json.dumps(out))
     return 0
+

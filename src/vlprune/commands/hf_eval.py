@@ -1,0 +1,74 @@
+"""``vlprune eval vqa|retrieval --hf DIR_OR_ID``: a Hugging Face model with its own processor, patched with the method
+flags (``--method trips --keep 0.5``), on the field's annotation file: VQA (``BlipForQuestionAnswering``,
+``ViltForQuestionAnswering``) or two-stage retrieval (``BlipForImageTextRetrieval``: ITC, then ITM re-ranking).
+
+    vlprune eval vqa --hf Salesforce/blip-vqa-base --method trips --keep 0.5 --test ann.json --images DIR --json
+    vlprune eval retrieval --hf Salesforce/blip-itm-base-coco --method trips --keep 0.5 --test test.json --k 16
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .method_flags import method_config
+
+
+def run_hf(args) -> int:
+    import torch
+
+    from vlprune.data.formats import load_retrieval, load_vqa
+    from vlprune.patch import patch
+    from vlprune.patch.hub import load_hf
+    from vlprune.tasks.hf_vqa import evaluate_vqa, load_processor
+
+    if args.task not in ("vqa", "retrieval"):
+        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT) and retrieval (BLIP ITM); got task {args.task!r}")
+    if args.test is None or not Path(args.test).is_file():
+        raise FileNotFoundError(f"--hf needs --test, a {args.task} annotation file; not found: {args.test}")
+    root = Path(args.images) if args.images else Path(args.test).parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"image root directory not found: {root}")
+    entries = load_retrieval(args.test, "test") if args.task == "retrieval" else load_vqa(args.test)
+    model = load_hf(args.hf)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    rc = method_config(args)
+    if rc is not None:
+        patch(model, rc)
+    name = "none" if rc is None else rc.name
+    if args.task == "retrieval":
+        return _retrieval(args, model, entries, root, rc)
+    res = evaluate_vqa(model, load_processor(args.hf), entries, root, args.batch_size, progress=not args.quiet)
+    if args.predictions is not None:
+        Path(args.predictions).write_text(json.dumps(
+            [{"question_id": e["question_id"], "answer": a} for e, a in zip(entries, res["predictions"])]))
+    acc = "n/a (no answers in the test file)" if res["accuracy"] is None else f"{res['accuracy']:.2f}"
+    print(f"vqa on {args.test} ({res['examples']} examples), {type(model).__name__} from {args.hf}, method "
+          f"{name if rc is None else rc.to_dict()}")
+    tokens = "n/a" if res["image_tokens"] is None else f"{res['image_tokens']:.1f}"
+    print(f"  accuracy {acc}, image tokens after the patched encoder {tokens}, {res['seconds']:.1f} s")
+    if args.json:
+        print(json.dumps({"accuracy": res["accuracy"], "method": name, "method_config": None if rc is None else rc.to_dict(),
+                          "examples": res["examples"], "image_tokens": res["image_tokens"], "seconds": res["seconds"],
+                          "model": args.hf}))
+    return 0
+
+
+def _retrieval(args, model, entries, root: Path, rc) -> int:
+    from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval
+    from vlprune.tasks.hf_vqa import load_processor
+
+    res = evaluate_blip_retrieval(model, load_processor(args.hf), entries, root, args.k, args.batch_size,
+                                  progress=not args.quiet)
+    m = res["metrics"]
+    name = "none" if rc is None else rc.name
+    print(f"retrieval on {args.test} ({res['images']} images, {res['captions']} captions), {type(model).__name__} from "
+          f"{args.hf}, method {name if rc is None else rc.to_dict()}, ITM re-ranking top {args.k}")
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
+    print(f"  ITC stage {res['itc_seconds']:.1f} s, ITM stage {res['itm_seconds']:.1f} s")
+    if args.json:
+        print(json.dumps({**m, "method": name, "method_config": None if rc is None else rc.to_dict(),
+                          "images": res["images"], "captions": res["captions"], "itc_seconds": res["itc_seconds"],
+                          "itm_seconds": res["itm_seconds"], "model": args.hf}))
+    return 0

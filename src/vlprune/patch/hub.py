@@ -1,0 +1,32 @@
+"""Loading a Hugging Face model for the CLI (``--hf DIR_OR_ID``): the class its config names, and a patch saved
+beside it (``vlprune_patch.json``) re-applied."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .core import CONFIG_FILE, load_patch
+
+
+def load_hf(path_or_id: str, flag: str = "--hf") -> nn.Module:
+    """A saved transformers model (a local directory, or a hub id when online) in eval mode, by the class its config
+    names (``architectures``); a patched model's ``vlprune_patch.json`` beside it is read too."""
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path_or_id)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{flag} {path_or_id}: no transformers model found there ({e})") from None
+    archs = getattr(cfg, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is None:
+        raise ValueError(f"{flag} {path_or_id}: its config names no transformers model class (architectures={archs})")
+    model = cls.from_pretrained(path_or_id).eval()
+    if os.path.isfile(os.path.join(str(path_or_id), CONFIG_FILE)):
+        load_patch(model, path_or_id)
+    return model
+
+
+__all__ = ["load_hf"]

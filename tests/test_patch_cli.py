@@ -1,0 +1,116 @@
+"""The CLI on Hugging Face models: ``vlprune eval vqa --hf DIR`` and ``vlprune bench --hf DIR`` with tiny models and
+processors the tests save locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import vlprune  # noqa: E402
+from vlprune.cli import main  # noqa: E402
+
+import hf_tiny  # noqa: E402
+
+
+@pytest.mark.parametrize("cls", ["BlipForQuestionAnswering", "ViltForQuestionAnswering"])
+def test_eval_vqa_hf_answers_as_the_patched_model_does(tmp_path, capsys, cls):
+    import transformers
+
+    build = hf_tiny.blip if cls.startswith("Blip") else hf_tiny.vilt
+    d = hf_tiny.save_with_processor(build(cls), tmp_path / "model")
+    ann = hf_tiny.vqa_files(tmp_path)
+    preds = tmp_path / "preds.json"
+    argv = ["eval", "vqa", "--hf", str(d), "--method", "trips", "--layers", "2,3", "--keep", "0.5", "--test", str(ann),
+            "--batch-size", "3", "--predictions", str(preds), "--json", "--quiet"]
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 16 patches -> 10 -> 7 tokens; ViLT keeps the aspect ratio: the 40 x 56 images give 4 x 5 patches -> 12 -> 8
+    tokens = 7.0 if cls.startswith("Blip") else (7 + 8) / 2
+    assert out["examples"] == 4 and out["method"] == "trips" and out["image_tokens"] == tokens
+    assert 0.0 <= out["accuracy"] <= 100.0
+    # the same answers from the Python API, question by question
+    model = vlprune.patch(getattr(transformers, cls).from_pretrained(d).eval(), "trips", layers=(2, 3), keep=0.5)
+    proc = transformers.AutoProcessor.from_pretrained(d)
+    from vlprune.data.images import open_image
+
+    want = []
+    for e in json.loads(ann.read_text()):
+        torch.manual_seed(0)
+        inputs = proc(images=[open_image(tmp_path / e["image"])], text=[e["question"]], return_tensors="pt")
+        with torch.no_grad():
+            if cls.startswith("Vilt"):
+                want.append(model.config.id2label[int(model(**inputs).logits.argmax(-1))])
+            else:
+                want.append(proc.batch_decode(model.generate(**inputs, max_new_tokens=10), skip_special_tokens=True)[0].strip())
+    got = [p["answer"] for p in json.loads(preds.read_text())]
+    assert got == want
+
+
+def test_bench_hf_counts_fewer_flops_for_the_patched_rows(tmp_path, capsys):
+    d = hf_tiny.save_with_processor(hf_tiny.blip("BlipForImageTextRetrieval"), tmp_path / "m")
+    assert main(["bench", "--hf", str(d), "--method", "evit", "--layers", "2", "--keep", "0.5", "--flops-only",
+                 "--json", "--quiet"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["label"] for r in rows] == ["unpatched", "patched none", "evit layers=(2,) keep=0.5"]
+    assert rows[0]["gflops"] == pytest.approx(rows[1]["gflops"], rel=1e-6)  # SDPA counts what eager counts
+    assert rows[2]["gflops"] < rows[1]["gflops"] and rows[2]["tokens"] == 1 + 8 + 1
+    assert rows[2]["ideal_speedup"] == pytest.approx(rows[0]["gflops"] / rows[2]["gflops"])
+
+
+def test_hf_cli_errors(tmp_path, capsys):
+    assert main(["bench", "--hf-arch", "gpt-9"]) == 2
+    assert "unknown --hf-arch 'gpt-9'; valid: ['blip-base', 'bridgetower-base', 'clip-b16', 'vilt-b32']" in capsys.readouterr().err
+    assert main(["eval", "vqa", "--hf", str(tmp_path / "missing"), "--test", str(tmp_path / "a.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    ann = hf_tiny.vqa_files(tmp_path)
+    assert main(["eval", "vqa", "--hf", str(tmp_path / "missing"), "--test", str(ann)]) == 2
+    assert "--hf " in capsys.readouterr().err
+
+
+def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path, capsys):
+    """With k >= the number of candidates every pair is re-ranked, so the scores are the patched model's ITM match
+    probabilities of all pairs (computed here pair by pair) and the recalls are theirs. The weights are drawn with
+    std 0.2 so that images and captions change the scores (at the default init they barely do)."""
+    import transformers
+
+    from vlprune.data.images import open_image
+    from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval
+    from vlprune.tasks.metrics import retrieval_metrics
+
+    model = hf_tiny.blip("BlipForImageTextRetrieval")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    d = hf_tiny.save_with_processor(model, tmp_path / "m")
+    ann = hf_tiny.retrieval_files(tmp_path)
+    argv = ["eval", "retrieval", "--hf", str(d), "--method", "trips", "--layers", "2,3", "--keep", "0.5",
+            "--test", str(ann), "--k", "16", "--batch-size", "4", "--json", "--quiet"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = vlprune.patch(transformers.BlipForImageTextRetrieval.from_pretrained(d).eval(), "trips", layers=(2, 3), keep=0.5)
+    proc = transformers.AutoProcessor.from_pretrained(d)
+    entries = json.loads(ann.read_text())
+    res = evaluate_blip_retrieval(model, proc, entries, tmp_path, k=16, batch_size=4, progress=False)
+    caps = [c for e in entries for c in e["caption"]]
+    pair = torch.zeros(len(entries), len(caps))
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            for t, c in enumerate(caps):
+                x = proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt")
+                pair[i, t] = model(**x).itm_score.softmax(-1)[0, 1]
+    torch.testing.assert_close(res["scores_i2t"], pair, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res["scores_t2i"], pair, atol=1e-5, rtol=0)
+    for m in (pair, pair.t()):  # no near-ties within a row: the recalls below are not decided by rounding
+        v = m.sort(dim=1).values
+        assert float((v[:, 1:] - v[:, :-1]).min()) > 1e-4
+    want = retrieval_metrics(pair, [[2 * i, 2 * i + 1] for i in range(len(entries))], [t // 2 for t in range(len(caps))])
+    assert got["images"] == 3 and got["captions"] == 6 and got["method"] == "trips"
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        assert got[key] == pytest.approx(want[key])
