@@ -60,6 +60,7 @@ def run(args) -> int:
     from vlprune.tasks.base import get_task
     from vlprune.tasks.evaluation import evaluate
     from vlprune.tasks.finetune import checkpoint_dir, tokenizer_dir
+    from vlprune.runtime import check_precision, maybe_compile, precision_context, thread_info
     from vlprune.train import setup_distributed
 
     if args.batch_size < 1:
@@ -80,6 +81,8 @@ def run(args) -> int:
     rank, world, device, started = setup_distributed()
     try:
         model = load_pretrained(ckpt, method=method).to(device).eval()
+        precision = check_precision(getattr(args, "precision", None) or "fp32", device)
+        compiled = maybe_compile(model, getattr(args, "compile", False), device)
         if args.task != "retrieval" and args.task not in model.task_heads:
             raise ValueError(f"the checkpoint {ckpt} has no {args.task!r} head (heads: {list(model.task_heads)}); "
                              f"fine-tune it with 'vlprune train {args.task}' first")
@@ -87,7 +90,7 @@ def run(args) -> int:
         tok = TextTokenizer.from_dir(tdir)
         tok.check_model(model.cfg.text)
         loader = ImageLoader.for_model(model.cfg.vision, Path(args.images) if args.images else test.parent)
-        with torch.inference_mode():
+        with torch.inference_mode(), precision_context(precision, device):
             metrics, info = evaluate(task, model, entries, loader, tok, args.batch_size, device, rank, world,
                                      progress=not args.quiet)
     finally:
@@ -108,6 +111,7 @@ def run(args) -> int:
     if args.json:
         out = {**metrics, "method": name, "method_config": None if rc is None else rc.to_dict(),
                "examples": info["examples"], "gflops": info["gflops"], "image_tokens": info["image_tokens"],
+               "precision": precision, "compiled": compiled, **thread_info(),
                **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
         print(json.dumps(out))
     return 0
