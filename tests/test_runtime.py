@@ -205,10 +205,15 @@ def test_bench_train_vqa_and_reference_rows_interleaved(capsys):
     assert rows[3]["ideal_speedup"] == 1.0 and "slot_overhead" in rows[3]
 
 
-def test_bench_profile_prints_the_tables(capsys):
-    assert main(["bench", "--profile", "--batch-size", "2", "--warmup", "0", "--method", "tome", "--option", "r=2"]) == 0
+def test_bench_profile_prints_the_tables(capsys, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    assert main(["bench", "--profile", "--batch-size", "2", "--warmup", "0", "--method", "tome", "--option", "r=2",
+                 "--json-out", str(path)]) == 0
     out = capsys.readouterr().out
     assert "FLOPs-ideal speed-up: none 1.00, tome(r=2)" in out and "data movement" in out and "addmm" in out
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["none", "tome(r=2)"]
+    assert sum(rows[1]["profile_categories"].values()) == pytest.approx(rows[1]["profile_ms"])
 
 
 def test_precision_and_compile_flags_are_refused_where_unused(capsys):
@@ -223,3 +228,14 @@ def test_train_config_checks_its_precision():
     with pytest.raises(ValueError, match="precision must be auto or one of fp32, bf16, fp16, got 'fp8'"):
         TrainConfig(precision="fp8")
     assert TrainConfig().precision == "auto" and TrainConfig(precision="bf16").compile is False
+
+
+@pytest.mark.slow
+def test_bench_compile_times_compiled_and_eager_rows(capsys):
+    if runtime.compile_unavailable("cpu"):
+        pytest.skip(runtime.compile_unavailable("cpu"))
+    rows = _rows(capsys, ["--threads", "1", "--compile", "bench", "--json", "--repeats", "1", "--warmup", "0",
+                          "--batch-size", "2"])
+    assert [r["label"] for r in rows] == ["none", "none:eager"]
+    assert rows[0]["compiled"] and not rows[1]["compiled"] and rows[0]["compile_s"] >= 0
+    assert rows[0]["compile_speedup"] == pytest.approx(rows[0]["throughput"] / rows[1]["throughput"])

@@ -223,6 +223,8 @@ def _time_inference(model: nn.Module, s: BenchSettings, methods: Sequence[Reduce
     if s.compile:  # the first call of each method compiles its layers' shapes: timed alone, before the rounds
         progress("compiling: one first call per method (torch.compile)")
         for i, (st, r, call) in enumerate(zip(setups, rows, calls)):
+            if not r.get("compiled"):
+                continue  # eager and reference rows
             st()
             first[i] = time_call(call(r["batch_size"]), dev, warmup=0, repeats=1)[0]
             time_call(call(1), dev, warmup=0, repeats=1)  # batch 1 compiles too (latency)
@@ -361,12 +363,46 @@ def run_bench(
         if _compile(model, s, progress):  # after the FLOPs counts, which run the model eagerly
             for r in rows:
                 r["compiled"] = True
+            extra = _eager_workloads(model, methods, rows, fwd) + list(extra)
         _time_inference(model, s, methods, rows, fwd, progress, extra)
     model.clear_reducers()
     rows += [e[0] for e in extra]
     add_speedups(rows)
     _slot_overhead(rows)
+    _compile_speedups(rows)
     return rows
+
+
+def _eager_workloads(model: nn.Module, methods: Sequence[ReduceConfig], rows: List[Dict], fwd: _Forward) -> List[tuple]:
+    """With ``--compile``: each method once more, run eagerly (``torch.compiler.set_stance("force_eager")``) in the
+    same interleaved rounds, as rows "LABEL:eager", so that the compiled rows' ``compile_speedup`` compares like
+    with like."""
+    out = []
+    for rc, r in zip(methods, rows):
+        def at(b: int, call_at=fwd):
+            call = call_at(b)
+
+            def eager():
+                with torch.compiler.set_stance("force_eager"):
+                    return call()
+            return eager
+
+        row = {**r, "method": rc.name + ":eager", "label": r["label"] + ":eager", "compiled": False}
+        out.append((row, lambda rc=rc: attach(model, rc), at))
+    return out
+
+
+def _compile_speedups(rows: List[Dict]) -> None:
+    """``compile_speedup`` on compiled rows: their throughput over the same method's ":eager" row (and from CPU
+    time, ``compile_speedup_cpu``)."""
+    by = {r["label"]: r for r in rows}
+    for r in rows:
+        e = by.get(r["label"] + ":eager")
+        if e is None or not r.get("throughput") or not e.get("throughput"):
+            continue
+        r["compile_speedup"] = r["throughput"] / e["throughput"]
+        if r.get("cpu_throughput") and e.get("cpu_throughput"):
+            r["compile_speedup_cpu"] = r["cpu_throughput"] / e["cpu_throughput"]
 
 
 def _reference_workloads(model: nn.Module, s: BenchSettings, none_row: Dict, fwd: _Forward) -> List[tuple]:
@@ -479,8 +515,9 @@ def add_speedups(rows: List[Dict]) -> None:
     """speedup (measured, over the ``none`` row), ideal_speedup (FLOPs), speedup_ratio = speedup / ideal."""
     none = next((r for r in rows if r["method"] == "none"), None)
     itm = next((r for r in rows if r["method"] == "none:itm"), None)
+    eager = next((r for r in rows if r["method"] == "none:eager"), None)
     for r in rows:
-        base = itm if r["method"].endswith(":itm") else none
+        base = itm if r["method"].endswith(":itm") else eager if r["method"].endswith(":eager") else none
         key = "gflops_step" if r.get("gflops_step") is not None else "gflops_total"
         r["ideal_speedup"] = None if base is None else base[key] / r[key]
         thr, bthr = r.get("throughput"), None if base is None else base.get("throughput")
@@ -518,7 +555,9 @@ def format_table(rows: Sequence[Dict]) -> str:
         if any(r.get("precision", "fp32") != "fp32" for r in rows):
             cols += [("prec", lambda r: r.get("precision", "fp32"), ">")]
         if any(r.get("compiled") for r in rows):
-            cols += [("compile s", lambda r: _f(r.get("compile_s"), ".1f"), ">")]
+            cols += [("compile s", lambda r: _f(r.get("compile_s"), ".1f"), ">"),
+                     ("vs eager", lambda r: "" if r.get("compile_speedup") is None else
+                      f"{r['compile_speedup']:.2f} (cpu {r.get('compile_speedup_cpu', float('nan')):.2f})", ">")]
         cols += [("pairs/s", lambda r: _f(r["throughput"], ".2f"), ">"),
                  ("static MB", lambda r: _f(r.get("static_mem_mb"), ".0f"), ">"),
                  ("peak MB", lambda r: _f(r["peak_mem_mb"], ".0f"), ">"),
