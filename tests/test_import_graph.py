@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vlprune"
 # are not the same component (train / bench / viz) do not import each other. Layer 0 holds the small utilities,
 # which import nothing of the package but each other.
 LAYERS: List[Set[str]] = [
-    {"version", "errors", "fileio", "distributed", "flopcount", "optim", "checkpoint", "stats", "rundir"},
+    {"version", "errors", "fileio", "distributed", "flopcount", "optim", "checkpoint", "stats", "rundir", "runtime"},
     {"config", "recipes"},
     {"reduce"},
     {"models"},

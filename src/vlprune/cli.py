@@ -2,8 +2,10 @@
 ``add_parser(subparsers)`` and ``run(args) -> int``; they build the same config objects and call the Python API.
 
 Every parser refuses abbreviated flags (``--opt`` is not ``--option``) and shows defaults in ``--help``. The
-global flags ``--debug``, ``-v/--verbose``, ``--quiet`` and ``--threads`` are accepted before or after the
-sub-command. Errors print one line to stderr and exit non-zero; ``--debug`` shows the traceback.
+global flags ``--debug``, ``-v/--verbose``, ``--quiet``, ``--threads``, ``--precision`` and ``--compile`` are
+accepted before or after the sub-command. ``--threads`` defaults to the available cores divided by the processes
+sharing them (``vlprune.runtime``); ``--precision`` and ``--compile`` are honoured by ``train``, ``eval`` and
+``bench`` and refused elsewhere. Errors print one line to stderr and exit non-zero; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from .version import __version__
 
 # sub-command modules under vlprune.commands, in help order
 COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
-GLOBAL_DEFAULTS = {"debug": False, "verbose": False, "quiet": False, "threads": None}
+GLOBAL_DEFAULTS = {"debug": False, "verbose": False, "quiet": False, "threads": None, "precision": None,
+                   "compile": False}
+# the sub-commands that run a model and honour --precision / --compile
+RUNTIME_COMMANDS = ("train", "eval", "bench")
 # settings that error messages name by their config field -> the flag the user typed, per sub-command (replaced
 # where the message says "FIELD must ..." or "FIELD=VALUE")
 FIELD_FLAGS = {
@@ -53,19 +58,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _add_global_flags(p: argparse.ArgumentParser, top: bool) -> None:
-    """--debug, -v/--verbose, --quiet, --threads; on sub-commands they default to SUPPRESS so that a flag given
+    """--debug, -v/--verbose, --quiet, --threads, --precision, --compile; on sub-commands they default to SUPPRESS so that a flag given
     before the sub-command is not reset by the sub-command's parser. A sub-command that defines one of them itself
     keeps its own."""
-    kw = {} if top else {"default": argparse.SUPPRESS}
     own = set(p._option_string_actions)
     g = p.add_argument_group("global options")
     flags = [(("--debug",), dict(action="store_true", help="show full tracebacks on errors")),
              (("-v", "--verbose"), dict(action="store_true", help="log at INFO level")),
              (("--quiet",), dict(action="store_true", help="no progress bars; log errors only")),
-             (("--threads",), dict(type=int, metavar="N", help="torch CPU threads (default: torch's choice)"))]
+             (("--threads",), dict(type=int, metavar="N", help="torch CPU threads (default: the available cores "
+                                   "divided by the processes sharing them, or OMP_NUM_THREADS when set)")),
+             (("--precision",), dict(choices=("fp32", "bf16", "fp16"),
+                                     help="train/eval/bench: autocast precision (bf16 on CPU and CUDA; fp16 on CUDA, "
+                                     "and on CPUs with native fp16) (default: fp32; train: autocast on CUDA only, "
+                                     "as --no-amp says)")),
+             (("--compile",), dict(action="store_true", help="train/eval/bench: torch.compile the model (eager "
+                                   "fallback with a warning where it cannot compile)"))]
     for names, spec in flags:
         if not own.intersection(names):
-            g.add_argument(*names, **spec, **kw)
+            if not top:
+                spec = {**spec, "default": argparse.SUPPRESS}
+            g.add_argument(*names, **spec)
 
 
 def _parsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -124,12 +137,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     old = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            import torch
+        if args.command not in RUNTIME_COMMANDS:
+            for flag, dest in (("--precision", "precision"), ("--compile", "compile")):
+                if getattr(args, dest) != GLOBAL_DEFAULTS[dest]:
+                    raise ValueError(f"{flag} is for {', '.join(RUNTIME_COMMANDS)}; 'vlprune {args.command}' does not use it")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if args.command != "demo":  # the demo sets its own threads (default: the available cores)
+            from .runtime import apply_threads
 
-            torch.set_num_threads(args.threads)
+            apply_threads(args.threads)
         return int(args.run(args) or 0)
     except (KeyboardInterrupt, Terminated) as e:
         print(f"vlprune: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)

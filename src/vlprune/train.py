@@ -53,12 +53,13 @@ from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
 from .rundir import LOCK_FILE, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics
+from .runtime import PRECISIONS, autocast_dtype, check_precision, maybe_compile
 from .tasks.base import StepContext, StepModule, get_task
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
 RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads",
-                     "save_total_limit", "max_image_pixels", "allow_outside_root")
+                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile")
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,12 @@ class TrainConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are bad images (decompression bombs)
     allow_outside_root: bool = False  # image paths may leave the image root (../, absolute paths elsewhere)
     shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
+    precision: str = "auto"  # fp32 / bf16 / fp16: autocast on any device; "auto": as ``amp`` says (CUDA only)
+    compile: bool = False  # torch.compile the model's layers (vlprune.runtime.maybe_compile)
 
     def __post_init__(self) -> None:
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
@@ -394,8 +399,12 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
     cuda = device.type == "cuda"
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if (cuda and cfg.amp) else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if cfg.precision == "auto":
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if (cuda and cfg.amp) else None
+    else:
+        amp_dtype = autocast_dtype(check_precision(cfg.precision, device))
+    scaler = torch.amp.GradScaler("cuda") if (cuda and amp_dtype == torch.float16) else None
+    maybe_compile(model, cfg.compile, device)
     step = micro = skipped = 0
     if resume:
         ck = load_checkpoint(out)

@@ -5,7 +5,11 @@ All methods run on the same model (same weights) and the same inputs, one after 
 ``none`` is always measured too, so that every speed-up is relative to a baseline measured in the same run.
 Inference timings are interleaved: each round times every method once (in a rotating order), and the median over
 rounds is taken, so that other load on the machine slows all methods alike instead of whichever ran at the time.
-``--train`` runs one method after the other (each keeps its own optimiser state).
+``--train`` times training steps (``--train-task pretrain`` or ``vqa``) interleaved the same way, all methods
+sharing one optimiser state.
+Each timed call also records the process's CPU time (``cpu_times_s``; ``speedup_cpu`` and ``ratio_cpu`` from its
+median): on a shared machine that is the work done without the time spent waiting for a core, the steadier figure
+with one thread (with several, it includes threads spinning at barriers).
 The FLOPs-ideal speed-up is ``gflops_total(none) / gflops_total(method)`` (forward, one pair; for ``--train`` the
 FLOPs of a whole training step); ``speedup_ratio = speedup / ideal_speedup`` says how much of the ideal the
 measured speed-up reaches (below 1: selection overhead and kernels that do not scale with tokens).
@@ -23,7 +27,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,8 +39,9 @@ from ..reduce.trace import compact_tokens
 
 from .flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from .memory import measure_peak, tensor_bytes
-from .throughput import find_max_batch, fits_budget, median_time, time_interleaved
-from .train_step import PretrainStep
+from .throughput import find_max_batch, fits_budget, median_time, time_call, time_interleaved
+from .train_step import TRAIN_TASKS, make_step
+from ..runtime import check_precision, maybe_compile, precision_context, thread_info
 
 log = logging.getLogger(__name__)
 _MIB = 1024.0 * 1024.0
@@ -62,6 +67,10 @@ class BenchSettings:
     warmup: int = 1
     seed: int = 0
     max_batch_cap: int = 1024
+    precision: str = "fp32"
+    compile: bool = False
+    train_task: str = "pretrain"
+    reference: bool = False
 
     def __post_init__(self) -> None:
         for name, lo in (("text_len", 1), ("repeats", 1), ("warmup", 0), ("max_batch_cap", 1)):
@@ -78,6 +87,9 @@ class BenchSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+        check_precision(self.precision, self.device)
+        if self.train_task not in TRAIN_TASKS:
+            raise ValueError(f"--train-task must be one of {', '.join(TRAIN_TASKS)}, got {self.train_task!r}")
 
     @property
     def budget_mb(self) -> Optional[float]:
@@ -174,7 +186,7 @@ class _Forward:
         images, ids, mask = self.inputs[b]
 
         def call():
-            with torch.inference_mode():
+            with torch.inference_mode(), precision_context(self.s.precision, self.s.device):
                 return self.model(images, ids, mask)
 
         return call
@@ -197,62 +209,115 @@ def _inference_batch(model: nn.Module, s: BenchSettings, fwd: _Forward, progress
 
 
 def _time_inference(model: nn.Module, s: BenchSettings, methods: Sequence[ReduceConfig], rows: List[Dict],
-                    fwd: _Forward, progress: Callable[[str], None]) -> None:
+                    fwd: _Forward, progress: Callable[[str], None], extra: Sequence = ()) -> None:
     """Throughput, latency and memory of every method, timed interleaved (round-robin) so that a busy machine
-    slows every method alike; fills the rows in place."""
+    slows every method alike; fills the rows in place. ``extra``: more (row, setup, call_at(batch)) workloads
+    timed in the same rounds (the plain-PyTorch reference)."""
     dev = torch.device(s.device)
     model.eval()
-    setups = [lambda rc=rc: attach(model, rc) for rc in methods]
-    n = len(methods)
+    setups = [lambda rc=rc: attach(model, rc) for rc in methods] + [e[1] for e in extra]
+    calls = [fwd] * len(methods) + [e[2] for e in extra]
+    rows = list(rows) + [e[0] for e in extra]
+    n = len(rows)
+    first: List[Optional[float]] = [None] * n
+    if s.compile:  # the first call of each method compiles its layers' shapes: timed alone, before the rounds
+        progress("compiling: one first call per method (torch.compile)")
+        for i, (st, r, call) in enumerate(zip(setups, rows, calls)):
+            if not r.get("compiled"):
+                continue  # eager and reference rows
+            st()
+            first[i] = time_call(call(r["batch_size"]), dev, warmup=0, repeats=1)[0]
+            time_call(call(1), dev, warmup=0, repeats=1)  # batch 1 compiles too (latency)
     progress(f"timing {n} method(s) interleaved: {s.warmup} warm-up + {s.repeats} rounds at each method's batch")
-    thr = time_interleaved([(st, fwd(r["batch_size"])) for st, r in zip(setups, rows)], dev, s.warmup, s.repeats)
+    cpu: List[List[float]] = []
+    thr = time_interleaved([(st, call(r["batch_size"])) for st, r, call in zip(setups, rows, calls)], dev, s.warmup,
+                           s.repeats, cpu)
     load_thr = _load()
     progress(f"timing latency at batch 1: {s.warmup} warm-up + {s.repeats} rounds")
-    lat = time_interleaved([(st, fwd(1)) for st in setups], dev, s.warmup, s.repeats)
-    for st, rc, r, t_b, t_1 in zip(setups, methods, rows, thr, lat):
+    lat = time_interleaved([(st, call(1)) for st, call in zip(setups, calls)], dev, s.warmup, s.repeats)
+    for st, call, r, t_b, t_1, t_first, c_b in zip(setups, calls, rows, thr, lat, first, cpu):
         st()
-        _, peak = measure_peak(fwd(r["batch_size"]), dev)
+        _, peak = measure_peak(call(r["batch_size"]), dev)
         tb = statistics.median(t_b)
+        r["compile_s"] = None if t_first is None else max(0.0, t_first - tb)
         r.update({"throughput": r["batch_size"] / tb, "latency_ms": statistics.median(t_1) * 1000.0,
                   "peak_mem_mb": peak, "static_mem_mb": tensor_bytes(model) / _MIB, "load_avg_1m": load_thr,
-                  "times_s": [round(t, 6) for t in t_b]})
+                  "times_s": [round(t, 6) for t in t_b], "cpu_times_s": [round(t, 6) for t in c_b],
+                  "cpu_throughput": r["batch_size"] / statistics.median(c_b)})
 
 
-def _train_fields(model: nn.Module, s: BenchSettings, progress: Callable[[str], None]) -> Dict:
+def _time_train(model: nn.Module, s: BenchSettings, methods: Sequence[ReduceConfig], rows: List[Dict],
+                progress: Callable[[str], None], extra: Sequence = ()) -> None:
+    """Training steps of ``s.train_task`` for every method: FLOPs of a whole step (batch 2, per pair), then step
+    time interleaved over the methods (one AdamW state shared by all: the weights change between steps, which does
+    not change the time), then each method's peak memory. Fills the rows in place."""
     dev = torch.device(s.device)
-    step = PretrainStep(model, generator=_gen(s, 1))
+    step = make_step(s.train_task, model, generator=_gen(s, 1), precision=s.precision)
+    inputs: Dict[int, tuple] = {}
 
     def step_at(b: int):
-        images, ids, mask = make_inputs(model.cfg, b, s.text_len, s.device, _gen(s))
+        if b not in inputs:
+            inputs[b] = make_inputs(model.cfg, b, s.text_len, s.device, _gen(s))
+        images, ids, mask = inputs[b]
         return lambda: step(images, ids, mask)
-
-    step_at(2)()  # creates the optimiser state, so that it counts as static memory from here on
-    with flop_counter_mode() as fc:
-        step_at(2)()
-    gflops_step = fc.get_total_flops() / 2 / 1e9
 
     def static_mb() -> float:
         return tensor_bytes(model, step.optimizer) / _MIB
 
-    def used(b: int) -> Optional[float]:
-        _, peak = measure_peak(step_at(b), dev)
-        return None if peak is None else static_mb() + peak
+    step_at(2)()  # creates the optimiser state, so that it counts as static memory from here on
+    setups = [lambda rc=rc: attach(model, rc) for rc in methods]
+    for st, r in zip(setups, rows):
+        st()
+        with flop_counter_mode() as fc:
+            step_at(2)()
+        r["gflops_step"] = fc.get_total_flops() / 2 / 1e9
+        max_fit = None
+        if s.mem_budget_gb is not None or s.max_batch:
+            def used(b: int) -> Optional[float]:
+                _, peak = measure_peak(step_at(b), dev)
+                inputs.pop(b, None)
+                return None if peak is None else static_mb() + peak
 
-    max_fit = None
-    if s.mem_budget_gb is not None or s.max_batch:
-        progress("  searching the largest batch that fits" + (f" in {s.mem_budget_gb} GB" if s.mem_budget_gb else ""))
-        max_fit = find_max_batch(fits_budget(used, _budget_mb(s, progress), dev), start=2, cap=s.max_batch_cap)
-    batch = s.batch_size or max_fit or (32 if dev.type == "cuda" else 8)
-    call = step_at(batch)
-    progress(f"  timing training steps at batch {batch} ({s.warmup} warm-up + {s.repeats} runs)")
-    t = median_time(call, dev, s.warmup, s.repeats)
-    _, peak = measure_peak(call, dev)
-    out = {"mode": "train", "batch_size": batch, "throughput": batch / t, "step_ms": t * 1000.0, "latency_ms": None,
-           "peak_mem_mb": peak, "static_mem_mb": static_mb(), "gflops_step": gflops_step, "max_batch": max_fit,
-           "load_avg_1m": _load()}
+            progress(f"  {r['label']}: searching the largest batch that fits"
+                     + (f" in {s.mem_budget_gb} GB" if s.mem_budget_gb else ""))
+            max_fit = find_max_batch(fits_budget(used, _budget_mb(s, progress), dev), start=2, cap=s.max_batch_cap)
+        r.update(max_batch=max_fit, batch_size=s.batch_size or max_fit or (32 if dev.type == "cuda" else 8))
+    compiled = _compile(model, s, progress)
+    for r, _, _ in extra:
+        r["batch_size"] = rows[0]["batch_size"]
+    setups += [e[1] for e in extra]
+    calls = [step_at] * len(rows) + [e[2] for e in extra]
+    rows = list(rows) + [e[0] for e in extra]
+    first: List[Optional[float]] = [None] * len(rows)
+    if compiled:
+        progress("compiling: one first training step per method (torch.compile)")
+        for i, (st, r, call) in enumerate(zip(setups, rows, calls)):
+            st()
+            first[i] = time_call(call(r["batch_size"]), dev, warmup=0, repeats=1)[0]
+    progress(f"timing {len(rows)} workload(s)' {s.train_task} steps interleaved: {s.warmup} warm-up + {s.repeats} rounds")
+    cpu: List[List[float]] = []
+    times = time_interleaved([(st, call(r["batch_size"])) for st, r, call in zip(setups, rows, calls)], dev, s.warmup,
+                             s.repeats, cpu)
+    load = _load()
+    for st, call, r, t_s, t_first, c_s in zip(setups, calls, rows, times, first, cpu):
+        st()
+        _, peak = measure_peak(call(r["batch_size"]), dev)
+        t = statistics.median(t_s)
+        r.update({"throughput": r["batch_size"] / t, "step_ms": t * 1000.0, "latency_ms": None, "peak_mem_mb": peak,
+                  "static_mem_mb": static_mb(), "load_avg_1m": load, "times_s": [round(x, 6) for x in t_s],
+                  "cpu_times_s": [round(x, 6) for x in c_s], "cpu_throughput": r["batch_size"] / statistics.median(c_s),
+                  "compiled": compiled, "compile_s": None if t_first is None else max(0.0, t_first - t)})
     del step
     model.eval()
-    return out
+
+
+def _compile(model: nn.Module, s: BenchSettings, progress: Callable[[str], None]) -> bool:
+    if not s.compile:
+        return False
+    ok = maybe_compile(model, True, s.device)
+    if not ok:
+        progress("  --compile: cannot compile here (see the warning); timing eagerly")
+    return ok
 
 
 def _with_baseline(methods: Sequence[ReduceConfig]) -> List[ReduceConfig]:
@@ -280,32 +345,187 @@ def run_bench(
         progress(f"[{i + 1}/{len(methods)}] {_label(rc)}")
         attach(model, rc)
         torch.manual_seed(s.seed)
-        row = {"method": rc.name, "label": _label(rc), "config": rc.to_dict(), "mode": "train" if s.train else "inference",
-               "device": str(s.device), "image_size": model.cfg.vision.image_size, "text_len": s.text_len}
+        row = {"method": rc.name, "label": _label(rc), "config": rc.to_dict(),
+               "mode": "train" if s.train else "inference", "train_task": s.train_task if s.train else None,
+               "device": str(s.device),
+               "image_size": model.cfg.vision.image_size, "text_len": s.text_len, "precision": s.precision,
+               "compiled": False, "torch": torch.__version__, **thread_info()}
         row.update(_flop_fields(model, s))
         if s.flops_only:
             row.update({"throughput": None, "latency_ms": None, "peak_mem_mb": None})
-        elif s.train:
-            row.update(_train_fields(model, s, progress))
-        else:
+        elif not s.train:
             row["batch_size"] = _inference_batch(model, s, fwd, progress)
         rows.append(row)
+    extra = _reference_workloads(model, s, rows[0], fwd) if (s.reference and not s.flops_only) else []
+    if s.train and not s.flops_only:
+        _time_train(model, s, methods, rows, progress, extra)
     if not s.flops_only and not s.train:
-        _time_inference(model, s, methods, rows, fwd, progress)
+        if _compile(model, s, progress):  # after the FLOPs counts, which run the model eagerly
+            for r in rows:
+                r["compiled"] = True
+            extra = _eager_workloads(model, methods, rows, fwd) + list(extra)
+        _time_inference(model, s, methods, rows, fwd, progress, extra)
+    model.clear_reducers()
+    rows += [e[0] for e in extra]
+    add_speedups(rows)
+    _slot_overhead(rows)
+    _compile_speedups(rows)
+    return rows
+
+
+def _eager_workloads(model: nn.Module, methods: Sequence[ReduceConfig], rows: List[Dict], fwd: _Forward) -> List[tuple]:
+    """With ``--compile``: each method once more, run eagerly (``torch.compiler.set_stance("force_eager")``) in the
+    same interleaved rounds, as rows "LABEL:eager", so that the compiled rows' ``compile_speedup`` compares like
+    with like."""
+    out = []
+    for rc, r in zip(methods, rows):
+        def at(b: int, call_at=fwd):
+            call = call_at(b)
+
+            def eager():
+                with torch.compiler.set_stance("force_eager"):
+                    return call()
+            return eager
+
+        row = {**r, "method": rc.name + ":eager", "label": r["label"] + ":eager", "compiled": False}
+        out.append((row, lambda rc=rc: attach(model, rc), at))
+    return out
+
+
+def _compile_speedups(rows: List[Dict]) -> None:
+    """``compile_speedup`` on compiled rows: their throughput over the same method's ":eager" row (and from CPU
+    time, ``compile_speedup_cpu``)."""
+    by = {r["label"]: r for r in rows}
+    for r in rows:
+        e = by.get(r["label"] + ":eager")
+        if e is None or not r.get("throughput") or not e.get("throughput"):
+            continue
+        r["compile_speedup"] = r["throughput"] / e["throughput"]
+        if r.get("cpu_throughput") and e.get("cpu_throughput"):
+            r["compile_speedup_cpu"] = r["cpu_throughput"] / e["cpu_throughput"]
+
+
+def _reference_workloads(model: nn.Module, s: BenchSettings, none_row: Dict, fwd: _Forward) -> List[tuple]:
+    """The plain-PyTorch reference (``bench.reference``) as extra (row, setup, call_at(batch)) workloads: inference,
+    one row "plain-pytorch" (its forward); ``--train``, two rows "none:itm" and "plain-pytorch:itm" (forward, ITM
+    loss and backward, on vlprune's model without a method and on the plain one)."""
+    from .reference import PlainALBEF, itm_loss
+
+    model.clear_reducers()
+    plain = PlainALBEF(model)
+    clear = model.clear_reducers
+    base = {k: v for k, v in none_row.items() if k not in ("method", "label", "config")}
+
+    def row(label: str) -> Dict:
+        return {**base, "method": label, "label": label, "config": None, "reference": True}
+
+    def inputs(b: int):
+        if b not in fwd.inputs:
+            fwd.inputs[b] = make_inputs(model.cfg, b, s.text_len, s.device, _gen(s))
+        return fwd.inputs[b]
+
+    if not s.train:
+        plain.eval()
+
+        def plain_at(b: int):
+            images, ids, mask = inputs(b)
+
+            def call():
+                with torch.inference_mode(), precision_context(s.precision, s.device):
+                    return plain(images, ids, mask)
+            return call
+
+        return [(row("plain-pytorch"), clear, plain_at)]
+
+    def itm_at(net: Callable, train_mode: Callable[[], None]):
+        def at(b: int):
+            images, ids, mask = inputs(b)
+
+            def call():
+                train_mode()
+                with precision_context(s.precision, s.device):
+                    loss = itm_loss(net(images, ids, mask))
+                loss.backward()
+                return float(loss.detach())
+            return call
+        return at
+
+    ours = itm_at(lambda i, t, m: model(i, t, m).itm_logits, lambda: model.train())
+    theirs = itm_at(plain, lambda: plain.train())
+    r1, r2 = row("none:itm"), row("plain-pytorch:itm")
+    for r in (r1, r2):
+        r["gflops_step"] = None
+    return [(r1, clear, ours), (r2, clear, theirs)]
+
+
+def _slot_overhead(rows: List[Dict]) -> None:
+    """``slot_overhead`` on the reference rows: time of vlprune's model without a method over the plain model's,
+    minus 1 (inference: the ``none`` row; training: the ``none:itm`` row); also from CPU time."""
+    by = {r["label"]: r for r in rows}
+    for ours, plain in (("none", "plain-pytorch"), ("none:itm", "plain-pytorch:itm")):
+        a, b = by.get(ours), by.get(plain)
+        if a is None or b is None or not a.get("throughput") or not b.get("throughput"):
+            continue
+        b["slot_overhead"] = b["throughput"] / a["throughput"] - 1.0
+        if a.get("cpu_throughput") and b.get("cpu_throughput"):
+            b["slot_overhead_cpu"] = b["cpu_throughput"] / a["cpu_throughput"] - 1.0
+
+
+def profile_bench(s: BenchSettings, methods: Sequence[ReduceConfig], progress: Optional[Callable[[str], None]] = None,
+                  rounds: int = 1, top: int = 15) -> Tuple[List[Dict], str]:
+    """Per-op profiles (``bench.profile``) of one inference forward per method at the bench batch size, interleaved
+    over ``rounds``. Returns the FLOPs rows (with ``ideal_speedup``) and the report text: per method the category
+    table with the excess over the FLOPs-ideal time, and the top ops."""
+    from .profile import category_table, profile_calls, top_ops_table
+
+    progress = progress or (lambda msg: log.info(msg))
+    for rc in methods:
+        get_spec(rc.name)
+    methods = _with_baseline(methods)
+    progress(f"building {s.checkpoint or s.model}" + (f" at {s.image_size}px" if s.image_size else ""))
+    model = build_bench_model(s)
+    rows = []
+    for rc in methods:
+        attach(model, rc)
+        rows.append({"method": rc.name, "label": _label(rc), **_flop_fields(model, s)})
     model.clear_reducers()
     add_speedups(rows)
-    return rows
+    model.eval()
+    batch = s.batch_size or (32 if torch.device(s.device).type == "cuda" else 8)
+    fwd = _Forward(model, s)(batch)
+    progress(f"profiling {len(methods)} method(s) at batch {batch}: {s.warmup} warm-up + {rounds} profiled round(s)")
+    profs = profile_calls([(r["label"], (lambda rc=rc: attach(model, rc)), fwd) for rc, r in zip(methods, rows)],
+                          rounds=rounds, warmup=s.warmup)
+    model.clear_reducers()
+    ideals = [r["ideal_speedup"] for r in rows]
+    head = [f"profile: {s.checkpoint or s.model}, image {model.cfg.vision.image_size}px, text {s.text_len}, batch {batch}, "
+            f"{torch.get_num_threads()} thread(s), load {_load()}, torch {torch.__version__}",
+            "FLOPs-ideal speed-up: " + ", ".join(f"{r['label']} {r['ideal_speedup']:.2f}" for r in rows),
+            "profiled speed-up:    " + ", ".join(f"{p.label} {profs[0].total_ms / p.total_ms:.2f}" for p in profs),
+            "", "ms per forward by category (share of the method's time) and excess over t(none)/ideal:",
+            category_table(profs, ideals), "", f"top {top} ops: self ms per forward (calls per forward):",
+            top_ops_table(profs, top)]
+    for r, p in zip(rows, profs):
+        r.update({"profile_ms": p.total_ms, "profile_ops": p.ops, "profile_calls": p.calls,
+                  "profile_categories": p.by_category()})
+    return rows, "\n".join(head)
 
 
 def add_speedups(rows: List[Dict]) -> None:
     """speedup (measured, over the ``none`` row), ideal_speedup (FLOPs), speedup_ratio = speedup / ideal."""
-    base = next((r for r in rows if r["method"] == "none"), None)
+    none = next((r for r in rows if r["method"] == "none"), None)
+    itm = next((r for r in rows if r["method"] == "none:itm"), None)
+    eager = next((r for r in rows if r["method"] == "none:eager"), None)
     for r in rows:
+        base = itm if r["method"].endswith(":itm") else eager if r["method"].endswith(":eager") else none
         key = "gflops_step" if r.get("gflops_step") is not None else "gflops_total"
         r["ideal_speedup"] = None if base is None else base[key] / r[key]
         thr, bthr = r.get("throughput"), None if base is None else base.get("throughput")
         r["speedup"] = thr / bthr if thr and bthr else None
         r["speedup_ratio"] = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
+        cthr, bcthr = r.get("cpu_throughput"), None if base is None else base.get("cpu_throughput")
+        r["speedup_cpu"] = cthr / bcthr if cthr and bcthr else None
+        r["ratio_cpu"] = r["speedup_cpu"] / r["ideal_speedup"] if r["speedup_cpu"] and r["ideal_speedup"] else None
 
 
 def _f(v, fmt: str) -> str:
@@ -331,6 +551,13 @@ def format_table(rows: Sequence[Dict]) -> str:
         cols += [("batch", lambda r: str(r.get("batch_size", "n/a")), ">"),
                  ("latency ms", lambda r: _f(r["latency_ms"], ".1f"), ">")]
     if timed:
+        cols += [("thr", lambda r: str(r.get("threads", "n/a")), ">")]
+        if any(r.get("precision", "fp32") != "fp32" for r in rows):
+            cols += [("prec", lambda r: r.get("precision", "fp32"), ">")]
+        if any(r.get("compiled") for r in rows):
+            cols += [("compile s", lambda r: _f(r.get("compile_s"), ".1f"), ">"),
+                     ("vs eager", lambda r: "" if r.get("compile_speedup") is None else
+                      f"{r['compile_speedup']:.2f} (cpu {r.get('compile_speedup_cpu', float('nan')):.2f})", ">")]
         cols += [("pairs/s", lambda r: _f(r["throughput"], ".2f"), ">"),
                  ("static MB", lambda r: _f(r.get("static_mem_mb"), ".0f"), ">"),
                  ("peak MB", lambda r: _f(r["peak_mem_mb"], ".0f"), ">"),
@@ -338,6 +565,12 @@ def format_table(rows: Sequence[Dict]) -> str:
     cols += [("ideal", lambda r: _f(r["ideal_speedup"], ".2f"), ">")]
     if timed:
         cols += [("ratio", lambda r: _f(r["speedup_ratio"], ".2f"), ">")]
+    if any(r.get("slot_overhead") is not None for r in rows):
+        cols += [("slot overhead", lambda r: "" if r.get("slot_overhead") is None else
+                  f"{100 * r['slot_overhead']:+.1f}% (cpu {100 * r.get('slot_overhead_cpu', float('nan')):+.1f}%)", ">")]
+    if any(r.get("speedup_cpu") for r in rows):
+        cols += [("cpu speedup", lambda r: _f(r.get("speedup_cpu"), ".2f"), ">"),
+                 ("cpu ratio", lambda r: _f(r.get("ratio_cpu"), ".2f"), ">")]
     cells = [[c[0] for c in cols]] + [[fn(r) for _, fn, _ in cols] for r in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(cols))]
     lines = ["  ".join(format(c, f"{a}{w}") for c, w, (_, _, a) in zip(row, widths, cols)).rstrip() for row in cells]
@@ -345,4 +578,4 @@ def format_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BenchSettings", "run_bench", "format_table", "add_speedups", "build_bench_model", "make_inputs"]
+__all__ = ["BenchSettings", "run_bench", "profile_bench", "format_table", "add_speedups", "build_bench_model", "make_inputs"]

@@ -42,12 +42,14 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 
 def time_interleaved(
     calls: Sequence[Tuple[Callable[[], object], Callable[[], object]]], device: torch.device, warmup: int = 1,
-    repeats: int = 5,
+    repeats: int = 5, cpu_times: Optional[List[List[float]]] = None,
 ) -> List[List[float]]:
     """Seconds per call for several workloads timed round-robin: ``calls`` are (setup, fn) pairs; ``setup()``
     (untimed, e.g. installing a method) runs before each timed ``fn()``. Every workload gets ``warmup`` untimed
     calls, then ``repeats`` rounds each time every workload once, in an order rotated by one each round.
-    Returns one list of ``repeats`` times per workload."""
+    Returns one list of ``repeats`` times per workload. ``cpu_times``, when given (an empty list), receives the
+    same for the CPU time of this process (all its threads, ``time.process_time``): on a machine shared with other
+    jobs that is the work done, without the time spent waiting for a core."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -58,15 +60,19 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     times: List[List[float]] = [[] for _ in range(n)]
+    cpu: List[List[float]] = [[] for _ in range(n)]
     for r in range(repeats):
         for i in [(r + j) % n for j in range(n)]:
             setup, fn = calls[i]
             setup()
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             _sync(device)
             times[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    if cpu_times is not None:
+        cpu_times[:] = cpu
     return times
 
 

@@ -34,12 +34,23 @@ def add_parser(sub) -> None:
     b.add_argument("--max-batch", action="store_true", help="use the largest batch that fits (CPU: within --mem-budget, default half the free memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs and tokens only, no timing")
-    p.add_argument("--train", action="store_true", help="measure a pre-training step (ITC+ITM+MLM, backward, momentum)")
+    p.add_argument("--train", action="store_true", help="measure training steps (--train-task), interleaved over the methods")
+    p.add_argument("--train-task", choices=("pretrain", "vqa"), default="pretrain",
+                   help="with --train: pretrain (ITC+ITM+MLM, momentum, backward, AdamW) or vqa (VQA head, BCE)")
     p.add_argument("--mem-budget", type=float, default=None, metavar="GB",
                    help="memory budget for the largest-batch search (GB)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the same ALBEF model built from plain PyTorch layers with no reduction slot (the "
+                   "slots' overhead; with --train: forward + backward of the ITM loss on both)")
+    p.add_argument("--profile", action="store_true",
+                   help="per-op torch.profiler tables of one forward per method (where the time goes), no timing table")
+    p.add_argument("--profile-rounds", type=int, default=1, help="profiled forwards per method with --profile")
+    p.add_argument("--profile-top", type=int, default=15, help="ops listed in the --profile top-ops table")
+    p.add_argument("--json-out", default=None, metavar="FILE",
+                   help="also write one JSON object per method to FILE (the table still goes to stdout)")
     p.add_argument("--json", action="store_true", help="print one JSON object per method instead of the table")
     p.set_defaults(run=run)
 
@@ -51,6 +62,8 @@ def run(args) -> int:
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, text_len=args.text_len,
         batch_size=args.batch_size, max_batch=args.max_batch, device=args.device, flops_only=args.flops_only,
         train=args.train, mem_budget_gb=args.mem_budget, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        precision=args.precision or "fp32", compile=args.compile, train_task=args.train_task,
+        reference=args.reference,
     )
     from vlprune.reduce.registry import ReduceConfig
 
@@ -64,10 +77,29 @@ def run(args) -> int:
         from vlprune.bench.hf import run_command
 
         return run_command(args, method_configs(args, several=True), progress)
+    if args.profile:
+        from vlprune.bench.runner import profile_bench
+
+        rows, text = profile_bench(settings, methods, progress, rounds=args.profile_rounds, top=args.profile_top)
+        _write_json(args.json_out, rows)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+        else:
+            print(text)
+        return 0
     rows = run_bench(settings, methods, progress)
+    _write_json(args.json_out, rows)
     if args.json:
         for r in rows:
             print(json.dumps(r))
     else:
         print(format_table(rows))
     return 0
+
+
+def _write_json(path, rows) -> None:
+    if path:
+        with open(path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")

@@ -137,6 +137,7 @@ def _run(args, ckpt: Path) -> int:
     from vlprune.tasks.base import get_task
     from vlprune.tasks.evaluation import evaluate
     from vlprune.tasks.finetune import tokenizer_dir
+    from vlprune.runtime import check_precision, maybe_compile, precision_context, thread_info
     from vlprune.train import setup_distributed
 
     meta = read_config(ckpt)
@@ -157,6 +158,8 @@ def _run(args, ckpt: Path) -> int:
     rank, world, device, started = setup_distributed()
     try:
         model = load_pretrained(ckpt, method=method).to(device).eval()
+        precision = check_precision(getattr(args, "precision", None) or "fp32", device)
+        compiled = maybe_compile(model, getattr(args, "compile", False), device)
         if args.task != "retrieval" and args.task not in model.task_heads:
             raise ValueError(f"the checkpoint {ckpt} has no {args.task!r} head (heads: {list(model.task_heads)}); "
                              f"fine-tune it with 'vlprune train {args.task}' first")
@@ -174,7 +177,7 @@ def _run(args, ckpt: Path) -> int:
                 log.warning("skipping %s", line)
             if not entries:
                 raise ValueError(f"no example of {test} has a readable image ({len(dropped)} skipped)")
-        with torch.inference_mode():
+        with torch.inference_mode(), precision_context(precision, device):
             metrics, info = evaluate(task, model, entries, loader, tok, args.batch_size, device, rank, world,
                                      progress=not args.quiet)
     finally:
@@ -198,6 +201,7 @@ def _run(args, ckpt: Path) -> int:
     if args.json:
         out = {**metrics, "method": name, "method_config": None if rc is None else rc.to_dict(),
                "examples": info["examples"], "skipped": len(dropped), "gflops": info["gflops"], "image_tokens": info["image_tokens"],
+               "precision": precision, "compiled": compiled, **thread_info(),
                **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
         print(json.dumps(out))
     return 0

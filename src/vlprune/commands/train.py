@@ -131,20 +131,28 @@ def _fresh_config(args):
         tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
         scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
         threads=getattr(args, "threads", None), **image_options(args), shuffle_buffer=args.shuffle_buffer,
+        precision=_precision(args), compile=getattr(args, "compile", False),
         **({} if args.save_total_limit is None else {"save_total_limit": args.save_total_limit}),
     )
+
+
+def _precision(args) -> str:
+    """--precision when typed (fp32 / bf16 / fp16 on any device), else "auto" (autocast on CUDA unless --no-amp)."""
+    return getattr(args, "precision", None) or "auto"
 
 
 # flag dest -> TrainConfig field, for the flags that shape a run (a resume may not change them)
 _SHAPING = {"train": "train", "val": "val", "images": "images", "model": "model", "init": "init",
             "batch_size": "batch_size", "accum": "accum", "lr": "lr", "lr_mult": "lr_mult",
             "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "amp",
+            "precision": "precision",
             "seed": "seed", "tokenizer": "tokenizer", "scenes_images": "scenes_images", "scenes_seed": "scenes_seed",
             "skip_bad_images": "skip_bad_images", "shuffle_buffer": "shuffle_buffer"}
 # flag dest -> TrainConfig field, for the flags a resume may change
 _RESUMABLE = {"steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
               "ckpt_every": "ckpt_every", "threads": "threads", "save_total_limit": "save_total_limit",
-              "max_image_pixels": "max_image_pixels", "allow_outside_root": "allow_outside_root"}
+              "max_image_pixels": "max_image_pixels", "allow_outside_root": "allow_outside_root",
+              "compile": "compile"}
 
 
 def _resume_config(args, path: Path):

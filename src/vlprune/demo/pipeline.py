@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 MARKER = "demo.json"
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from ..runtime import available_cores  # noqa: E402,F401  (the demo's default threads; re-exported)
 
 
 def _prepare_out(out: Path, overwrite: bool, say: Callable[[str], None]) -> None:
