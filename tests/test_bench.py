@@ -325,6 +325,20 @@ def test_time_interleaved_rotates_and_sets_up_each_call():
     assert runs[:3] == ["a", "b", "c"]  # warm-up
     assert runs[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating rounds
     assert all(log[i - 1] == ("setup", n) for i, (kind, n) in enumerate(log) if kind == "run")  # setup before each
+    ticks = []
+    time_interleaved(calls, torch.device("cpu"), warmup=2, repeats=3, tick=lambda: ticks.append(len(log)))
+    assert len(ticks) == (2 + 3) * 3 and ticks == sorted(ticks)  # one progress update after every call
+
+
+def test_bench_shows_a_bar_over_the_timed_rounds(capsys):
+    """The CLI's bench draws a progress bar (stderr) over its timed calls; --quiet draws none."""
+    argv = ["bench", "--model", "tiny", "--text-len", "6", "--batch-size", "2", "--repeats", "2", "--warmup", "1",
+            "--method", "none", "--method", "random", "--keep", "0.5", "--layers", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "throughput" in err and "6/6" in err and "latency" in err
+    assert main(["--quiet"] + argv) == 0
+    assert "throughput" not in capsys.readouterr().err
 
 
 def test_bench_lowres_before_another_method_leaves_the_input_size(tmp_path):

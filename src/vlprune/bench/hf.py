@@ -26,7 +26,7 @@ from ..flopcount import flop_counter_mode
 from ..patch import get_patch, guidance, patch, unpatch
 from ..patch.hub import load_hf
 from ..reduce.registry import ReduceConfig, get_spec
-from .throughput import time_interleaved
+from .throughput import calls_bar, time_interleaved
 
 # --hf-arch name -> (transformers class, config class, config overrides on top of its defaults)
 ARCHS: Dict[str, Tuple[str, str, Dict]] = {
@@ -140,7 +140,9 @@ def run_hf_bench(model: nn.Module, methods: Sequence[ReduceConfig], batch: int =
     if not flops_only:
         call = example_call(model, batch, text_len)
         progress(f"timing {len(rows)} configurations interleaved, batch {batch}, {repeats} rounds")
-        times = time_interleaved([(lambda rc=rc: _apply(model, rc), call) for _, rc in rows], dev, warmup, repeats)
+        with calls_bar(progress, (warmup + repeats) * len(rows), "throughput") as tick:
+            times = time_interleaved([(lambda rc=rc: _apply(model, rc), call) for _, rc in rows], dev, warmup, repeats,
+                                     tick=tick)
         for r, t in zip(out, times):
             r["latency_ms"] = statistics.median(t) * 1e3
             r["throughput"] = batch / statistics.median(t)

@@ -39,7 +39,7 @@ from ..reduce.trace import compact_tokens
 
 from .flops import analytic_flops, count_flops, flop_counter_mode, layer_tokens, tokens_after
 from .memory import measure_peak, tensor_bytes
-from .throughput import find_max_batch, fits_budget, median_time, time_call, time_interleaved
+from .throughput import calls_bar, find_max_batch, fits_budget, median_time, time_call, time_interleaved
 from .train_step import TRAIN_TASKS, make_step
 from ..runtime import check_precision, maybe_compile, precision_context, thread_info
 
@@ -230,11 +230,13 @@ def _time_inference(model: nn.Module, s: BenchSettings, methods: Sequence[Reduce
             time_call(call(1), dev, warmup=0, repeats=1)  # batch 1 compiles too (latency)
     progress(f"timing {n} method(s) interleaved: {s.warmup} warm-up + {s.repeats} rounds at each method's batch")
     cpu: List[List[float]] = []
-    thr = time_interleaved([(st, call(r["batch_size"])) for st, r, call in zip(setups, rows, calls)], dev, s.warmup,
-                           s.repeats, cpu)
+    with calls_bar(progress, (s.warmup + s.repeats) * n, "throughput") as tick:
+        thr = time_interleaved([(st, call(r["batch_size"])) for st, r, call in zip(setups, rows, calls)], dev,
+                               s.warmup, s.repeats, cpu, tick)
     load_thr = _load()
     progress(f"timing latency at batch 1: {s.warmup} warm-up + {s.repeats} rounds")
-    lat = time_interleaved([(st, call(1)) for st, call in zip(setups, calls)], dev, s.warmup, s.repeats)
+    with calls_bar(progress, (s.warmup + s.repeats) * len(calls), "latency") as tick:
+        lat = time_interleaved([(st, call(1)) for st, call in zip(setups, calls)], dev, s.warmup, s.repeats, tick=tick)
     for st, call, r, t_b, t_1, t_first, c_b in zip(setups, calls, rows, thr, lat, first, cpu):
         st()
         _, peak = measure_peak(call(r["batch_size"]), dev)
@@ -296,8 +298,9 @@ def _time_train(model: nn.Module, s: BenchSettings, methods: Sequence[ReduceConf
             first[i] = time_call(call(r["batch_size"]), dev, warmup=0, repeats=1)[0]
     progress(f"timing {len(rows)} workload(s)' {s.train_task} steps interleaved: {s.warmup} warm-up + {s.repeats} rounds")
     cpu: List[List[float]] = []
-    times = time_interleaved([(st, call(r["batch_size"])) for st, r, call in zip(setups, rows, calls)], dev, s.warmup,
-                             s.repeats, cpu)
+    with calls_bar(progress, (s.warmup + s.repeats) * len(rows), f"{s.train_task} steps") as tick:
+        times = time_interleaved([(st, call(r["batch_size"])) for st, r, call in zip(setups, rows, calls)], dev,
+                                 s.warmup, s.repeats, cpu, tick)
     load = _load()
     for st, call, r, t_s, t_first, c_s in zip(setups, calls, rows, times, first, cpu):
         st()

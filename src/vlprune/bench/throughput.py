@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,14 +44,15 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 
 def time_interleaved(
     calls: Sequence[Tuple[Callable[[], object], Callable[[], object]]], device: torch.device, warmup: int = 1,
-    repeats: int = 5, cpu_times: Optional[List[List[float]]] = None,
+    repeats: int = 5, cpu_times: Optional[List[List[float]]] = None, tick: Optional[Callable[[], object]] = None,
 ) -> List[List[float]]:
     """Seconds per call for several workloads timed round-robin: ``calls`` are (setup, fn) pairs; ``setup()``
     (untimed, e.g. installing a method) runs before each timed ``fn()``. Every workload gets ``warmup`` untimed
     calls, then ``repeats`` rounds each time every workload once, in an order rotated by one each round.
     Returns one list of ``repeats`` times per workload. ``cpu_times``, when given (an empty list), receives the
     same for the CPU time of this process (all its threads, ``time.process_time``): on a machine shared with other
-    jobs that is the work done, without the time spent waiting for a core."""
+    jobs that is the work done, without the time spent waiting for a core. ``tick()``, when given, is called after
+    every call, warm-up ones included (``(warmup + repeats) * len(calls)`` in all): a progress bar's update."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -59,6 +62,8 @@ def time_interleaved(
         setup()
         for _ in range(warmup):
             fn()
+            if tick is not None:
+                tick()
     times: List[List[float]] = [[] for _ in range(n)]
     cpu: List[List[float]] = [[] for _ in range(n)]
     for r in range(repeats):
@@ -71,9 +76,25 @@ def time_interleaved(
             _sync(device)
             times[i].append(time.perf_counter() - t0)
             cpu[i].append(time.process_time() - c0)
+            if tick is not None:
+                tick()
     if cpu_times is not None:
         cpu_times[:] = cpu
     return times
+
+
+@contextmanager
+def calls_bar(progress, total: int, desc: str) -> Iterator[Callable[[], object]]:
+    """A progress bar (stderr, with an ETA) over ``total`` timed calls; yields its update function. Shown only when
+    ``progress`` (the bench's message callback) has a true ``bars`` attribute, as the CLI's has without --quiet."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="call", disable=not getattr(progress, "bars", False),
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
@@ -144,4 +165,4 @@ def fits_budget(run: Callable[[int], Optional[float]], budget_mb: Optional[float
     return fits
 
 
-__all__ = ["time_call", "time_interleaved", "median_time", "find_max_batch", "fits_budget", "is_oom"]
+__all__ = ["calls_bar", "time_call", "time_interleaved", "median_time", "find_max_batch", "fits_budget", "is_oom"]

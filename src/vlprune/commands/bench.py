@@ -73,6 +73,8 @@ def run(args) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    progress.bars = not args.quiet  # progress bars over the timed rounds (vlprune.bench.throughput.calls_bar)
+
     if args.hf or args.hf_arch:  # a Hugging Face model, patched against unpatched (vlprune.bench.hf)
         from vlprune.bench.hf import run_command
 
