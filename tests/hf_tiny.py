@@ -72,6 +72,9 @@ def save_with_processor(model, directory):
     name = type(model).__name__
     if name.startswith("Blip"):
         proc = transformers.BlipProcessor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}), tok)
+    elif name.startswith("CLIP"):
+        ip = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        proc = transformers.CLIPProcessor(ip, tok)
     else:
         ip = transformers.ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8)
         proc = transformers.ViltProcessor(ip, tok)
