@@ -146,7 +146,8 @@ def test_eval_retrieval_hf_clip_ranks_by_the_patched_itc_similarity(tmp_path, ca
     with torch.no_grad():
         for i, e in enumerate(entries):
             for t, c in enumerate(caps):
-                out = model(**proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt"))
+                x = proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt")
+                out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["pixel_values"])
                 pair[i, t] = out.logits_per_image[0, 0] / model.logit_scale.exp()
     from vlprune.tasks.hf_retrieval import evaluate_clip_retrieval
 

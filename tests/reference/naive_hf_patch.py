@@ -121,7 +121,19 @@ def bridgetower_elip(model, px, ids, starts, ratios, lam=0.8):
         st["cross"] = list(st["prov"])
         return h[:, :T], torch.stack(rows)[None], m
 
+    def cut_masks(image_first):
+        def hook(mod, args, kwargs):  # transformers 4.x passes all-zero image masks of the unpruned length
+            name, T = ("attention_mask", args[0].shape[1]) if image_first else ("encoder_attention_mask", args[1].shape[1])
+            m = kwargs.get(name)
+            if m is not None and m.shape[-1] != T:
+                assert not bool((m != 0).any())
+                kwargs[name] = m[..., :T]
+            return args, kwargs
+        return hook
+
     hooks = [blocks[s - 1].register_forward_pre_hook(prune(s, r, e)) for s, r, e in zip(starts, ratios, ends)]
+    hooks += [m.register_forward_pre_hook(cut_masks(True), with_kwargs=True) for m in bt.cross_modal_image_layers]
+    hooks += [m.register_forward_pre_hook(cut_masks(False), with_kwargs=True) for m in bt.cross_modal_text_layers]
     hooks.append(blocks[split - 1].register_forward_hook(after_split))
     tr = bt.cross_modal_image_transform
     hooks += [t.register_forward_hook(pad) for t in (tr if isinstance(tr, torch.nn.ModuleList) else [tr])]

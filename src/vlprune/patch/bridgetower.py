@@ -198,13 +198,15 @@ def vision_block(p: Patch, encoder: EncoderView, index: int, split: int, num_pat
     return forward
 
 
-def padded_image_transform(p: Patch, inner: Callable) -> Callable:
-    """``_apply_image_transform`` for ELIP: transformers adds the image token-type embeddings, expanded to the token
-    count at the split, to its output; past a later pruning the output is padded with zero rows to that count (the
-    image link tower cuts them off again, before anything reads them)."""
+def padded_image_transform(p: Patch, transform: nn.Module) -> Callable:
+    """The forward of the linear map from the vision width to the cross-modal one, for the vision-tower methods:
+    transformers adds the image token-type embeddings, expanded to the token count at the split, to its output;
+    past a later pruning the output is padded with zero rows to that count (the image link tower cuts them off
+    again, before anything reads them)."""
+    inner = transform.forward
 
-    def forward(hidden_states: Tensor, layer_idx: int) -> Tensor:
-        out = inner(hidden_states, layer_idx)
+    def forward(hidden_states: Tensor) -> Tensor:
+        out = inner(hidden_states)
         run = p.call_info().get("bridge") or {}
         T0 = run.get("split_tokens")
         if T0 is not None and out.shape[1] < T0:
@@ -269,7 +271,9 @@ def bind(model: nn.Module) -> Optional[Binding]:
 
         p.override(bt, "forward", bt_forward)
         if in_vision:
-            p.override(bt, "_apply_image_transform", padded_image_transform(p, bt._apply_image_transform))
+            tr = bt.cross_modal_image_transform  # one Linear (4.x, shared) or one per layer (5.x)
+            for t in (tr if isinstance(tr, nn.ModuleList) else [tr]):
+                p.override(t, "forward", padded_image_transform(p, t))
             if p.spec.text_guided:
                 for i, layer in enumerate(text_layers):
                     p.override(layer, "forward", text_run_ahead(p, text_layers, i))
