@@ -327,7 +327,8 @@ def test_blip_elip_counts_follow_the_original_patch_count(lookahead):
     (hf_tiny.clip, "CLIPVisionModel", "dynamicvit", dict(layers=(2, 3))),
     (hf_tiny.vilt, "ViltForQuestionAnswering", "tip", dict(layers=(2, 3))),
     (hf_tiny.bridgetower, "BridgeTowerForImageAndTextRetrieval", "tip", dict(layers=(1, 2))),
-], ids=["blip-trips", "clip-dynamicvit", "vilt-tip", "bridgetower-tip"])
+    (hf_tiny.bridgetower_elip, "BridgeTowerForImageAndTextRetrieval", "elip", dict(layers=(2, 4), keep=(0.8, 0.5))),
+], ids=["blip-trips", "clip-dynamicvit", "vilt-tip", "bridgetower-tip", "bridgetower-elip"])
 def test_bf16_on_cpu_runs_without_nan_and_reducers_follow_the_dtype(build, cls, method, opts):
     model = vlprune.patch(build(cls).to(torch.bfloat16), method, **opts)
     px, ids, mask = inputs()

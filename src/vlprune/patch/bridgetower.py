@@ -246,10 +246,10 @@ def bind(model: nn.Module) -> Optional[Binding]:
     n = (vc.image_size // vc.patch_size) ** 2
     towers = bt.cross_modal_image_link_tower
     towers = list(towers) if isinstance(towers, nn.ModuleList) else [towers]
-    why: Dict[str, str] = {m: "BridgeTower's cross-modal layers run as transformers has them and do not expose their "
-                                 "attention, so only TiP's pruner (which needs no attention scores) is wired in there, "
-                                 "and ELIP in the uni-modal vision layers" for m in
-                              ("dynamicvit", "laps", "lowres")}
+    why: Dict[str, str] = {
+        "dynamicvit": "its training path keeps pruned tokens under a mask, which BridgeTower's bridges and "
+                      "cross-modal layers would have to carry; not wired in",
+        "laps": "it is not wired into BridgeTower", "lowres": "it is not wired into BridgeTower"}
     visual = bt.vision_model.visual
     views = vision_views(visual)
     encoder = EncoderView(views)
