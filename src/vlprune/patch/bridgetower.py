@@ -170,7 +170,7 @@ def text_run_ahead(p: Patch, layers: List[nn.Module], index: int) -> Callable:
 
 def vision_block(p: Patch, encoder: EncoderView, index: int, split: int, num_patches: int) -> Callable:
     """Uni-modal vision layer ``index``'s forward (tokens (T, B, D), sequence first as transformers has them) through
-    its LayerView with ELIP's slot; after the last layer before the split, the cross-modal stream's provenance."""
+    its LayerView with the method's slot; after the last layer before the split, the cross-modal stream's provenance."""
     view = encoder.layers[index]
 
     def forward(hidden_state: Tensor, attention_mask: Optional[Tensor] = None):
