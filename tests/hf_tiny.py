@@ -72,6 +72,9 @@ def save_with_processor(model, directory):
     name = type(model).__name__
     if name.startswith("Blip"):
         proc = transformers.BlipProcessor(transformers.BlipImageProcessor(size={"height": 32, "width": 32}), tok)
+    elif name.startswith("CLIP"):
+        ip = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        proc = transformers.CLIPProcessor(ip, tok)
     else:
         ip = transformers.ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8)
         proc = transformers.ViltProcessor(ip, tok)
@@ -99,17 +102,24 @@ def vqa_files(root, n: int = 4):
     return path
 
 
-def bridgetower(cls_name: str = "BridgeTowerForImageAndTextRetrieval", seed: int = 0):
-    """4 uni-modal text and vision layers, 3 cross-modal layers (split after layer 2), width 32."""
+def bridgetower(cls_name: str = "BridgeTowerForImageAndTextRetrieval", seed: int = 0, text_width: int = 32):
+    """4 uni-modal text and vision layers, 3 cross-modal layers (split after layer 2), width 32 (vision 64: its
+    attention has width // 64 heads; ``text_width=64`` (text and cross-modal) for ELIP, which mixes the text [CLS]
+    into the image [CLS])."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.BridgeTowerConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+        text_config=dict(vocab_size=99, hidden_size=text_width, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
                          max_position_embeddings=64, pad_token_id=0),
         vision_config=dict(hidden_size=64, num_hidden_layers=4, image_size=32, patch_size=8),
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+        hidden_size=text_width, num_hidden_layers=3, num_attention_heads=4)
     return getattr(transformers, cls_name)(cfg).eval()
+
+
+def bridgetower_elip(cls_name: str = "BridgeTowerForImageAndTextRetrieval", seed: int = 0):
+    """The tiny BridgeTower with text and cross-modal width 64, equal to the vision width (what ELIP needs)."""
+    return bridgetower(cls_name, seed, text_width=64)
 
 
 def retrieval_files(root, n: int = 3):

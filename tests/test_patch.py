@@ -16,7 +16,7 @@ from vlprune.patch import get_patch  # noqa: E402
 
 import hf_tiny  # noqa: E402
 from hf_tiny import B, N, inputs  # noqa: E402
-from reference.naive_hf_patch import vision_tower  # noqa: E402
+from reference.naive_hf_patch import bridgetower_elip, vision_tower  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -51,6 +51,8 @@ CASES = [  # (builder, class, method, options) with keep 1.0 (ToMe: r = 0)
     (hf_tiny.vilt, "ViltForImageAndTextRetrieval", "tip", dict(layers=(2, 3), keep=1.0)),
     (hf_tiny.bridgetower, "BridgeTowerForImageAndTextRetrieval", "tip", dict(layers=(1, 2), keep=1.0)),
     (hf_tiny.bridgetower, "BridgeTowerForMaskedLM", "tip", dict(layers=(2,), keep=1.0)),
+    (hf_tiny.bridgetower_elip, "BridgeTowerForImageAndTextRetrieval", "elip", dict(layers=(2, 4), keep=1.0)),
+    (hf_tiny.bridgetower_elip, "BridgeTowerForMaskedLM", "elip", dict(layers=(1, 3), keep=1.0)),
 ]
 
 
@@ -325,7 +327,8 @@ def test_blip_elip_counts_follow_the_original_patch_count(lookahead):
     (hf_tiny.clip, "CLIPVisionModel", "dynamicvit", dict(layers=(2, 3))),
     (hf_tiny.vilt, "ViltForQuestionAnswering", "tip", dict(layers=(2, 3))),
     (hf_tiny.bridgetower, "BridgeTowerForImageAndTextRetrieval", "tip", dict(layers=(1, 2))),
-], ids=["blip-trips", "clip-dynamicvit", "vilt-tip", "bridgetower-tip"])
+    (hf_tiny.bridgetower_elip, "BridgeTowerForImageAndTextRetrieval", "elip", dict(layers=(2, 4), keep=(0.8, 0.5))),
+], ids=["blip-trips", "clip-dynamicvit", "vilt-tip", "bridgetower-tip", "bridgetower-elip"])
 def test_bf16_on_cpu_runs_without_nan_and_reducers_follow_the_dtype(build, cls, method, opts):
     model = vlprune.patch(build(cls).to(torch.bfloat16), method, **opts)
     px, ids, mask = inputs()
@@ -334,3 +337,68 @@ def test_bf16_on_cpu_runs_without_nan_and_reducers_follow_the_dtype(build, cls, 
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert get_patch(model).last_tokens < 1 + N
     assert all(p.dtype == torch.bfloat16 for p in get_patch(model).reducers.parameters())
+
+
+@pytest.mark.parametrize("cls", ["BridgeTowerForImageAndTextRetrieval", "BridgeTowerForMaskedLM"])
+def test_bridgetower_elip_equals_a_naive_per_sample_reference_with_the_caption_unpadded(cls):
+    """ELIP in the uni-modal vision layers, one block before the split (layer 2 of the cross-modal start at 2) and
+    one after it (layer 4: the cross-modal image stream is gathered to match); batch with a padded caption against
+    each sample alone, its caption cut to its length."""
+    model = hf_tiny.bridgetower_elip(cls)
+    px, ids, mask = inputs()
+    vlprune.patch(model, "elip", layers=(2, 4), keep=(0.8, 0.5))
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    # k_b = floor(ratio_b * N) of the original N = 16, plus [CLS] and the fused token
+    assert get_patch(model).last_tokens == 1 + math.floor(0.5 * N) + 1
+    vlprune.unpatch(model)
+    for b in range(B):
+        n = int(mask[b].sum())
+        ref = bridgetower_elip(model, px[b:b + 1], ids[b:b + 1, :n], (2, 4), (0.8, 0.5)).logits
+        torch.testing.assert_close(got[b:b + 1, :n], ref, **TOL)
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_bridgetower_elip_counts_follow_the_schedule_and_widths_are_checked(lookahead):
+    model = hf_tiny.bridgetower_elip("BridgeTowerModel")
+    px, ids, mask = inputs()
+    vlprune.patch(model, "elip", layers=(2, 3, 4), keep=(0.9, 0.6, 0.3), lookahead=lookahead)
+    counts = []
+    hooks = [blk.register_forward_hook(lambda m, a, out: counts.append(out.shape[0]))
+             for blk in model.vision_model.visual.transformer.resblocks]
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    full, fused = 1 + N, 1 + 1
+    want = [fused + math.floor(r * N) for r in (0.9, 0.6, 0.3)]
+    # look-ahead prunes before the block's first layer; without it, in the layer before (before its MLP)
+    want = [full] + want if lookahead else want + [want[-1]]
+    assert counts == want
+    assert out.image_features.shape[1] == get_patch(model).last_tokens == want[-1]
+    assert torch.isfinite(out.pooler_output).all()
+    with pytest.raises(ValueError, match="text width 32 must equal the vision width 64"):
+        vlprune.patch(hf_tiny.bridgetower(), "elip")
+
+
+@pytest.mark.parametrize("method,opts,kept", [
+    ("evit", dict(layers=(2, 4), keep=0.5), 1 + 5 + 1),  # 8 of 16 + fused, then ceil(0.5 * 9) = 5 + fused
+    ("tome", dict(r=3), 1 + N - 4 * 3),
+    ("trips", dict(layers=(2,), keep=0.5), 1 + 8 + 1),
+    ("random", dict(layers=(1, 4), keep=0.5), None),
+])
+def test_bridgetower_vision_methods_are_batch_independent(method, opts, kept):
+    """Image-only methods (and TRIPS with the text guide) in the uni-modal vision layers: the batch, with a padded
+    caption, equals each sample alone with its caption cut to its length; the cross-modal stream follows."""
+    model = hf_tiny.bridgetower_elip("BridgeTowerModel")
+    px, ids, mask = inputs()
+    vlprune.patch(model, method, generator=torch.Generator().manual_seed(0), **opts)
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=px, attention_mask=mask).image_features
+        if kept is not None:
+            assert got.shape[1] == get_patch(model).last_tokens == kept
+            for b in range(B):
+                n = int(mask[b].sum())
+                one = model(input_ids=ids[b:b + 1, :n], pixel_values=px[b:b + 1]).image_features
+                torch.testing.assert_close(got[b:b + 1], one, **TOL)
+    assert torch.isfinite(got).all() and got.shape[1] < 1 + N

@@ -72,6 +72,16 @@ def test_hf_cli_errors(tmp_path, capsys):
     assert "--hf " in capsys.readouterr().err
 
 
+def _spread(model):
+    """Matrix weights drawn with std 0.2 so that images and captions change the scores (at the default init they
+    barely do)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+
+
 def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path, capsys):
     """With k >= the number of candidates every pair is re-ranked, so the scores are the patched model's ITM match
     probabilities of all pairs (computed here pair by pair) and the recalls are theirs. The weights are drawn with
@@ -83,11 +93,7 @@ def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path
     from vlprune.tasks.metrics import retrieval_metrics
 
     model = hf_tiny.blip("BlipForImageTextRetrieval")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
+    _spread(model)
     d = hf_tiny.save_with_processor(model, tmp_path / "m")
     ann = hf_tiny.retrieval_files(tmp_path)
     argv = ["eval", "retrieval", "--hf", str(d), "--method", "trips", "--layers", "2,3", "--keep", "0.5",
@@ -114,3 +120,45 @@ def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path
     assert got["images"] == 3 and got["captions"] == 6 and got["method"] == "trips"
     for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
         assert got[key] == pytest.approx(want[key])
+
+
+def test_eval_retrieval_hf_clip_ranks_by_the_patched_itc_similarity(tmp_path, capsys):
+    """CLIP: ITC ranking with an image-only method; the scores equal the patched model's own forward
+    (``logits_per_image`` / logit scale) pair by pair, the recalls follow; a text-guided method is refused."""
+    import transformers
+
+    from vlprune.data.images import open_image
+    from vlprune.tasks.metrics import retrieval_metrics
+
+    model = hf_tiny.clip("CLIPModel")
+    _spread(model)
+    d = hf_tiny.save_with_processor(model, tmp_path / "m")
+    ann = hf_tiny.retrieval_files(tmp_path)
+    argv = ["eval", "retrieval", "--hf", str(d), "--method", "evit", "--layers", "2", "--keep", "0.5",
+            "--test", str(ann), "--batch-size", "2", "--json", "--quiet"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = vlprune.patch(transformers.CLIPModel.from_pretrained(d).eval(), "evit", layers=(2,), keep=0.5)
+    proc = transformers.AutoProcessor.from_pretrained(d)
+    entries = json.loads(ann.read_text())
+    caps = [c for e in entries for c in e["caption"]]
+    pair = torch.zeros(len(entries), len(caps))
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            for t, c in enumerate(caps):
+                x = proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt")
+                out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["pixel_values"])
+                pair[i, t] = out.logits_per_image[0, 0] / model.logit_scale.exp()
+    from vlprune.tasks.hf_retrieval import evaluate_clip_retrieval
+
+    res = evaluate_clip_retrieval(model, proc, entries, tmp_path, batch_size=2, progress=False)
+    torch.testing.assert_close(res["scores"], pair, atol=1e-5, rtol=0)
+    v = pair.sort(dim=1).values
+    assert float((v[:, 1:] - v[:, :-1]).min()) > 1e-4  # no near-ties: the recalls are not decided by rounding
+    want = retrieval_metrics(pair, [[2 * i, 2 * i + 1] for i in range(len(entries))], [t // 2 for t in range(len(caps))])
+    assert got["images"] == 3 and got["captions"] == 6 and got["method"] == "evit"
+    assert got["image_tokens"] == 1 + 8 + 1
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert got[key] == pytest.approx(want[key])
+    assert main(argv[:4] + ["--method", "trips", "--test", str(ann), "--quiet"]) == 2
+    assert "text-guided" in capsys.readouterr().err

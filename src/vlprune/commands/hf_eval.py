@@ -1,9 +1,11 @@
 """``vlprune eval vqa|retrieval --hf DIR_OR_ID``: a Hugging Face model with its own processor, patched with the method
 flags (``--method trips --keep 0.5``), on the field's annotation file: VQA (``BlipForQuestionAnswering``,
-``ViltForQuestionAnswering``) or two-stage retrieval (``BlipForImageTextRetrieval``: ITC, then ITM re-ranking).
+``ViltForQuestionAnswering``) or retrieval (``BlipForImageTextRetrieval``: ITC, then ITM re-ranking; ``CLIPModel``:
+ITC ranking, image-only methods).
 
     vlprune eval vqa --hf Salesforce/blip-vqa-base --method trips --keep 0.5 --test ann.json --images DIR --json
     vlprune eval retrieval --hf Salesforce/blip-itm-base-coco --method trips --keep 0.5 --test test.json --k 16
+    vlprune eval retrieval --hf openai/clip-vit-base-patch16 --method tome --test test.json
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def run_hf(args) -> int:
     from vlprune.tasks.hf_vqa import evaluate_vqa, load_processor
 
     if args.task not in ("vqa", "retrieval"):
-        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT) and retrieval (BLIP ITM); got task {args.task!r}")
+        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT) and retrieval (BLIP ITM, CLIP ITC); got task {args.task!r}")
     if args.test is None or not Path(args.test).is_file():
         raise FileNotFoundError(f"--hf needs --test, a {args.task} annotation file; not found: {args.test}")
     root = Path(args.images) if args.images else Path(args.test).parent
@@ -56,19 +58,30 @@ def run_hf(args) -> int:
 
 
 def _retrieval(args, model, entries, root: Path, rc) -> int:
-    from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval
+    from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval, evaluate_clip_retrieval
     from vlprune.tasks.hf_vqa import load_processor
 
-    res = evaluate_blip_retrieval(model, load_processor(args.hf), entries, root, args.k, args.batch_size,
-                                  progress=not args.quiet)
+    clip = type(model).__name__ == "CLIPModel"
+    if clip:
+        res = evaluate_clip_retrieval(model, load_processor(args.hf), entries, root, args.batch_size,
+                                      progress=not args.quiet)
+    else:
+        res = evaluate_blip_retrieval(model, load_processor(args.hf), entries, root, args.k, args.batch_size,
+                                      progress=not args.quiet)
     m = res["metrics"]
     name = "none" if rc is None else rc.name
+    how = "ITC ranking" if clip else f"ITM re-ranking top {args.k}"
     print(f"retrieval on {args.test} ({res['images']} images, {res['captions']} captions), {type(model).__name__} from "
-          f"{args.hf}, method {name if rc is None else rc.to_dict()}, ITM re-ranking top {args.k}")
+          f"{args.hf}, method {name if rc is None else rc.to_dict()}, {how}")
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
-    print(f"  ITC stage {res['itc_seconds']:.1f} s, ITM stage {res['itm_seconds']:.1f} s")
+    if clip:
+        tokens = "n/a" if res["image_tokens"] is None else f"{res['image_tokens']:.1f}"
+        print(f"  image tokens after the patched encoder {tokens}, {res['itc_seconds']:.1f} s")
+    else:
+        print(f"  ITC stage {res['itc_seconds']:.1f} s, ITM stage {res['itm_seconds']:.1f} s")
     if args.json:
+        extra = {"image_tokens": res["image_tokens"]} if clip else {}
         print(json.dumps({**m, "method": name, "method_config": None if rc is None else rc.to_dict(),
                           "images": res["images"], "captions": res["captions"], "itc_seconds": res["itc_seconds"],
-                          "itm_seconds": res["itm_seconds"], "model": args.hf}))
+                          "itm_seconds": res["itm_seconds"], "model": args.hf, **extra}))
     return 0

@@ -53,6 +53,11 @@ class Binding:
     methods: Tuple[str, ...]
     install: Callable[["Patch"], None]
     why: Dict[str, str] = field(default_factory=dict)  # method -> why it is not supported here
+    more: Dict[str, List[Any]] = field(default_factory=dict)  # further slot groups (BridgeTower: "vision" too)
+
+    def groups(self) -> Dict[str, List[Any]]:
+        """Every slot group of the model, {group: its slots}; a method's builder fills the one it targets."""
+        return {self.group: self.views, **self.more}
 
 
 class SlotModel:
@@ -63,12 +68,13 @@ class SlotModel:
         self.cfg = SimpleNamespace(vision=SimpleNamespace(width=b.vision_width, num_patches=b.num_patches),
                                    text=SimpleNamespace(width=b.guide_width))
 
-    def reduction_slots(self) -> Dict[str, List[LayerView]]:
-        return {self._b.group: self._b.views}
+    def reduction_slots(self) -> Dict[str, List[Any]]:
+        return self._b.groups()
 
     def clear_reducers(self) -> None:
-        for v in self._b.views:
-            v.reducer = None
+        for views in self._b.groups().values():
+            for v in views:
+                v.reducer = None
 
 
 class Patch:
@@ -105,8 +111,7 @@ class Patch:
             else:
                 obj.__dict__.pop(name, None)
         self._saved.clear()
-        for v in self.binding.views:
-            v.reducer = None
+        SlotModel(self.binding).clear_reducers()
 
     # -- per call -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -221,9 +226,10 @@ def patch(model: nn.Module, method: Union[str, ReduceConfig] = "none", layers: O
                          f"{': ' + why if why else ''}; supported methods: {list(b.methods)}")
     p = Patch(model, b, rc)
     install(rc, SlotModel(b))
-    for i, v in enumerate(b.views):
-        if v.reducer is not None:
-            p.reducers[f"{b.group}_{i + 1}"] = v.reducer
+    for group, views in b.groups().items():
+        for i, v in enumerate(views):
+            if v.reducer is not None:
+                p.reducers[f"{group}_{i + 1}"] = v.reducer
     p.generator = generator
     dev = next(model.parameters()).device
     p.reducers.to(dev)

@@ -1,4 +1,8 @@
-"""Two-stage image-text retrieval of a Hugging Face ``BlipForImageTextRetrieval`` (``vlprune eval retrieval --hf``),
+"""Image-text retrieval of Hugging Face models (``vlprune eval retrieval --hf``): ``CLIPModel`` ranks by ITC alone
+(``evaluate_clip_retrieval``: normalised projected image and text embeddings, each image and caption encoded once;
+only image-only methods, since a text-guided one would make every image embedding depend on the caption).
+
+Two-stage image-text retrieval of a Hugging Face ``BlipForImageTextRetrieval``,
 optionally patched by ``vlprune.patch``, with the protocol of ``tasks.retrieval``:
 
 1. ITC: every image encoded once without text (a text-guided method leaves the vision tower unreduced here, an
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 from ..data.images import open_image
 from ..patch import get_patch
 from .metrics import retrieval_metrics
+from .retrieval_task import _caption_index
 
 
 def _text_free(model: nn.Module):
@@ -50,13 +55,7 @@ def evaluate_blip_retrieval(model: nn.Module, processor: Any, entries: Sequence[
     if k < 1:
         raise ValueError(f"--k (ITM re-ranking candidates) must be >= 1, got {k}")
     dev = next(model.parameters()).device
-    captions: List[str] = []
-    img2txt: List[List[int]] = []
-    txt2img: List[int] = []
-    for i, e in enumerate(entries):
-        img2txt.append(list(range(len(captions), len(captions) + len(e["caption"]))))
-        captions += e["caption"]
-        txt2img += [i] * len(e["caption"])
+    img2txt, txt2img, captions = _caption_index(entries)
     px = torch.cat([processor(images=[open_image(image_root / e["image"]) for e in entries[s : s + batch_size]],
                               return_tensors="pt")["pixel_values"] for s in range(0, len(entries), batch_size)]).to(dev)
     tok = processor(text=captions, return_tensors="pt", padding=True)
@@ -91,4 +90,45 @@ def evaluate_blip_retrieval(model: nn.Module, processor: Any, entries: Sequence[
             "itm_seconds": time.perf_counter() - t0, "scores_i2t": i2t, "scores_t2i": t2i}
 
 
-__all__ = ["evaluate_blip_retrieval"]
+def _features(out: Any) -> Tensor:
+    """``get_image_features`` / ``get_text_features``: a tensor in transformers 4.x, an output whose
+    ``pooler_output`` holds the projected features in 5.x."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def evaluate_clip_retrieval(model: nn.Module, processor: Any, entries: Sequence[Dict[str, Any]], image_root: Path,
+                            batch_size: int = 32, progress: bool = True) -> Dict[str, Any]:
+    """ITC ranking of a (patched) ``CLIPModel``: cosine of ``get_image_features`` and ``get_text_features``; the
+    image tokens after the patched vision tower are reported as ``image_tokens`` (None unpatched)."""
+    from tqdm import tqdm
+
+    if type(model).__name__ != "CLIPModel":
+        raise ValueError(f"CLIP retrieval needs a CLIPModel, got {type(model).__name__}")
+    p = get_patch(model)
+    if p is not None and p.spec.text_guided:
+        raise ValueError(f"--method {p.config.name} is text-guided: on CLIP it would make every image embedding depend "
+                         "on the caption, so ITC ranking (each image embedded once) cannot use it; use an image-only "
+                         "method (evit, tome, dynamicvit, random)")
+    dev = next(model.parameters()).device
+    img2txt, txt2img, captions = _caption_index(entries)
+    t0 = time.perf_counter()
+    img, txt, tokens = [], [], []
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(entries), batch_size), disable=not progress, desc="eval retrieval (hf, images)",
+                      unit="batch"):
+            px = processor(images=[open_image(image_root / e["image"]) for e in entries[s : s + batch_size]],
+                           return_tensors="pt")["pixel_values"].to(dev)
+            img.append(_features(model.get_image_features(pixel_values=px)).float())
+            if p is not None and p.last_tokens is not None:
+                tokens.append(p.last_tokens)
+        for s in range(0, len(captions), batch_size):
+            tok = processor(text=captions[s : s + batch_size], return_tensors="pt", padding=True)
+            txt.append(_features(model.get_text_features(input_ids=tok["input_ids"].to(dev),
+                                                         attention_mask=tok["attention_mask"].to(dev))).float())
+    sim = (F.normalize(torch.cat(img), dim=-1) @ F.normalize(torch.cat(txt), dim=-1).t()).cpu()
+    m = retrieval_metrics(sim, img2txt, txt2img)
+    return {"metrics": m, "images": len(entries), "captions": len(captions), "itc_seconds": time.perf_counter() - t0,
+            "itm_seconds": 0.0, "scores": sim, "image_tokens": sum(tokens) / len(tokens) if tokens else None}
+
+
+__all__ = ["evaluate_blip_retrieval", "evaluate_clip_retrieval"]
