@@ -21,6 +21,7 @@ LAYERS: List[Set[str]] = [
     {"objectives"},
     {"data"},
     {"tasks"},
+    {"train_data"},
     {"train", "bench", "viz"},
     {"demo"},
     {"commands"},

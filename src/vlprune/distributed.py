@@ -20,6 +20,12 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def barrier(world: int) -> None:
+    """``dist.barrier()`` when ``world`` > 1 processes run; nothing otherwise."""
+    if world > 1:
+        dist.barrier()
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 

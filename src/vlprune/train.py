@@ -24,6 +24,9 @@ the saved micro-batch; the randomness of each micro-batch (ITM negatives, MLM ma
 a generator seeded by ``(seed, micro-batch number, rank)``; model buffers (queues), optimiser and scheduler state
 and the torch RNG states are restored. ``--batch-size`` is per process; under DDP the global batch is
 ``batch_size * world_size``.
+
+Where the data comes from (scenes, a JSON file, tar shards), the checks made before the run directory exists and
+the micro-batch stream a run reads are in ``vlprune.train_data``.
 """
 
 from __future__ import annotations
@@ -44,17 +47,19 @@ import torch.distributed as dist
 
 from .checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import from_dict, load_preset, to_dict
-from .data.datasets import Collate, ResumableSampler, check_image_paths
-from .data.images import DEFAULT_MAX_PIXELS, ImageLoader, check_max_pixels
-from .data.shards import expand_pattern, is_shard_spec
+from .data.datasets import Collate
+from .data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from .data.shards import is_shard_spec
 from .data.tokenizer import TextTokenizer
-from .distributed import wrap_ddp
+from .distributed import barrier, wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
 from .rundir import LOCK_FILE, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics
 from .runtime import PRECISIONS, autocast_dtype, check_precision, maybe_compile
 from .tasks.base import StepContext, StepModule, get_task
+from .train_data import (build_data, check_data_state, data_state, fetch, image_loader, micro_batches, scenes_data,
+                         shard_captions, validate_inputs)
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
@@ -155,11 +160,6 @@ def setup_distributed():
     return 0, 1, device, started
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank: int, world: int) -> TrainConfig:
     """Check the run directory (every rank), then create/clear it (rank 0). Returns the config to use."""
     if resume and overwrite:
@@ -179,74 +179,21 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
             log.warning("resuming with %d threads instead of the run's %d: the result will not be bitwise the same "
                         "as an uninterrupted run", cfg.threads, saved.threads)
         cfg = replace(cfg, threads=cfg.threads or saved.threads or torch.get_num_threads())
-        _barrier(world)
+        barrier(world)
         if rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
             (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
         return cfg
     cfg = replace(cfg, threads=cfg.threads or torch.get_num_threads())
     if exists and not overwrite:
         raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         if exists:
             clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
-    _barrier(world)
+    barrier(world)
     return cfg
-
-
-def _scenes(cfg: TrainConfig, task, out: Path, image_size: int, rank: int, world: int):
-    """(entries, image root) of the built-in scenes data, generated into ``out/data`` (once)."""
-    from .data.scenes import generate
-
-    root = out / "data"
-    if rank == 0 and not (root / task.scenes_file).is_file():
-        generate(root, images=cfg.scenes_images, seed=cfg.scenes_seed, image_size=image_size)
-    _barrier(world)
-    return task.load(root / task.scenes_file), root
-
-
-def _shard_captions(cfg: TrainConfig, out: Path, rank: int):
-    """(entries, image root) of a tar-shard run: the captions, when a tokenizer must be trained from them (rank 0,
-    no --tokenizer, no init, none saved yet), else none; the images are streamed later."""
-    from .data.shard_dataset import shard_texts
-
-    need = rank == 0 and cfg.tokenizer is None and cfg.init is None and not (out / "tokenizer" / "tokenizer.json").is_file()
-    entries = [{"caption": t} for t in shard_texts(cfg.train)] if need else []
-    return entries, Path(cfg.images) if cfg.images else Path(expand_pattern(cfg.train)[0]).parent
-
-
-def _dataset(cfg: TrainConfig, task, entries, mcfg, root: Path, rank: int, world: int):
-    """(dataset, sampler or None, position): ``position.num_samples`` per rank and epoch,
-    ``position.set_position(epoch, skip)``, ``position.state()`` for the checkpoint's "data" entry."""
-    if is_shard_spec(cfg.train):
-        from .data.shard_dataset import ShardDataset
-
-        ds = ShardDataset(cfg.train, ImageLoader.for_model(mcfg.vision, None, cfg.max_image_pixels), cfg.batch_size,
-                          rank, world, cfg.seed,
-                          cfg.shuffle_buffer, cfg.skip_bad_images)
-        return ds, None, ds
-    dataset = task.build_dataset(entries, _loader(cfg, mcfg, root), cfg.skip_bad_images)
-    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
-    return dataset, sampler, sampler
-
-
-def _data_state(position, micro: int, per_epoch: int, batch_size: int) -> Dict[str, Any]:
-    """The checkpoint's "data" entry: where this rank's data continues (epoch, first sample of the next
-    micro-batch in the rank's epoch order) and the source's own record (shards: their fingerprint)."""
-    epoch, offset = divmod(micro, per_epoch)
-    own = position.state() if hasattr(position, "state") else {"kind": "json"}
-    return {**own, "epoch": epoch, "next_sample": offset * batch_size}
-
-
-def _check_data_state(saved: Optional[Dict[str, Any]], position, out: Path) -> None:
-    if saved is None or not hasattr(position, "state"):
-        return
-    now = position.state()
-    if saved.get("fingerprint") != now["fingerprint"]:
-        raise ValueError(f"cannot resume {out}: the training shards differ from the checkpoint's (names or sample "
-                         "counts in the manifest changed); resume with the same shards")
 
 
 def _tokenizer(cfg: TrainConfig, task, entries, out: Path, text_cfg, rank: int, world: int) -> TextTokenizer:
@@ -261,7 +208,7 @@ def _tokenizer(cfg: TrainConfig, task, entries, out: Path, text_cfg, rank: int, 
     if rank == 0 and not (d / "tokenizer.json").is_file():
         tok = TextTokenizer.from_dir(source) if source else TextTokenizer.train(task.texts(entries), text_cfg.vocab_size)
         tok.save(d)
-    _barrier(world)
+    barrier(world)
     tok = TextTokenizer.from_dir(d)
     tok.check_model(text_cfg)
     return tok
@@ -304,43 +251,6 @@ def train(cfg: TrainConfig, out: Union[str, Path], resume: bool = False, overwri
             dist.destroy_process_group()
 
 
-def _validate_inputs(cfg: TrainConfig, task, mcfg, world: int):
-    """Everything that can be checked before the run directory is touched: the annotation files, the image paths
-    in them (inside the image root), the batch size against the data, and where the tokenizer comes from. Returns
-    (entries, image root) of a --train file, or (None, None) for the built-in scenes data."""
-    if cfg.tokenizer is None and cfg.init is not None:
-        from .tasks.finetune import tokenizer_dir
-
-        if tokenizer_dir(cfg.init) is None:
-            raise FileNotFoundError(f"no tokenizer found with the init checkpoint {cfg.init}; give --tokenizer")
-    entries = root = None
-    if is_shard_spec(cfg.train):
-        if task.name not in ("pretrain", "retrieval"):
-            raise ValueError(f"tar shards hold image-caption pairs (tasks pretrain, retrieval), not task {cfg.task!r}")
-        _dataset(cfg, task, None, mcfg, None, 0, world)  # the shards, their manifest and the batch size
-    elif cfg.train is not None:
-        path = Path(cfg.train)
-        entries, root = task.load(path), Path(cfg.images) if cfg.images else path.parent
-        check_image_paths(entries, _loader(cfg, mcfg, root))
-        _per_epoch(len(entries), world, cfg)
-    if cfg.val is not None:
-        val = task.load_test(cfg.val)  # evaluated with the training image root (of the scenes data: not yet made)
-        if root is not None:
-            check_image_paths(val, _loader(cfg, mcfg, root))
-    return entries, root
-
-
-def _loader(cfg: TrainConfig, mcfg, root) -> ImageLoader:
-    return ImageLoader.for_model(mcfg.vision, root, cfg.max_image_pixels, cfg.allow_outside_root)
-
-
-def _per_epoch(n: int, world: int, cfg: TrainConfig) -> int:
-    per_epoch = (n // world) // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{n} samples over {world} process(es) give no full batch of {cfg.batch_size} (--batch-size)")
-    return per_epoch
-
-
 def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) -> Dict[str, Any]:
     task = get_task(cfg.task, **cfg.task_options)
     init_meta = None
@@ -357,7 +267,7 @@ def _train(cfg, out, resume, overwrite, callback, rank, world, device, stack) ->
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg, cfg.method).to(device).train()  # a bad method fails before the run dir is touched
     task.check_model(model)
-    entries, root = _validate_inputs(cfg, task, mcfg, world)  # and so does bad data
+    entries, root = validate_inputs(cfg, task, mcfg, world)  # and so does bad data
     stack.enter_context(run_lock(out, rank, world))  # held until train() returns; a second run is refused
     cfg = prepare_out(out, cfg, resume, overwrite, rank, world)
     try:
@@ -375,11 +285,11 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
         remove_orphan_temps(out)  # a checkpoint write killed mid-way
     torch.set_num_threads(cfg.threads)  # saved in train_config.json: resume is bitwise exact with the same threads
     if is_shard_spec(cfg.train):
-        entries, root = _shard_captions(cfg, out, rank)
+        entries, root = shard_captions(cfg, out, rank)
     elif entries is None:
-        entries, root = _scenes(cfg, task, out, mcfg.vision.image_size, rank, world)
+        entries, root = scenes_data(cfg, task, out, mcfg.vision.image_size, rank, world)
     tok = _tokenizer(cfg, task, entries, out, mcfg.text, rank, world)
-    dataset, sampler, position = _dataset(cfg, task, entries, mcfg, root, rank, world)
+    dataset, sampler, position = build_data(cfg, task, entries, mcfg, root, rank, world)
     per_epoch = position.num_samples // cfg.batch_size
     if per_epoch == 0:
         raise ValueError(f"{position.num_samples * world} samples over {world} process(es) give no full batch of "
@@ -414,7 +324,7 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, micro, skipped = ck["step"], ck["micro"], ck["skipped"]
-        _check_data_state(ck.get("data"), position, out)
+        check_data_state(ck.get("data"), position, out)
         set_rng_state(ck["rng"])
         if rank == 0:
             trim_metrics(out, step)  # rows logged after the checkpoint are logged again
@@ -428,27 +338,6 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
     return dict(model=model, wrapped=wrapped, tok=tok, mcfg=mcfg, root=root, opt=opt, sched=sched, scaler=scaler,
                 amp_dtype=amp_dtype, loader=loader, position=position, per_epoch=per_epoch, total=total, warmup=warmup,
                 step=step, micro=micro, skipped=skipped)
-
-
-def _micro_batches(loader, position, per_epoch: int, batch_size: int, micro: int):
-    """(epoch, batch) from micro-batch number ``micro`` on, epoch after epoch, without end."""
-    while True:
-        epoch, offset = divmod(micro, per_epoch)
-        position.set_position(epoch, offset * batch_size)
-        for batch in loader:
-            yield epoch, batch
-            micro += 1
-
-
-def _fetch(batches, n: int):
-    """The next ``n`` micro-batches (one optimiser step's) and the error that stopped reading them, or None."""
-    group = []
-    try:
-        for _ in range(n):
-            group.append(next(batches))
-    except Exception as e:  # a bad image, a worker that died, ...
-        return group, e
-    return group, None
 
 
 def _any_rank(flag: bool, world: int, device) -> bool:
@@ -475,14 +364,14 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
                 save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                                  "step": step, "micro": micro, "skipped": skipped, "rng": rng_state(),
-                                 "data": _data_state(run["position"], micro, run["per_epoch"], cfg.batch_size)},
+                                 "data": data_state(run["position"], micro, run["per_epoch"], cfg.batch_size)},
                                 out, keep=cfg.save_total_limit)
             if final:
                 save_pretrained(model, out / "model", extra={
                     "task": cfg.task, "tokenizer": "../tokenizer", "step": step, "total_steps": total,
                     "interrupted": interrupted, **task.save_extra()})
         saved = step
-        _barrier(world)
+        barrier(world)
 
     from tqdm import tqdm
 
@@ -490,11 +379,11 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
     sums: Dict[str, torch.Tensor] = {}
     n_micro, t0, first, last = 0, time.perf_counter(), None, None
     interrupted, clean, epoch = False, True, micro // run["per_epoch"]
-    batches = _micro_batches(run["loader"], run["position"], run["per_epoch"], cfg.batch_size, micro)
+    batches = micro_batches(run["loader"], run["position"], run["per_epoch"], cfg.batch_size, micro)
     try:
         with _Stop() as stop:
             while step < total and not interrupted:
-                group, error = _fetch(batches, cfg.accum)
+                group, error = fetch(batches, cfg.accum)
                 if _any_rank(error is not None, world, device):
                     raise _data_error(error, step, saved, checkpoint)
                 clean = False  # from here until the step is done, the model is between two steps
@@ -615,7 +504,7 @@ def _validate(cfg, task, model, tok, mcfg, root, out, device, rank, world, step)
 
     images = root  # the training image root
     entries = task.load_test(cfg.val)
-    metrics, info = evaluate(task, model, entries, _loader(cfg, mcfg, images), tok, cfg.batch_size,
+    metrics, info = evaluate(task, model, entries, image_loader(cfg, mcfg, images), tok, cfg.batch_size,
                              device, rank, world, cfg.progress)
     model.train()
     if rank == 0:
