@@ -82,13 +82,26 @@ def _spread(model):
                 p.normal_(0, 0.2)
 
 
+def _pair_reference(entries, root, proc, score):
+    """The naive reference: ``score(inputs)`` of each (image, caption) pair processed alone, (images, captions)."""
+    from vlprune.data.images import open_image
+
+    caps = [c for e in entries for c in e["caption"]]
+    pair = torch.zeros(len(entries), len(caps))
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            for t, c in enumerate(caps):
+                torch.manual_seed(0)  # ViLT samples its patch order with the global generator
+                pair[i, t] = score(proc(images=[open_image(root / e["image"])], text=[c], return_tensors="pt"))
+    return pair
+
+
 def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path, capsys):
     """With k >= the number of candidates every pair is re-ranked, so the scores are the patched model's ITM match
     probabilities of all pairs (computed here pair by pair) and the recalls are theirs. The weights are drawn with
     std 0.2 so that images and captions change the scores (at the default init they barely do)."""
     import transformers
 
-    from vlprune.data.images import open_image
     from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval
     from vlprune.tasks.metrics import retrieval_metrics
 
@@ -105,12 +118,7 @@ def test_eval_retrieval_hf_reranks_every_pair_with_the_patched_itm_head(tmp_path
     entries = json.loads(ann.read_text())
     res = evaluate_blip_retrieval(model, proc, entries, tmp_path, k=16, batch_size=4, progress=False)
     caps = [c for e in entries for c in e["caption"]]
-    pair = torch.zeros(len(entries), len(caps))
-    with torch.no_grad():
-        for i, e in enumerate(entries):
-            for t, c in enumerate(caps):
-                x = proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt")
-                pair[i, t] = model(**x).itm_score.softmax(-1)[0, 1]
+    pair = _pair_reference(entries, tmp_path, proc, lambda x: model(**x).itm_score.softmax(-1)[0, 1])
     torch.testing.assert_close(res["scores_i2t"], pair, atol=1e-5, rtol=0)
     torch.testing.assert_close(res["scores_t2i"], pair, atol=1e-5, rtol=0)
     for m in (pair, pair.t()):  # no near-ties within a row: the recalls below are not decided by rounding
@@ -127,7 +135,6 @@ def test_eval_retrieval_hf_clip_ranks_by_the_patched_itc_similarity(tmp_path, ca
     (``logits_per_image`` / logit scale) pair by pair, the recalls follow; a text-guided method is refused."""
     import transformers
 
-    from vlprune.data.images import open_image
     from vlprune.tasks.metrics import retrieval_metrics
 
     model = hf_tiny.clip("CLIPModel")
@@ -142,13 +149,12 @@ def test_eval_retrieval_hf_clip_ranks_by_the_patched_itc_similarity(tmp_path, ca
     proc = transformers.AutoProcessor.from_pretrained(d)
     entries = json.loads(ann.read_text())
     caps = [c for e in entries for c in e["caption"]]
-    pair = torch.zeros(len(entries), len(caps))
-    with torch.no_grad():
-        for i, e in enumerate(entries):
-            for t, c in enumerate(caps):
-                x = proc(images=[open_image(tmp_path / e["image"])], text=[c], return_tensors="pt")
-                out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["pixel_values"])
-                pair[i, t] = out.logits_per_image[0, 0] / model.logit_scale.exp()
+
+    def itc(x):
+        out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], pixel_values=x["pixel_values"])
+        return out.logits_per_image[0, 0] / model.logit_scale.exp()
+
+    pair = _pair_reference(entries, tmp_path, proc, itc)
     from vlprune.tasks.hf_retrieval import evaluate_clip_retrieval
 
     res = evaluate_clip_retrieval(model, proc, entries, tmp_path, batch_size=2, progress=False)
@@ -162,3 +168,53 @@ def test_eval_retrieval_hf_clip_ranks_by_the_patched_itc_similarity(tmp_path, ca
         assert got[key] == pytest.approx(want[key])
     assert main(argv[:4] + ["--method", "trips", "--test", str(ann), "--quiet"]) == 2
     assert "text-guided" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("build,cls,method", [
+    (hf_tiny.vilt, "ViltForImageAndTextRetrieval", ["trips", "--layers", "2,3", "--keep", "0.5"]),
+    (hf_tiny.bridgetower_elip, "BridgeTowerForImageAndTextRetrieval", ["trips", "--layers", "2,3", "--keep", "0.5"]),
+    (hf_tiny.bridgetower, "BridgeTowerForImageAndTextRetrieval", ["tip", "--layers", "1,2", "--keep", "0.5"]),
+], ids=["vilt-trips", "bridgetower-trips", "bridgetower-tip"])
+def test_eval_retrieval_hf_scores_every_pair_with_the_patched_retrieval_head(tmp_path, capsys, build, cls, method):
+    """ViLT and BridgeTower (no text-free first stage): every image-caption pair is scored, batched, by the patched
+    model's own retrieval logit; the scores equal its forward on each pair alone (a text-guided method guided by
+    that pair's caption), the recalls follow from them; more pairs than --max-pairs are refused."""
+    import transformers
+
+    from vlprune.tasks.hf_retrieval import evaluate_pair_retrieval
+
+    model = build(cls)
+    _spread(model)
+    d = hf_tiny.save_with_processor(model, tmp_path / "m")
+    ann = hf_tiny.retrieval_files(tmp_path)
+    argv = ["eval", "retrieval", "--hf", str(d), "--method", *method, "--test", str(ann), "--batch-size", "4", "--json"]
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out.strip().splitlines()[-1])
+    assert "3 x 6 = 18 image-caption pairs" in out.out and "pair" in out.err  # the count, then the progress bar
+    layers = tuple(int(x) for x in method[2].split(","))
+    torch.manual_seed(0)  # TiP's pruner starts from random weights: the same as the CLI's
+    model = vlprune.patch(getattr(transformers, cls).from_pretrained(d).eval(), method[0], layers=layers, keep=0.5)
+    proc = transformers.AutoProcessor.from_pretrained(d)
+    entries = json.loads(ann.read_text())
+    pair = _pair_reference(entries, tmp_path, proc, lambda x: model(**x).logits[0, 0 if cls.startswith("Vilt") else 1])
+    torch.manual_seed(0)
+    res = evaluate_pair_retrieval(model, proc, entries, tmp_path, batch_size=4, progress=False)
+    torch.testing.assert_close(res["scores"], pair, atol=1e-5, rtol=0)
+    for m in (pair, pair.t()):  # no near-ties within a row: the recalls below are not decided by rounding
+        v = m.sort(dim=1).values
+        assert float((v[:, 1:] - v[:, :-1]).min()) > 1e-4
+    # naive recalls: the rank of the best true caption of each image, of the true image of each caption
+    recall = {}
+    for k in (1, 5, 10):
+        recall[f"txt_r{k}"] = 100 * sum(min(int((pair[i] > pair[i, t]).sum()) for t in (2 * i, 2 * i + 1)) < k
+                                        for i in range(3)) / 3
+        recall[f"img_r{k}"] = 100 * sum(int((pair[:, t] > pair[t // 2, t]).sum()) < k for t in range(6)) / 6
+    recall["r_mean"] = sum(recall.values()) / 6
+    assert got["images"] == 3 and got["captions"] == 6 and got["pairs"] == 18 and got["method"] == method[0]
+    for key, want in recall.items():
+        assert got[key] == pytest.approx(want)
+    assert main(argv[:-1] + ["--max-pairs", "17"]) == 2
+    err = capsys.readouterr().err
+    assert "3 images x 6 captions = 18 pairs" in err and "--max-pairs 17" in err

@@ -1,11 +1,13 @@
 """``vlprune eval vqa|retrieval --hf DIR_OR_ID``: a Hugging Face model with its own processor, patched with the method
 flags (``--method trips --keep 0.5``), on the field's annotation file: VQA (``BlipForQuestionAnswering``,
 ``ViltForQuestionAnswering``) or retrieval (``BlipForImageTextRetrieval``: ITC, then ITM re-ranking; ``CLIPModel``:
-ITC ranking, image-only methods).
+ITC ranking, image-only methods; ``ViltForImageAndTextRetrieval``, ``BridgeTowerForImageAndTextRetrieval``: every
+image-caption pair scored by the model's retrieval head, at most ``--max-pairs`` pairs).
 
     vlprune eval vqa --hf Salesforce/blip-vqa-base --method trips --keep 0.5 --test ann.json --images DIR --json
     vlprune eval retrieval --hf Salesforce/blip-itm-base-coco --method trips --keep 0.5 --test test.json --k 16
     vlprune eval retrieval --hf openai/clip-vit-base-patch16 --method tome --test test.json
+    vlprune eval retrieval --hf dandelin/vilt-b32-finetuned-coco --method trips --keep 0.5 --test test.json
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def run_hf(args) -> int:
     from vlprune.tasks.hf_vqa import evaluate_vqa, load_processor
 
     if args.task not in ("vqa", "retrieval"):
-        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT) and retrieval (BLIP ITM, CLIP ITC); got task {args.task!r}")
+        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT) and retrieval (BLIP ITM, CLIP ITC, ViLT and BridgeTower pair scoring); got task {args.task!r}")
     if args.test is None or not Path(args.test).is_file():
         raise FileNotFoundError(f"--hf needs --test, a {args.task} annotation file; not found: {args.test}")
     root = Path(args.images) if args.images else Path(args.test).parent
@@ -58,9 +60,11 @@ def run_hf(args) -> int:
 
 
 def _retrieval(args, model, entries, root: Path, rc) -> int:
-    from vlprune.tasks.hf_retrieval import evaluate_blip_retrieval, evaluate_clip_retrieval
+    from vlprune.tasks.hf_retrieval import PAIR_CLASSES, evaluate_blip_retrieval, evaluate_clip_retrieval
     from vlprune.tasks.hf_vqa import load_processor
 
+    if type(model).__name__ in PAIR_CLASSES:
+        return _pair_retrieval(args, model, entries, root, rc)
     clip = type(model).__name__ == "CLIPModel"
     if clip:
         res = evaluate_clip_retrieval(model, load_processor(args.hf), entries, root, args.batch_size,
@@ -84,4 +88,25 @@ def _retrieval(args, model, entries, root: Path, rc) -> int:
         print(json.dumps({**m, "method": name, "method_config": None if rc is None else rc.to_dict(),
                           "images": res["images"], "captions": res["captions"], "itc_seconds": res["itc_seconds"],
                           "itm_seconds": res["itm_seconds"], "model": args.hf, **extra}))
+    return 0
+
+
+def _pair_retrieval(args, model, entries, root: Path, rc) -> int:
+    """ViLT and BridgeTower retrieval: every image-caption pair through the model's retrieval head."""
+    from vlprune.tasks.hf_retrieval import evaluate_pair_retrieval
+    from vlprune.tasks.hf_vqa import load_processor
+
+    res = evaluate_pair_retrieval(model, load_processor(args.hf), entries, root, args.batch_size, args.max_pairs,
+                                  progress=not args.quiet)
+    m, name = res["metrics"], "none" if rc is None else rc.name
+    print(f"retrieval on {args.test} ({res['images']} images, {res['captions']} captions, {res['pairs']} pairs), "
+          f"{type(model).__name__} from {args.hf}, method {name if rc is None else rc.to_dict()}, every pair scored "
+          "by the retrieval head")
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
+    tokens = "n/a" if res["image_tokens"] is None else f"{res['image_tokens']:.1f}"
+    print(f"  image tokens after the patched layers {tokens}, {res['pair_seconds']:.1f} s")
+    if args.json:
+        print(json.dumps({**m, "method": name, "method_config": None if rc is None else rc.to_dict(),
+                          "images": res["images"], "captions": res["captions"], "pairs": res["pairs"],
+                          "pair_seconds": res["pair_seconds"], "image_tokens": res["image_tokens"], "model": args.hf}))
     return 0

@@ -1,6 +1,9 @@
 """Image-text retrieval of Hugging Face models (``vlprune eval retrieval --hf``): ``CLIPModel`` ranks by ITC alone
 (``evaluate_clip_retrieval``: normalised projected image and text embeddings, each image and caption encoded once;
 only image-only methods, since a text-guided one would make every image embedding depend on the caption).
+``ViltForImageAndTextRetrieval`` and ``BridgeTowerForImageAndTextRetrieval`` have no text-free first stage:
+``evaluate_pair_retrieval`` scores every image-caption pair with the model's own retrieval logit (up to
+``max_pairs`` pairs).
 
 Two-stage image-text retrieval of a Hugging Face ``BlipForImageTextRetrieval``,
 optionally patched by ``vlprune.patch``, with the protocol of ``tasks.retrieval``:
@@ -46,6 +49,16 @@ def _itm(model: nn.Module, px: Tensor, ids: Tensor, mask: Tensor, batch_size: in
     return torch.cat(out)
 
 
+def _two_way_metrics(i2t: Tensor, t2i: Tensor, img2txt, txt2img) -> Dict[str, float]:
+    """Recall@1/5/10 image-to-text from ``i2t``, text-to-image from ``t2i`` (both (images, captions)), their means
+    and ``r_mean``."""
+    a, b = retrieval_metrics(i2t, img2txt, txt2img), retrieval_metrics(t2i, img2txt, txt2img)
+    metrics = {key: v for key, v in a.items() if key.startswith("txt_")}
+    metrics.update({key: v for key, v in b.items() if key.startswith("img_")})
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    return metrics
+
+
 def evaluate_blip_retrieval(model: nn.Module, processor: Any, entries: Sequence[Dict[str, Any]], image_root: Path,
                             k: int = 128, batch_size: int = 32, progress: bool = True) -> Dict[str, Any]:
     from tqdm import tqdm
@@ -81,10 +94,7 @@ def evaluate_blip_retrieval(model: nn.Module, processor: Any, entries: Sequence[
             cand = sim[:, t].topk(min(k, n_img)).indices
             t2i[cand.cpu(), t] = _itm(model, px[cand], ids[t : t + 1].expand(len(cand), -1),
                                       mask[t : t + 1].expand(len(cand), -1), batch_size).cpu()
-    a, b = retrieval_metrics(i2t, img2txt, txt2img), retrieval_metrics(t2i, img2txt, txt2img)
-    metrics = {key: v for key, v in a.items() if key.startswith("txt_")}
-    metrics.update({key: v for key, v in b.items() if key.startswith("img_")})
-    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    metrics = _two_way_metrics(i2t, t2i, img2txt, txt2img)
     metrics["itc_r_mean"] = retrieval_metrics(sim.cpu(), img2txt, txt2img)["r_mean"]
     return {"metrics": metrics, "images": n_img, "captions": n_txt, "itc_seconds": itc_s,
             "itm_seconds": time.perf_counter() - t0, "scores_i2t": i2t, "scores_t2i": t2i}
@@ -131,4 +141,66 @@ def evaluate_clip_retrieval(model: nn.Module, processor: Any, entries: Sequence[
             "itm_seconds": 0.0, "scores": sim, "image_tokens": sum(tokens) / len(tokens) if tokens else None}
 
 
-__all__ = ["evaluate_blip_retrieval", "evaluate_clip_retrieval"]
+PAIR_CLASSES = ("ViltForImageAndTextRetrieval", "BridgeTowerForImageAndTextRetrieval")
+MAX_PAIRS = 20000
+
+
+def _pair_score(model: nn.Module, inputs: Dict[str, Tensor]) -> Tensor:
+    """The model's own retrieval logit of each pair: ViLT's one logit, BridgeTower's match logit (index 1)."""
+    logits = model(**inputs).logits.float()
+    return logits[:, 0] if type(model).__name__ == "ViltForImageAndTextRetrieval" else logits[:, 1]
+
+
+def evaluate_pair_retrieval(model: nn.Module, processor: Any, entries: Sequence[Dict[str, Any]], image_root: Path,
+                            batch_size: int = 32, max_pairs: int = MAX_PAIRS, progress: bool = True) -> Dict[str, Any]:
+    """Retrieval with a model that has no text-free first stage (``ViltForImageAndTextRetrieval``,
+    ``BridgeTowerForImageAndTextRetrieval``): every (image, caption) pair scored by the (patched) model's own
+    retrieval logit, ``batch_size`` pairs a call; a text-guided method reduces each pair with its own caption. The
+    images x captions score matrix ranks both ways. Each image is processed on its own (no image padding, which a
+    patched ViLT or BridgeTower refuses) and a batch holds images of one size."""
+    from tqdm import tqdm
+
+    name = type(model).__name__
+    if name not in PAIR_CLASSES:
+        raise ValueError(f"pair-scoring retrieval needs one of {list(PAIR_CLASSES)}, got {name}")
+    img2txt, txt2img, captions = _caption_index(entries)
+    n_img, n_txt = len(entries), len(captions)
+    if n_img * n_txt > max_pairs:
+        raise ValueError(f"{name} scores every image-caption pair: {n_img} images x {n_txt} captions = "
+                         f"{n_img * n_txt} pairs, more than --max-pairs {max_pairs}; raise --max-pairs (the time grows "
+                         "with images x captions) or evaluate a smaller test file")
+    dev = next(model.parameters()).device
+    pix = [{k: v.to(dev) for k, v in processor.image_processor(images=[open_image(image_root / e["image"])],
+                                                               return_tensors="pt").items()} for e in entries]
+    text = {k: v.to(dev) for k, v in processor.tokenizer(captions, return_tensors="pt", padding=True,
+                                                         truncation=True).items()}
+    groups: Dict[tuple, list] = {}
+    for i, x in enumerate(pix):
+        groups.setdefault(tuple(x["pixel_values"].shape), []).append(i)
+    if progress:
+        print(f"scoring {n_img} x {n_txt} = {n_img * n_txt} image-caption pairs with {name}'s retrieval head")
+    scores = torch.empty(n_img, n_txt)
+    p = get_patch(model)
+    tokens, counted = 0.0, 0
+    t0 = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=n_img * n_txt, disable=not progress, unit="pair",
+                                      desc="eval retrieval (hf, pairs)") as bar:
+        for rows in groups.values():
+            imgs = {k: torch.cat([pix[i][k] for i in rows]) for k in pix[rows[0]]}
+            pi = torch.arange(len(rows)).repeat_interleave(n_txt)
+            pt = torch.arange(n_txt).repeat(len(rows))
+            for s in range(0, len(pi), batch_size):
+                a, b = pi[s : s + batch_size], pt[s : s + batch_size]
+                inputs = {k: v[a.to(dev)] for k, v in imgs.items()}
+                inputs.update({k: v[b.to(dev)] for k, v in text.items()})
+                scores[torch.as_tensor(rows)[a], b] = _pair_score(model, inputs).cpu()
+                if p is not None and p.last_tokens is not None:
+                    tokens, counted = tokens + p.last_tokens * len(a), counted + len(a)
+                bar.update(len(a))
+    metrics = _two_way_metrics(scores, scores, img2txt, txt2img)
+    return {"metrics": metrics, "images": n_img, "captions": n_txt, "pairs": n_img * n_txt,
+            "pair_seconds": time.perf_counter() - t0, "scores": scores,
+            "image_tokens": tokens / counted if counted else None}
+
+
+__all__ = ["evaluate_blip_retrieval", "evaluate_clip_retrieval", "evaluate_pair_retrieval", "PAIR_CLASSES", "MAX_PAIRS"]
