@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
     add_method_flags(p, method_help="reduction method at inference (default: the trained one; none = off)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranking candidates")
-    p.add_argument("--max-pairs", type=int, default=20000,
+    p.add_argument("--max-pairs", type=int, default=None,
                    help="retrieval --hf with ViLT or BridgeTower (every image-caption pair scored): refuse more pairs "
                    "than this (default 20000)")
     p.add_argument("--gallery-chunk", type=int, default=0,

@@ -93,10 +93,11 @@ def _retrieval(args, model, entries, root: Path, rc) -> int:
 
 def _pair_retrieval(args, model, entries, root: Path, rc) -> int:
     """ViLT and BridgeTower retrieval: every image-caption pair through the model's retrieval head."""
-    from vlprune.tasks.hf_retrieval import evaluate_pair_retrieval
+    from vlprune.tasks.hf_retrieval import MAX_PAIRS, evaluate_pair_retrieval
     from vlprune.tasks.hf_vqa import load_processor
 
-    res = evaluate_pair_retrieval(model, load_processor(args.hf), entries, root, args.batch_size, args.max_pairs,
+    max_pairs = MAX_PAIRS if args.max_pairs is None else args.max_pairs
+    res = evaluate_pair_retrieval(model, load_processor(args.hf), entries, root, args.batch_size, max_pairs,
                                   progress=not args.quiet)
     m, name = res["metrics"], "none" if rc is None else rc.name
     print(f"retrieval on {args.test} ({res['images']} images, {res['captions']} captions, {res['pairs']} pairs), "
