@@ -37,11 +37,17 @@ def retrieval_metrics(sim_i2t: Tensor, img2txt: Sequence[Sequence[int]], txt2img
     order_i = sim.t().argsort(dim=1, descending=True, stable=True)
     target = torch.as_tensor(list(txt2img)).unsqueeze(1)
     img_rank = (order_i == target).float().argmax(dim=1)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"txt_r{k}"] = 100.0 * float((txt_rank < k).float().mean())
-    for k in (1, 5, 10):
-        out[f"img_r{k}"] = 100.0 * float((img_rank < k).float().mean())
+    return recall_from_ranks(txt_rank, img_rank)
+
+
+def recall_from_ranks(txt_rank: Sequence[int], img_rank: Sequence[int]) -> Dict[str, float]:
+    """Recall@{1,5,10} in percent from 0-based ranks: ``txt_rank`` of each image query's best caption,
+    ``img_rank`` of each caption query's image; their means, r_mean and r_sum."""
+    out: Dict[str, float] = {}
+    for prefix, ranks in (("txt", txt_rank), ("img", img_rank)):
+        r = torch.as_tensor(ranks)
+        for k in (1, 5, 10):
+            out[f"{prefix}_r{k}"] = 100.0 * float((r < k).float().mean())
     out["txt_r_mean"] = (out["txt_r1"] + out["txt_r5"] + out["txt_r10"]) / 3
     out["img_r_mean"] = (out["img_r1"] + out["img_r5"] + out["img_r10"]) / 3
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2

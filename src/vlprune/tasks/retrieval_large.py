@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .metrics import recall_from_ranks
 from .retrieval import RetrievalCost, is_text_guided, itm_scores, reducers_disabled
 
 Loader = Callable[[Sequence[int]], Tensor]  # image indices -> (len, 3, S, S)
@@ -186,17 +187,4 @@ def evaluate_large_gallery(model: nn.Module, n_images: int, load: Loader, ids: T
         i_ranks = {q: r for part in _gather(i_ranks, world) for q, r in part.items()}
     cost.itm_pairs = n1 + n2
     cost.itm_seconds = time.perf_counter() - t0
-    return recall_from_ranks(i_ranks, t_ranks), cost
-
-
-def recall_from_ranks(i2t: Dict[int, int], t2i: Dict[int, int]) -> Dict[str, float]:
-    """txt_r1/5/10 (image queries), img_r1/5/10 (caption queries), their means, r_mean and r_sum, in percent."""
-    out: Dict[str, float] = {}
-    for prefix, ranks in (("txt", list(i2t.values())), ("img", list(t2i.values()))):
-        r = torch.tensor(ranks)
-        for K in (1, 5, 10):
-            out[f"{prefix}_r{K}"] = 100.0 * float((r < K).float().mean())
-        out[f"{prefix}_r_mean"] = (out[f"{prefix}_r1"] + out[f"{prefix}_r5"] + out[f"{prefix}_r10"]) / 3
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    out["r_sum"] = sum(out[f"{p}_r{K}"] for p in ("txt", "img") for K in (1, 5, 10))
-    return out
+    return recall_from_ranks(list(i_ranks.values()), list(t_ranks.values())), cost
