@@ -1,6 +1,9 @@
 """FastV-style example method, the one ``docs/methods.md`` walks through: drop the image tokens the text attends to
 least in a chosen fusion layer. It lives only in the tests; ``conftest.py`` imports it (which registers it), and
-its test case is ``CASES["fastv"]`` in ``method_cases.py``, so every generic method test runs on it.
+its test case is ``CASES["fastv"]`` in ``method_cases.py``, so every generic method test runs on it. From this module
+alone it is also in ``vlprune info`` and its methods table, in ``vlprune.patch`` (on ViLT, whose joint slots it fits),
+in ``vlprune bench`` and in the demo's operating points (``title`` and ``point`` below);
+``test_reduce_registry.test_a_new_method_appears_everywhere_from_its_module`` checks that.
 
 Where: a fusion layer of a two-stream model, after the text's cross-attention and before the MLP (the following
 fusion layers see only the kept image tokens); in a single-stream model, a joint layer (the text rows' attention
@@ -15,7 +18,7 @@ from torch import nn
 
 from vlprune.reduce import functional as F
 from vlprune.reduce.registry import ReduceConfig, register
-from vlprune.reduce.select import RateReducer, rate_schedule
+from vlprune.reduce.select import RateReducer, rate_point, rate_schedule
 from vlprune.reduce.slots import Plan, SlotInput
 from vlprune.reduce.state import ReduceContext, TokenState
 
@@ -39,7 +42,8 @@ class FastVReducer(RateReducer):
         return text_attention_plan(slot, state, k)
 
 
-@register("fastv", groups=("fusion", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
+@register("fastv", groups=("fusion", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True,
+          title="FastV (example)", point=rate_point)
 def build_fastv(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     slots, schedule = rate_schedule(cfg, model, depth=6)  # the declared defaults are for 6 fusion layers
     for layer, keep in schedule:

@@ -1,6 +1,8 @@
-"""The package's modules depend one way: each import goes down the layer order below, never up or sideways.
+"""The package's modules depend one way: each import goes down the layer order below, never up or sideways, and
+no import circle runs between the modules of one package either.
 
 Parsed from the source with ``ast`` (imports inside functions count too), so a lazy import cannot hide an edge.
+``from . import name`` is an edge to the module ``name`` when it is one (else to the package's ``__init__``).
 """
 
 import ast
@@ -13,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vlprune"
 # are not the same component (train / bench / viz) do not import each other. Layer 0 holds the small utilities,
 # which import nothing of the package but each other.
 LAYERS: List[Set[str]] = [
-    {"version", "errors", "fileio", "distributed", "flopcount", "optim", "checkpoint", "stats", "rundir", "runtime"},
+    {"version", "errors", "fileio", "distributed", "flopcount", "optim", "checkpoint", "stats", "rundir", "runtime",
+     "registry"},
     {"config", "recipes"},
     {"reduce"},
     {"models"},
@@ -31,6 +34,9 @@ LAYERS: List[Set[str]] = [
 
 # Edges allowed against the order: none. Keep it so.
 KNOWN_EXCEPTIONS: Set[Tuple[str, str]] = set()
+# Edges allowed to close a circle inside a package: demo.report's lazy import of demo.pipeline.available_cores (to
+# go when that helper moves below both). Add none.
+KNOWN_PACKAGE_CYCLE_EDGES: Set[Tuple[str, str]] = {("demo.report", "demo.pipeline")}
 
 
 def _module_name(path: Path) -> str:
@@ -38,9 +44,20 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _modules() -> Set[str]:
+    return {_module_name(p) for p in SRC.rglob("*.py")}
+
+
+def _package_init(target: str) -> str:
+    """The module a package name stands for: its ``__init__``."""
+    return f"{target}.__init__" if target else "__init__"
+
+
 def imports() -> List[Tuple[str, str]]:
-    """(importing module, imported module) pairs inside the package, e.g. ("tasks.classify", "models.heads")."""
+    """(importing module, imported module) pairs inside the package, e.g. ("tasks.classify", "models.heads"); a
+    package is named by its ``__init__`` module (e.g. "reduce.__init__")."""
     edges = []
+    known = _modules()
     for path in sorted(SRC.rglob("*.py")):
         mod = _module_name(path)
         package = mod.split(".")[:-1]  # the package a relative import starts from (for __init__ too)
@@ -53,7 +70,11 @@ def imports() -> List[Tuple[str, str]]:
                     target = node.module[len("vlprune."):] if node.module != "vlprune" else ""
                 else:
                     continue
-                edges.append((mod, target or "__init__"))
+                subs = [f"{target}.{a.name}" if target else a.name for a in node.names]
+                if subs and all(s in known for s in subs):  # from PACKAGE import module, module
+                    edges += [(mod, s) for s in subs]
+                else:
+                    edges.append((mod, target if target in known else _package_init(target)))
             elif isinstance(node, ast.Import):
                 edges += [(mod, a.name[len("vlprune."):]) for a in node.names if a.name.startswith("vlprune.")]
     return edges
@@ -61,6 +82,30 @@ def imports() -> List[Tuple[str, str]]:
 
 def component(mod: str) -> str:
     return mod.split(".")[0]
+
+
+def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One import cycle of ``graph`` as a path, or []."""
+    state: Dict[str, int] = {}
+
+    def visit(node: str, path: List[str]) -> List[str]:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [node])
+                if found:
+                    return found
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node, [])
+            if found:
+                return found
+    return []
 
 
 def layer_of(comp: str) -> int:
@@ -92,18 +137,21 @@ def test_no_cycle_between_components():
     for a, b in imports():
         if component(a) != component(b) and (a, b) not in KNOWN_EXCEPTIONS:
             graph.setdefault(component(a), set()).add(component(b))
-    state: Dict[str, int] = {}
+    cycle = _cycle(graph)
+    assert not cycle, f"import cycle: {' -> '.join(cycle)}"
 
-    def visit(node: str, path: List[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(path + [node, nxt])}")
-            if nxt not in state:
-                visit(nxt, path + [node])
-        state[node] = 2
 
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
+def test_no_cycle_inside_a_package():
+    """Modules of one package (e.g. patch.core and the family modules) never import each other in a circle: the
+    registries keep it so (a package's ``__init__`` imports the modules that register; the core never does)."""
+    graph: Dict[str, Set[str]] = {}
+    for a, b in imports():
+        if component(a) == component(b) and a != b and (a, b) not in KNOWN_PACKAGE_CYCLE_EDGES:
+            graph.setdefault(a, set()).add(b)
+    cycle = _cycle(graph)
+    assert not cycle, f"import cycle inside a package: {' -> '.join(cycle)}"
 
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []

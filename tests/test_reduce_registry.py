@@ -4,7 +4,7 @@ import pytest
 
 import vlprune
 from vlprune import ReduceConfig as RC
-from vlprune.objectives import methods as method_objectives
+from vlprune.objectives import method_losses as method_objectives
 from vlprune.reduce import registry
 from vlprune.reduce.registry import MethodSpec, Option, get_spec
 from vlprune.tasks.finetune import learned_method, learned_methods
@@ -14,7 +14,80 @@ from vlprune.tasks.retrieval import is_text_guided
 def test_builtin_order_and_none_first():
     names = vlprune.list_methods()
     assert names[0] == "none"
-    assert names[:5] == ["none", "trips", "elip", "tip", "laps"]
+    assert names[:10] == ["none", "trips", "elip", "tip", "laps", "evit", "tome", "dynamicvit", "random", "lowres"]
+    assert "fastv" in names[10:]  # registered outside vlprune (tests/fastv_example.py): after the built-in ones
+
+
+def test_registry_idiom():
+    from vlprune.registry import Registry
+
+    r = Registry("widget")
+    r.register("a", 1)
+
+    @r.register("b")
+    def b():
+        return 2
+
+    assert r.names() == ["a", "b"] and r.get("b") is b and "a" in r and len(r) == 2
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        r.register("a", 3)
+    with pytest.raises(ValueError, match="^unknown widget 'c'; valid: a, b$"):
+        r.get("c")
+    assert r.find(lambda item: item if item == 1 else None) == 1 and r.find(lambda item: None) is None
+    with pytest.raises(ValueError, match="^unknown reduction method 'nope'; valid: none, trips, elip"):
+        get_spec("nope")
+    with pytest.raises(ValueError, match="reduction method 'trips' is already registered"):
+        registry.register("trips")(lambda cfg, model, opts: None)
+
+
+def test_a_new_method_appears_everywhere_from_its_module(capsys):
+    """tests/fastv_example.py is one module (plus its case in method_cases.py) and nothing else names it; it is in
+    `vlprune info` and its methods table, in vlprune.patch where its traits fit (ViLT's joint slots, with a text
+    guide) and nowhere else, in the benchmark's method list and in the demo's operating points."""
+    import torch
+
+    import hf_tiny
+    from vlprune.cli import main
+    from vlprune.commands.info import methods_table
+    from vlprune.demo.profiles import QUICK, point
+    from vlprune.reduce.registry import ReduceConfig
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "fastv" in out.splitlines()[1] and "  fastv: fusion/joint slots, mid; text-guided" in out
+    assert "| fastv | FastV (example) | fusion, joint | mid | yes | no | yes | vilt |" in methods_table().splitlines()
+    supported = vlprune.patch.supported_classes()
+    assert [c for c, methods in supported.items() if "fastv" in methods] == [
+        "ViltForQuestionAnswering", "ViltForImageAndTextRetrieval", "ViltForMaskedLM", "ViltModel"]
+    model = hf_tiny.vilt()
+    px, ids, mask = hf_tiny.inputs()
+    pixel_mask = torch.ones(px.shape[0], 32, 32, dtype=torch.long)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=px, pixel_mask=pixel_mask).logits
+        vlprune.patch(model, "fastv", layers=(2,), keep=0.5)
+        model(input_ids=ids, attention_mask=mask, pixel_values=px, pixel_mask=pixel_mask)
+        assert vlprune.patch.get_patch(model).last_tokens == 1 + 8  # [CLS] + half of the 16 patches
+        vlprune.patch(model, "fastv", layers=(2,), keep=1.0)
+        same = model(input_ids=ids, attention_mask=mask, pixel_values=px, pixel_mask=pixel_mask).logits
+    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'fastv' is not supported on CLIPModel: it runs in 'fusion' or 'joint' slots"):
+        vlprune.patch(hf_tiny.clip(), "fastv")
+    from test_bench import _check_counted_vs_analytic, _method_model
+
+    counted, tokens = _check_counted_vs_analytic(_method_model("fastv", "tiny"))  # the benchmark's FLOP count
+    assert tokens.patches == 16
+    assert point(QUICK, "fastv", 0.25) == ReduceConfig("fastv", layers=(2,), keep=0.25)  # its declared layers
+
+
+def test_docs_methods_table_is_the_declared_one():
+    """docs/methods.md carries the table `vlprune info --methods-table` prints for the built-in methods."""
+    from pathlib import Path
+
+    from vlprune.commands.info import methods_table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    builtin = [n for n in vlprune.list_methods() if get_spec(n).build.__module__.startswith("vlprune.")]
+    assert methods_table(builtin) in text, "docs/methods.md: paste the output of `vlprune info --methods-table`"
 
 
 @pytest.mark.parametrize("option,value,match", [

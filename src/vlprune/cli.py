@@ -1,5 +1,7 @@
-"""The ``vlprune`` command line. Thin: each sub-command lives in ``vlprune/commands/<name>.py`` with
-``add_parser(subparsers)`` and ``run(args) -> int``; they build the same config objects and call the Python API.
+"""The ``vlprune`` command line: the global flags, logging, signals and one-line errors. Each sub-command lives in
+``vlprune/commands/<name>.py`` (registered in ``vlprune.commands.COMMANDS``) with ``add_parser(subparsers)`` and
+``run(args) -> int``; a command checks its flags, builds the config objects and calls the Python API, with some
+orchestration of its own (``eval`` with an official checkpoint, ``train --resume``, ``demo``).
 
 Every parser refuses abbreviated flags (``--opt`` is not ``--option``) and shows defaults in ``--help``. The
 global flags ``--debug``, ``-v/--verbose``, ``--quiet``, ``--threads``, ``--precision`` and ``--compile`` are
@@ -19,11 +21,10 @@ import sys
 import threading
 from typing import Iterator, List, Optional, Set
 
+from .commands import COMMANDS
 from .errors import CLIError, Terminated, exit_code  # noqa: F401  (CLIError re-exported for earlier imports)
 from .version import __version__
 
-# sub-command modules under vlprune.commands, in help order
-COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
 GLOBAL_DEFAULTS = {"debug": False, "verbose": False, "quiet": False, "threads": None, "precision": None,
                    "compile": False}
 # the sub-commands that run a model and honour --precision / --compile
@@ -100,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vlprune {__version__}")
     _add_global_flags(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"vlprune.commands.{name}").add_parser(sub)
+    for _, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
     for child in list(_parsers(p))[1:]:
         child.allow_abbrev = False
         child.formatter_class = HelpFormatter

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..flopcount import flop_counter_mode
-from ..patch import get_patch, guidance, patch, unpatch
+from ..patch import FAMILIES, get_patch, guidance, patch, unpatch
 from ..patch.hub import load_hf
 from ..reduce.registry import ReduceConfig, get_spec
 from .throughput import calls_bar, time_interleaved
@@ -35,9 +35,6 @@ ARCHS: Dict[str, Tuple[str, str, Dict]] = {
     "vilt-b32": ("ViltForQuestionAnswering", "ViltConfig", {"num_labels": 3129}),  # ViT-B/32 at 384 px
     "bridgetower-base": ("BridgeTowerForImageAndTextRetrieval", "BridgeTowerConfig", {}),  # ViT-B/16 at 288, 6 cross
 }
-# methods measured when none are given
-DEFAULT_METHODS = {"blip": ("trips", "evit", "tome"), "clip": ("evit", "tome"), "vilt": ("trips", "evit", "tome"),
-                   "bridgetower": ("tip",)}
 
 
 def build_arch(name: str) -> nn.Module:
@@ -96,7 +93,7 @@ def example_call(model: nn.Module, batch: int, text_len: int, seed: int = 0) -> 
 
 def _rows(methods: Sequence[ReduceConfig], family: str) -> List[Tuple[str, Optional[ReduceConfig]]]:
     rows: List[Tuple[str, Optional[ReduceConfig]]] = [("unpatched", None), ("patched none", ReduceConfig("none"))]
-    chosen = [m for m in methods if m.name != "none"] or [ReduceConfig(n) for n in DEFAULT_METHODS[family]]
+    chosen = [m for m in methods if m.name != "none"] or [ReduceConfig(n) for n in FAMILIES.get(family).bench]
     for rc in chosen:
         label = rc.name + "".join(f" {k}={v}" for k, v in (("layers", rc.layers), ("keep", rc.keep)) if v is not None)
         label += "".join(f" {k}={v}" for k, v in rc.options.items())

@@ -6,6 +6,8 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="list presets and methods; describe a model preset")
     p.add_argument("--model", default=None, help="a preset name or config JSON to describe")
+    p.add_argument("--methods-table", action="store_true",
+                   help="print the methods' declared traits as a Markdown table (as in docs/methods.md)")
     p.set_defaults(run=run)
 
 
@@ -26,9 +28,31 @@ def describe_method(name: str) -> str:
     return "; ".join(parts)
 
 
+def methods_table(names=None) -> str:
+    """A Markdown table of the methods' declarations (default: every registered method): title, slot groups,
+    placement, traits, whether it has operating points for sweeps, and the Hugging Face classes it patches."""
+    from vlprune.patch import FAMILIES
+    from vlprune.reduce.registry import get_spec, list_methods
+
+    rows = ["| method | title | slot groups | placement | text-guided | learned | sweep points | vlprune.patch |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in names if names is not None else list_methods():
+        spec = get_spec(name)
+        fams = [f.name for f in FAMILIES.values() if any(spec.name in o.methods() for o in f.classes.values())]
+        yes = lambda on: "yes" if on else "no"  # noqa: E731
+        rows.append(f"| {name} | {spec.title} | {', '.join(spec.groups) or '-'} | {spec.placement} | "
+                    f"{yes(spec.text_guided)} | {yes(spec.learned)} | {yes(spec.point is not None)} | "
+                    f"{', '.join(fams) or '-'} |")
+    return "\n".join(rows)
+
+
 def run(args) -> int:
     import vlprune
     from vlprune.config import to_dict
+
+    if args.methods_table:
+        print(methods_table())
+        return 0
 
     print("presets:", ", ".join(vlprune.list_presets()))
     print("methods:", ", ".join(vlprune.list_methods()))

@@ -17,7 +17,6 @@ one is ``f``; lowres shrinks the image to the patch multiple nearest ``sqrt(f)``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -207,37 +206,19 @@ def model_config(profile: Profile):
     return override(load_preset("small"), **profile.model)
 
 
-def _trips_counts(n: int, keep: float, layers: int) -> Tuple[int, ...]:
-    """Candidate tokens after each TRIPS / EViT reduction: ceil(keep * M) kept + 1 fused."""
-    out, m = [], n
-    for _ in range(layers):
-        m = math.ceil(keep * m) + 1
-        out.append(m)
-    return tuple(out)
-
-
 def point(profile: Profile, method: str, f: float, cfg=None):
     """The ReduceConfig of ``method`` at keep ``f`` on the profile's model (see the module docstring)."""
-    from ..reduce.registry import ReduceConfig
+    from ..reduce.registry import METHODS as REGISTERED
 
     if method == "none":
         return None
-    cfg = cfg or model_config(profile)
-    v = cfg.vision
-    if method == "lowres":
-        return ReduceConfig("lowres", options={"image_size": max(1, round(math.sqrt(f) * v.grid)) * v.patch_size})
-    if method not in METHODS:
+    spec = REGISTERED.get(method) if method in REGISTERED else None
+    if spec is None or spec.point is None:
         raise ValueError(f"no operating points for method {method!r}; valid: {list(METHODS) + ['lowres']}")
-    sched = profile.schedules[method]
-    layers = tuple(sched["layers"])
-    per_layer = round(f ** (1 / len(layers)), 4)
-    if method in ("trips", "evit", "random"):
-        return ReduceConfig(method, layers=layers, keep=per_layer)
-    if method == "tome":
-        counts = (v.num_patches,) + _trips_counts(v.num_patches, per_layer, len(layers))
-        return ReduceConfig("tome", layers=layers, options={"r": [a - b for a, b in zip(counts, counts[1:])]})
-    base = tuple(sched["keep"])  # elip
-    return ReduceConfig("elip", layers=layers, keep=tuple(min(1.0, round(b * f / base[-1], 4)) for b in base))
+    cfg = cfg or model_config(profile)
+    # the profile's schedule of the method, else the layers and keep its declaration gives (a method without one)
+    schedule = profile.schedules.get(method) or {"layers": spec.layers, "keep": spec.keep}
+    return spec.point(method, f, schedule, cfg.vision)
 
 
 def validate(profile: Profile) -> None:

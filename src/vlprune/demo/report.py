@@ -11,10 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..reduce.registry import get_spec
 from . import summary as S
 from .profiles import METHODS, label
 
-NAMES = {"trips": "TRIPS", "evit": "EViT", "tome": "ToMe", "random": "random", "elip": "ELIP", "lowres": "lower resolution"}
+NAMES = {m: get_spec(m).title for m in list(METHODS) + ["lowres"]}  # display names, declared by each method
 
 
 def environment(threads: int) -> Dict[str, Any]:

@@ -159,7 +159,10 @@ def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]],
 
 
 def _name(m: str) -> str:
-    return {"evit": "EViT", "random": "random", "trips": "TRIPS", "tome": "ToMe", "elip": "ELIP"}.get(m, m)
+    """A method's display name (its declared title); other rows ("blind") as they are."""
+    from ..reduce.registry import METHODS as REGISTERED
+
+    return REGISTERED.get(m).title if m in REGISTERED else m
 
 
 __all__ = ["main_rows", "sweep_rows", "paired_tests", "seed_rows", "sentences", "compare", "fmt_p"]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .distill import kl_distill
-from .methods import MethodLossInputs, register_loss
+from .method_losses import MethodLossInputs, register_loss
 
 def ratio_loss(masks: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
     """mean_l mean_b (mean_i D^l_bi - rho_l)^2: masks (B, N) hard keep masks per pruning layer over all N

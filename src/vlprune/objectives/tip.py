@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distill import kl_distill
-from .methods import MethodLossInputs, register_loss
+from .method_losses import MethodLossInputs, register_loss
 
 NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 

@@ -14,7 +14,12 @@ Supported classes and methods: ``supported_classes()`` and docs/patch.md.
 import sys
 import types
 
+from .base import FAMILIES, Offer, register_family
 from .core import get_patch, guidance, load_patch, patch, supported_classes, unpatch
+
+# the Hugging Face families, each registering itself on import, in the order ``patch`` tries them; a new family is
+# one module here (and a tiny test config in tests/hf_tiny.py)
+from . import blip, clip, vilt, bridgetower  # noqa: E402,F401,I001
 
 
 class _CallableModule(types.ModuleType):
@@ -26,4 +31,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["patch", "unpatch", "get_patch", "guidance", "load_patch", "supported_classes"]
+__all__ = ["patch", "unpatch", "get_patch", "guidance", "load_patch", "supported_classes", "FAMILIES", "Offer",
+           "register_family"]

@@ -18,15 +18,17 @@ from typing import Any, Dict, Optional
 
 from torch import Tensor, nn
 
-from .core import Binding, Patch, text_guided_call, vision_encoder_forward
+from .base import Binding, Offer, Patch, register_family, text_guided_call, vision_encoder_forward
 from .layers import AttnView, LayerView, fused_qkv
 
-IMAGE_ONLY = ("none", "evit", "tome", "dynamicvit", "random")
-GUIDED = ("trips", "elip")
+_FUSION = {m: "it is not wired into BLIP's fusion layers" for m in ("tip", "laps")}
+_GUIDED = Offer({"vision": True}, guide="call the model with input_ids (the guide is its text encoder's [CLS])",
+                reasons=_FUSION)
 CLASSES = {
-    "BlipForImageTextRetrieval": IMAGE_ONLY[:1] + GUIDED + IMAGE_ONLY[1:],
-    "BlipForQuestionAnswering": IMAGE_ONLY[:1] + GUIDED + IMAGE_ONLY[1:],
-    "BlipForConditionalGeneration": IMAGE_ONLY,
+    "BlipForImageTextRetrieval": _GUIDED,
+    "BlipForQuestionAnswering": _GUIDED,
+    "BlipForConditionalGeneration": Offer({"vision": True}, no_guide="captioning has no text before the image",
+                                          reasons=_FUSION),
 }
 
 
@@ -53,6 +55,7 @@ def text_cls(text_encoder: nn.Module, args: Dict[str, Any]) -> Tensor:
     return out.last_hidden_state[:, 0]
 
 
+@register_family("blip", CLASSES, bench=("trips", "evit", "tome"))
 def bind(model: nn.Module) -> Optional[Binding]:
     name = type(model).__name__
     if name not in CLASSES:
@@ -61,9 +64,6 @@ def bind(model: nn.Module) -> Optional[Binding]:
     vc = model.config.vision_config
     text_encoder = getattr(model, "text_encoder", None)
     tw = model.config.text_config.hidden_size if text_encoder is not None else vc.hidden_size
-    why = {m: "captioning has no text before the image, so only image-only methods apply" for m in GUIDED}
-    why["tip"] = why["laps"] = "it is not wired into BLIP's fusion layers"
-    why["guide"] = "call the model with input_ids (the guide is its text encoder's [CLS])"
 
     def install(p: Patch) -> None:
         p.override(vm.encoder, "forward", vision_encoder_forward(p, vc, vm))
@@ -76,7 +76,7 @@ def bind(model: nn.Module) -> Optional[Binding]:
             p.override(model, "generate", text_guided_call(p, model.generate, guide))
 
     return Binding("blip", "vision", vision_views(vm), vc.hidden_size, tw,
-                   (vc.image_size // vc.patch_size) ** 2, CLASSES[name], install, why)
+                   (vc.image_size // vc.patch_size) ** 2, CLASSES[name], install)
 
 
 __all__ = ["bind", "CLASSES", "vision_views"]

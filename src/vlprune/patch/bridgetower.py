@@ -34,21 +34,24 @@ expose their queries and keys.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..reduce.slots import SlotInput
 from ..reduce.state import ReduceContext, TokenState
-from .core import Binding, Patch
+from .base import Binding, Offer, Patch, register_family
 from .layers import AttnView, EncoderView, LayerView, fused_qkv
 from .vilt import key_mask
 
-METHODS = ("none", "tip", "elip", "trips", "evit", "tome", "random")
-VISION_METHODS = ("elip", "trips", "evit", "tome", "random")  # in the uni-modal vision layers
-CLASSES = {"BridgeTowerForImageAndTextRetrieval": METHODS, "BridgeTowerForMaskedLM": METHODS,
-           "BridgeTowerModel": METHODS}
+# the cross-modal image layers ("fusion") do not expose their queries and keys; the uni-modal vision layers do
+OFFER = Offer({"fusion": False, "vision": True},
+              guide="the guide is the model's uni-modal text encoder [CLS] of the call's input_ids",
+              excluded={"dynamicvit": "its training path keeps pruned tokens under a mask, which BridgeTower's bridges "
+                                      "and cross-modal layers would have to carry; not wired in"},
+              reasons={m: "it is not wired into BridgeTower" for m in ("laps", "lowres")})
+CLASSES = {"BridgeTowerForImageAndTextRetrieval": OFFER, "BridgeTowerForMaskedLM": OFFER, "BridgeTowerModel": OFFER}
 
 
 class CrossLayerSlot:
@@ -236,6 +239,7 @@ def bridged_link_tower(p: Patch, tower: nn.Module) -> Callable:
     return forward
 
 
+@register_family("bridgetower", CLASSES, bench=("tip",))
 def bind(model: nn.Module) -> Optional[Binding]:
     name = type(model).__name__
     if name not in CLASSES:
@@ -246,10 +250,6 @@ def bind(model: nn.Module) -> Optional[Binding]:
     n = (vc.image_size // vc.patch_size) ** 2
     towers = bt.cross_modal_image_link_tower
     towers = list(towers) if isinstance(towers, nn.ModuleList) else [towers]
-    why: Dict[str, str] = {
-        "dynamicvit": "its training path keeps pruned tokens under a mask, which BridgeTower's bridges and "
-                      "cross-modal layers would have to carry; not wired in",
-        "laps": "it is not wired into BridgeTower", "lowres": "it is not wired into BridgeTower"}
     visual = bt.vision_model.visual
     views = vision_views(visual)
     encoder = EncoderView(views)
@@ -290,7 +290,7 @@ def bind(model: nn.Module) -> Optional[Binding]:
             p.override(t, "forward", bridged_link_tower(p, t))
 
     # the widths TiP's builder reads are the cross-modal ones; ELIP reads none (its width check is in install)
-    return Binding("bridgetower", "fusion", slots, cfg.hidden_size, cfg.hidden_size, n, CLASSES[name], install, why,
+    return Binding("bridgetower", "fusion", slots, cfg.hidden_size, cfg.hidden_size, n, CLASSES[name], install,
                    more={"vision": views})
 
 

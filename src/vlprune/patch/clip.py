@@ -15,11 +15,12 @@ from typing import Optional
 
 from torch import nn
 
-from .core import Binding, Patch, vision_encoder_forward
+from .base import Binding, Offer, Patch, register_family, vision_encoder_forward
 from .layers import AttnView, LayerView
 
-METHODS = ("none", "trips", "elip", "evit", "tome", "dynamicvit", "random")
-CLASSES = {"CLIPModel": METHODS, "CLIPVisionModel": METHODS}
+OFFER = Offer({"vision": True}, guide="CLIP's image features are text-free, so the caller supplies the guide",
+              reasons={"tip": "it needs a cross-modal encoder, which CLIP has not", "laps": "it is not wired into CLIP"})
+CLASSES = {"CLIPModel": OFFER, "CLIPVisionModel": OFFER}
 
 
 def vision_parts(model: nn.Module):
@@ -33,6 +34,7 @@ def vision_parts(model: nn.Module):
     return vm, cfg
 
 
+@register_family("clip", CLASSES, bench=("evit", "tome"))
 def bind(model: nn.Module) -> Optional[Binding]:
     name = type(model).__name__
     if name not in CLASSES:
@@ -45,13 +47,11 @@ def bind(model: nn.Module) -> Optional[Binding]:
         attn = AttnView(H, D, a.q_proj, a.k_proj, a.v_proj, a.out_proj, float(getattr(vc, "attention_dropout", 0.0)),
                         owner=layer)
         views.append(LayerView(layer, layer.layer_norm1, attn, layer.layer_norm2, layer.mlp))
-    why = {"tip": "it needs a cross-modal encoder, which CLIP has not", "laps": "it is not wired into CLIP",
-           "guide": "CLIP's image features are text-free, so the caller supplies the guide"}
 
     def install(p: Patch) -> None:
         p.override(vm.encoder, "forward", vision_encoder_forward(p, vc, vm))
 
-    return Binding("clip", "vision", views, D, D, (vc.image_size // vc.patch_size) ** 2, CLASSES[name], install, why)
+    return Binding("clip", "vision", views, D, D, (vc.image_size // vc.patch_size) ** 2, CLASSES[name], install)
 
 
 __all__ = ["bind", "CLASSES"]

@@ -2,7 +2,7 @@
 
 How a patch works (the same for every family):
 
-- The family module (``blip.py``, ``clip.py``, ``vilt.py``) binds the model: it finds the encoder whose layers get
+- The family module (``blip.py``, ``clip.py``, ``vilt.py``, ``bridgetower.py``; see ``base.py``) binds the model: it finds the encoder whose layers get
   reduction slots and wraps each HF layer in a ``layers.LayerView``. The method's own builder (the registry's
   ``install``) fills those slots exactly as in vlprune's models, through a small stand-in (``SlotModel``) that has
   ``reduction_slots()`` and the widths the builders read.
@@ -19,184 +19,33 @@ How a patch works (the same for every family):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..reduce.registry import MethodSpec, ReduceConfig, get_spec, install
-from ..reduce.state import ReduceContext
-from .layers import EncoderView, LayerView
+from ..reduce.registry import ReduceConfig, get_spec, install
+from .base import ATTR, FAMILIES, Binding, Patch, SlotModel, get_patch, text_guided_call, vision_encoder_forward
 
-
-ATTR = "_vlprune_patch"
 CONFIG_FILE = "vlprune_patch.json"
 WEIGHTS_FILE = "vlprune_patch.pt"
 
 
-@dataclass
-class Binding:
-    """What a family module finds in a model: the slot group and its layers, the widths the method builders read,
-    the methods that make sense on it, and ``install(patch)`` which sets the instance overrides."""
-
-    family: str
-    group: str  # "vision" or "joint"
-    views: List[LayerView]
-    vision_width: int
-    guide_width: int
-    num_patches: int
-    methods: Tuple[str, ...]
-    install: Callable[["Patch"], None]
-    why: Dict[str, str] = field(default_factory=dict)  # method -> why it is not supported here
-    more: Dict[str, List[Any]] = field(default_factory=dict)  # further slot groups (BridgeTower: "vision" too)
-
-    def groups(self) -> Dict[str, List[Any]]:
-        """Every slot group of the model, {group: its slots}; a method's builder fills the one it targets."""
-        return {self.group: self.views, **self.more}
-
-
-class SlotModel:
-    """The stand-in the registry's method builders see: ``reduction_slots()`` and ``cfg`` widths."""
-
-    def __init__(self, b: Binding) -> None:
-        self._b = b
-        self.cfg = SimpleNamespace(vision=SimpleNamespace(width=b.vision_width, num_patches=b.num_patches),
-                                   text=SimpleNamespace(width=b.guide_width))
-
-    def reduction_slots(self) -> Dict[str, List[Any]]:
-        return self._b.groups()
-
-    def clear_reducers(self) -> None:
-        for views in self._b.groups().values():
-            for v in views:
-                v.reducer = None
-
-
-class Patch:
-    """A patch in place on one model: the method config, its reducers and what ``unpatch`` restores."""
-
-    def __init__(self, model: nn.Module, binding: Binding, config: ReduceConfig) -> None:
-        self.model, self.binding, self.config = model, binding, config
-        self.spec: MethodSpec = get_spec(config.name)
-        self.encoder = EncoderView(binding.views)
-        self.reducers = nn.ModuleDict()
-        self.generator: Optional[torch.Generator] = None  # randomness of random / Gumbel methods (None: seeded)
-        self.last_tokens: Optional[int] = None  # image tokens after the patched encoder in the last call
-        self.last_aux: Tuple[Any, ...] = ()  # the learned methods' AuxRecords of the last call (for their losses)
-        self._saved: List[Tuple[Any, str, bool, Any]] = []
-        self._guide: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_guide_{id(self)}", default=None)
-        self._call: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_call_{id(self)}", default=None)
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "Patch":
-        # the overrides are closures over this model's layers: a copy would silently run the original's weights
-        raise TypeError(f"a {type(self.model).__name__} patched by vlprune cannot be deep-copied: vlprune.unpatch(model), "
-                        "copy it, then patch the copy (and the original again)")
-
-    # -- instance overrides ---------------------------------------------------------------------------------------
-    def override(self, obj: Any, name: str, value: Any) -> None:
-        """Set ``obj.name = value`` on the instance, remembering what to put back."""
-        had = name in obj.__dict__
-        self._saved.append((obj, name, had, obj.__dict__.get(name)))
-        obj.__dict__[name] = value
-
-    def restore(self) -> None:
-        for obj, name, had, old in reversed(self._saved):
-            if had:
-                obj.__dict__[name] = old
-            else:
-                obj.__dict__.pop(name, None)
-        self._saved.clear()
-        SlotModel(self.binding).clear_reducers()
-
-    # -- per call -------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def guided(self, guide: Optional[Tensor], **info: Any) -> Iterator[None]:
-        """Within the block the encoder reads ``guide`` (B, D) (None: no guide) and ``info`` (e.g. text length)."""
-        t1, t2 = self._guide.set(guide), self._call.set(info)
-        try:
-            yield
-        finally:
-            self._guide.reset(t1)
-            self._call.reset(t2)
-
-    def current_guide(self) -> Optional[Tensor]:
-        return self._guide.get()
-
-    def call_info(self) -> Dict[str, Any]:
-        return self._call.get() or {}
-
-    def sync(self, like: Tensor, training: bool) -> None:
-        """Reducers follow the model: device, floating dtype and train/eval mode of the layer they sit in."""
-        p = next(self.reducers.parameters(), None)
-        if p is not None and (p.device != like.device or p.dtype != like.dtype):
-            self.reducers.to(device=like.device, dtype=like.dtype)
-        if self.reducers.training != training:
-            self.reducers.train(training)
-
-    def reduces_now(self, batch: int) -> bool:
-        """Whether the slots run in this call: a text-guided method needs a guide, unless the caller asked for a
-        text-free pass (``text_free=True`` in ``guided``), which runs the encoder unreduced."""
-        if not self.spec.text_guided:
-            return True
-        if self.call_info().get("text_free"):
-            return False
-        g = self.current_guide()
-        if g is None:
-            raise ValueError(
-                f"{self.config.name} is text-guided, but this call of the patched {type(self.model).__name__} has no "
-                f"guide: {self.binding.why.get('guide', 'pass the caption with the call')}, or wrap the call in "
-                "`with vlprune.patch.guidance(model, guide):` with guide (B, D) of the image encoder's width"
-            )
-        if g.dim() != 2 or g.shape[0] != batch or g.shape[1] != self.binding.guide_width:
-            raise ValueError(f"{self.config.name}: the guide must have shape (B={batch}, D={self.binding.guide_width}), "
-                             f"got {tuple(g.shape)}")
-        return True
-
-    def check_outputs(self, config: Any, kwargs: Dict[str, Any]) -> None:
-        """Attention maps and per-layer hidden states are not available from a patched encoder: raise clearly."""
-        for flag in ("output_attentions", "output_hidden_states"):
-            v = kwargs.get(flag)
-            if v is None:
-                v = getattr(config, flag, False)
-            if v:
-                raise ValueError(
-                    f"{flag}=True is not supported while the {type(self.model).__name__} is patched by vlprune "
-                    f"(method {self.config.name!r}): the patched layers run SDPA without the attention map and "
-                    "change the token count between layers; call vlprune.unpatch(model) first"
-                )
-
-
 # -- the public API ---------------------------------------------------------------------------------------------
-def get_patch(model: nn.Module) -> Optional[Patch]:
-    """The Patch on ``model`` (its ``config``, ``reducers``, ``generator``), or None."""
-    return model.__dict__.get(ATTR)
-
-
 def _bind(model: nn.Module) -> Binding:
-    from . import blip, bridgetower, clip, vilt
-
-    for family in (blip, clip, vilt, bridgetower):
-        b = family.bind(model)
-        if b is not None:
-            return b
+    b = FAMILIES.find(lambda family: family.bind(model))
+    if b is not None:
+        return b
     raise TypeError(
         f"vlprune.patch does not support {type(model).__name__}; supported classes: {sorted(supported_classes())}"
     )
 
 
 def supported_classes() -> Dict[str, Tuple[str, ...]]:
-    """{HF class name: methods that make sense on it}."""
-    from . import blip, bridgetower, clip, vilt
-
-    out: Dict[str, Tuple[str, ...]] = {}
-    for family in (blip, clip, vilt, bridgetower):
-        out.update(family.CLASSES)
-    return out
+    """{HF class name: the methods that run on it} (computed from the method traits, ``Offer.methods``)."""
+    return {cls: offer.methods() for family in FAMILIES.values() for cls, offer in family.classes.items()}
 
 
 def patch(model: nn.Module, method: Union[str, ReduceConfig] = "none", layers: Optional[Sequence[int]] = None,
@@ -221,9 +70,8 @@ def patch(model: nn.Module, method: Union[str, ReduceConfig] = "none", layers: O
     b = _bind(model)
     get_spec(rc.name)  # an unknown name raises with the list of methods
     if rc.name not in b.methods:
-        why = b.why.get(rc.name, "")
-        raise ValueError(f"method {rc.name!r} is not supported on {type(model).__name__}"
-                         f"{': ' + why if why else ''}; supported methods: {list(b.methods)}")
+        raise ValueError(f"method {rc.name!r} is not supported on {type(model).__name__}: "
+                         f"{b.offer.why_not(rc.name)}; supported methods: {list(b.methods)}")
     p = Patch(model, b, rc)
     install(rc, SlotModel(b))
     for group, views in b.groups().items():
@@ -313,53 +161,5 @@ def load_patch(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     return model
 
 
-__all__ = ["patch", "unpatch", "get_patch", "guidance", "load_patch", "supported_classes", "Patch", "Binding"]
-
-
-def vision_encoder_forward(p: Patch, config: Any, layer_owner: nn.Module) -> Callable:
-    """A replacement for an HF image encoder's ``forward`` (BLIP's and CLIP's take ``inputs_embeds`` and return a
-    ``BaseModelOutput``, in transformers 4.x and 5.x): every layer through its LayerView, the slots filled."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    def forward(inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                causal_attention_mask: Optional[Tensor] = None, **kwargs: Any):
-        p.check_outputs(config, kwargs)
-        if attention_mask is not None or causal_attention_mask is not None:
-            raise ValueError("the patched image encoder takes no attention mask (every image token is real)")
-        if inputs_embeds is None:
-            raise ValueError("the patched image encoder needs inputs_embeds")
-        x = inputs_embeds
-        p.sync(x, layer_owner.training)
-        reduce = p.reduces_now(x.shape[0])
-        state = p.encoder.run_vision(x, ReduceContext(guide=p.current_guide(), generator=p.generator), reduce)
-        p.last_tokens, p.last_aux = state.num_tokens, state.aux
-        out = BaseModelOutput(last_hidden_state=state.x)
-        return out if kwargs.get("return_dict", True) is not False else (state.x,)
-
-    return forward
-
-
-def text_guided_call(p: Patch, fn: Callable, guide_of: Callable[[Dict[str, Any]], Optional[Tensor]],
-                     text_free: Optional[Callable[[Dict[str, Any]], bool]] = None) -> Callable:
-    """Wrap a top-level method (``forward``, ``generate``) so that a text-guided method gets its guide:
-    ``guide_of(arguments)`` computes it from the call's bound arguments; ``text_free(arguments)`` True runs the image
-    encoder unreduced instead (e.g. BLIP's ITC, whose image features must not depend on the caption)."""
-    import inspect
-
-    sig = inspect.signature(fn)
-
-    def wrapper(*args: Any, **kwargs: Any):
-        if not p.spec.text_guided:
-            return fn(*args, **kwargs)
-        try:
-            arguments = sig.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            return fn(*args, **kwargs)  # let the model raise its own error
-        if text_free is not None and text_free(arguments):
-            with p.guided(None, text_free=True):
-                return fn(*args, **kwargs)
-        with p.guided(guide_of(arguments)):
-            return fn(*args, **kwargs)
-
-    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
-    return wrapper
+__all__ = ["patch", "unpatch", "get_patch", "guidance", "load_patch", "supported_classes", "Patch", "Binding",
+           "text_guided_call", "vision_encoder_forward"]

@@ -18,12 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from ..reduce.state import ReduceContext
-from .core import Binding, Patch
+from .base import Binding, Offer, Patch, register_family
 from .layers import AttnView, LayerView
 
-METHODS = ("none", "trips", "tip", "evit", "tome")
-CLASSES = {"ViltForQuestionAnswering": METHODS, "ViltForImageAndTextRetrieval": METHODS, "ViltForMaskedLM": METHODS,
-           "ViltModel": METHODS}
+_SINGLE = "ViLT is single-stream: its image tokens are reduced in the joint layers"
+OFFER = Offer({"joint": True}, guide="the guide is the joint layer's multimodal [CLS]",
+              excluded={"random": "it is not wired into ViLT's joint layers"},
+              reasons={m: _SINGLE for m in ("elip", "dynamicvit", "laps", "lowres")})
+CLASSES = {"ViltForQuestionAnswering": OFFER, "ViltForImageAndTextRetrieval": OFFER, "ViltForMaskedLM": OFFER,
+           "ViltModel": OFFER}
 
 
 def views_of(encoder: nn.Module, cfg: Any) -> list:
@@ -85,14 +88,13 @@ def encoder_forward(p: Patch, cfg: Any, encoder: nn.Module):
     return forward
 
 
+@register_family("vilt", CLASSES, bench=("trips", "evit", "tome"))
 def bind(model: nn.Module) -> Optional[Binding]:
     name = type(model).__name__
     if name not in CLASSES:
         return None
     vilt = model if name == "ViltModel" else model.vilt
     cfg = vilt.config
-    why = {m: "ViLT is single-stream: its image tokens are reduced in the joint layers, where "
-              "trips (TRIPS-S), tip, evit and tome run" for m in ("elip", "dynamicvit", "random", "laps", "lowres")}
 
     def install(p: Patch) -> None:
         import inspect
@@ -112,7 +114,7 @@ def bind(model: nn.Module) -> Optional[Binding]:
 
     n = (cfg.image_size // cfg.patch_size) ** 2
     return Binding("vilt", "joint", views_of(vilt.encoder, cfg), cfg.hidden_size, cfg.hidden_size, n, CLASSES[name],
-                   install, why)
+                   install)
 
 
 __all__ = ["bind", "CLASSES"]

@@ -1,12 +1,16 @@
 """Token reduction: the pure functions (``functional``), the state passed between layers, what a reducer receives
-and returns (``slots``), the registry and the methods. ``list_methods()`` names them, ``get_spec(name)`` gives a
+and returns (``slots``), the registry and the methods (each one module, listed once below). ``list_methods()`` names them, ``get_spec(name)`` gives a
 method's declaration; ``attach(model, method)`` installs one in a model's reduction slots. ``docs/methods.md``
 walks through adding a method."""
 
-from .registry import (MethodSpec, Option, ReduceConfig, Reducer, get_method, get_spec, list_methods, register,
+from .registry import (METHODS, MethodSpec, Option, ReduceConfig, Reducer, get_spec, list_methods, register,
                        uniform_layers)
 from .slots import Plan, SlotInput, apply_plan
 from .state import LayerTrace, ReduceContext, TokenState
+
+# The built-in methods, each registering itself on import: this order ("none", the text-guided methods, then the
+# baselines) is the order of list_methods(). A new built-in method is one module here and its test case.
+from . import none, trips, elip, tip, laps, evit, tome, dynamicvit, random, lowres  # noqa: E402,F401,I001
 
 __all__ = [
     "ReduceConfig",
@@ -19,7 +23,7 @@ __all__ = [
     "Plan",
     "SlotInput",
     "apply_plan",
-    "get_method",
+    "METHODS",
     "get_spec",
     "list_methods",
     "register",

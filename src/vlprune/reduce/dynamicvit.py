@@ -33,20 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .registry import ReduceConfig, Reducer, check_layers, register, uniform_layers
-from .select import slot_group
+from .registry import ReduceConfig, Reducer, check_layers, register
+from .select import slot_group, spread_layers
 from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
 DEFAULT_KEEP = 0.7
-
-
-def default_layers(num_layers: int) -> tuple:
-    """Three pruning layers spread evenly (``uniform_layers``): 4, 7, 10 of 12, as the papers; fewer in shallow
-    models (at least 2 layers are needed)."""
-    if num_layers < 2:
-        raise ValueError(f"a pruning schedule needs at least 2 layers, the model has {num_layers}")
-    return uniform_layers(min(3, num_layers - 1), num_layers)
 
 
 class ScorePredictor(nn.Module):
@@ -117,10 +109,10 @@ class DynamicViTReducer(Reducer):
 
 
 @register("dynamicvit", groups=("vision",), placement="pre", layers=(4, 7, 10), keep=DEFAULT_KEEP, learned=True,
-          losses=("ratio", "distill", "token_distill"), stages=True, distill_tokens=True)
+          losses=("ratio", "distill", "token_distill"), stages=True, distill_tokens=True, title="DynamicViT")
 def build(cfg: ReduceConfig, model, opts: dict) -> None:
     _, vision = slot_group(model, "dynamicvit")
-    layers = cfg.layers if cfg.layers is not None else default_layers(len(vision))
+    layers = cfg.layers if cfg.layers is not None else spread_layers(len(vision))
     check_layers(layers, len(vision), "dynamicvit")
     targets = keep_targets(DEFAULT_KEEP if cfg.keep is None else cfg.keep, len(layers))
     v = model.cfg.vision

@@ -142,8 +142,15 @@ OPTIONS = {"lam": Option(DEFAULT_LAM, "float", lo=0.0, hi=1.0), "lookahead": Opt
            "count_cls": Option(False, "bool")}
 
 
+def block_point(name: str, f: float, schedule: dict, vision) -> ReduceConfig:
+    """The operating point keeping about ``f`` of the image tokens: the schedule's keep ratios scaled so that the
+    last block keeps ``f`` (each at most 1)."""
+    base = tuple(schedule["keep"])
+    return ReduceConfig(name, layers=tuple(schedule["layers"]), keep=tuple(min(1.0, round(b * f / base[-1], 4)) for b in base))
+
+
 @register("elip", groups=("vision",), placement="pre (lookahead=False: mid of the layer before)",
-          layers=DEFAULT_STARTS, keep=DEFAULT_RATIOS, options=OPTIONS, text_guided=True)
+          layers=DEFAULT_STARTS, keep=DEFAULT_RATIOS, options=OPTIONS, text_guided=True, title="ELIP", point=block_point)
 def build_elip(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install ELIP in the ViT of a two-stream model (layers = block starts, keep = ratios of N)."""
     _, layers_ = slot_group(model, "elip")

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import functional as F
 from .registry import ReduceConfig, register
-from .select import RateReducer, cls_row_bias, rate_schedule
+from .select import RateReducer, cls_row_bias, rate_point, rate_schedule
 from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
@@ -44,7 +44,8 @@ class EViTReducer(RateReducer):
         return attentive_plan(slot, state, k)
 
 
-@register("evit", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP)
+@register("evit", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, title="EViT",
+          point=rate_point)
 def build_evit(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install EViT in the ViT layers (two-stream) or the joint layers (single-stream)."""
     slots, schedule = rate_schedule(cfg, model)

@@ -126,16 +126,6 @@ def keep_and_fuse(
     return new_x, new_size, new_src, kind
 
 
-def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """Softmax over ``dim`` where ``mask`` (broadcastable, True/1 = allowed) is set; masked entries get 0.
-
-    Uses ``torch.finfo(dtype).min`` rather than -inf, so a row with a single allowed entry is exact and a fully
-    masked row gives a uniform (not NaN) distribution; callers that must reject empty rows check first.
-    """
-    neg = torch.finfo(logits.dtype).min
-    return logits.masked_fill(~mask.bool(), neg).softmax(dim=dim)
-
-
 def gumbel_noise(shape, generator: Optional[torch.Generator], device, dtype) -> Tensor:
     """Standard Gumbel noise from an explicit generator (on CPU when the generator is a CPU one)."""
     gen_device = generator.device if generator is not None else device
@@ -337,7 +327,6 @@ __all__ = [
     "gather_tokens",
     "fuse_tokens",
     "keep_and_fuse",
-    "masked_softmax",
     "gumbel_noise",
     "st_gumbel_softmax",
     "text_query_scores",

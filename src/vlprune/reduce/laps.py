@@ -173,7 +173,7 @@ def laps_similarity(model: nn.Module, image: Union[TokenState, Tensor], text: Te
 
 
 @register("laps", placement="after encoders", keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True, learned=True,
-          scores_pairs=True, owns=("laps",))
+          scores_pairs=True, owns=("laps",), title="LAPS")
 def build(cfg: ReduceConfig, model, opts: dict) -> None:
     if cfg.layers is not None:
         raise ValueError(f"laps works after both encoders and takes no layers, got {list(cfg.layers)}")

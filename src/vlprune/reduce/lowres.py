@@ -31,7 +31,13 @@ def reset_input_size(model: nn.Module) -> None:
 OPTIONS = {"image_size": Option(None, optional=True, allowed="a multiple of the patch size, at most the model's image size")}
 
 
-@register("lowres", placement="input", options=OPTIONS, clear=reset_input_size)
+def size_point(name: str, f: float, schedule: dict, vision) -> ReduceConfig:
+    """The operating point with about ``f`` of the patches: the input side scaled by ``sqrt(f)``, in whole patches."""
+    return ReduceConfig(name, options={"image_size": max(1, round(math.sqrt(f) * vision.grid)) * vision.patch_size})
+
+
+@register("lowres", placement="input", options=OPTIONS, clear=reset_input_size, title="lower resolution",
+          point=size_point)
 def build_lowres(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Set the main image encoder's input size (reset by ``clear_reducers``)."""
     if cfg.layers is not None or cfg.keep is not None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import elip, evit, trips
 from . import functional as F
 from .registry import Option, ReduceConfig, check_layers, per_layer, register
-from .select import RateReducer, check_keeps, default_layers, slot_group
+from .select import RateReducer, check_keeps, default_layers, rate_point, slot_group
 from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
@@ -80,7 +80,8 @@ OPTIONS = {"like": Option("trips", "choice", choices=tuple(SCHEDULES)), "fuse": 
            "seed": Option(0, "int", lo=0)}
 
 
-@register("random", groups=("vision", "joint"), placement="mid (like elip: pre)", options=OPTIONS)
+@register("random", groups=("vision", "joint"), placement="mid (like elip: pre)", options=OPTIONS, title="random",
+          point=rate_point)
 def build_random(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install random selection with the schedule of ``like`` (or the config's own layers/keep)."""
     like, fuse, seed = opts["like"], opts["fuse"], opts["seed"]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 from torch import nn
 
+from ..registry import Registry
 from .state import ReduceContext, TokenState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,7 +94,7 @@ class MethodSpec:
     options:      ``{name: Option}``.
     text_guided:  its image tokens depend on the caption (so retrieval's text-free first stage runs unpruned).
     learned:      it has trainable parameters.
-    losses:       the loss terms it adds to a fine-tuning task's loss (registered in ``vlprune.objectives.methods``
+    losses:       the loss terms it adds to a fine-tuning task's loss (registered in ``vlprune.objectives.method_losses``
                   under its name); the tasks then accept a distillation teacher. LAPS has none: its triplet loss is
                   the retrieval task's own objective.
     stages:       the fine-tuning tasks may train it in TiP's two stages (``--stage 1|2``).
@@ -102,6 +103,12 @@ class MethodSpec:
                   task then trains and ranks with that similarity instead of ITC + ITM.
     owns:         model attributes it adds besides the slots (removed with the method, e.g. LAPS's ``laps``).
     clear:        undoes what it set outside the slots and ``owns`` (e.g. lowres's input size), or None.
+    reads_attention: its score reads the slot's queries and keys (False: it scores the tokens themselves, as TiP's
+                  pruner does), so it can run in slots that do not expose them (BridgeTower's cross-modal layers).
+    title:        its display name in reports and tables (default: the name).
+    point:        ``point(name, f, schedule, vision) -> ReduceConfig``: the operating point that keeps about ``f`` of
+                  the image tokens with the layers of ``schedule`` (a dict with "layers" and maybe "keep", on a
+                  model whose ViT config is ``vision``), for sweeps such as the demo's; None: not swept.
     """
 
     name: str
@@ -119,6 +126,13 @@ class MethodSpec:
     scores_pairs: bool = False
     owns: Tuple[str, ...] = ()
     clear: Optional[Callable[[nn.Module], None]] = None
+    reads_attention: bool = True
+    title: str = ""
+    point: Optional[Callable[..., "ReduceConfig"]] = None
+
+    def __post_init__(self) -> None:
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
 
     @property
     def runs_in_text_free_stage(self) -> bool:
@@ -145,7 +159,10 @@ class MethodSpec:
         raise ValueError(f"{self.name} runs in {want}; this model has none of them (its slot groups: {sorted(available)})")
 
 
-_REGISTRY: Dict[str, MethodSpec] = {}
+# every reduction method, in registration order: "none", the built-in methods in the order ``vlprune/reduce/__init__``
+# imports them (text-guided methods, then the baselines), then any registered elsewhere
+METHODS: Registry[MethodSpec] = Registry("reduction method")
+_REGISTRY = METHODS._items  # the dict itself (tests add a method for one test with monkeypatch.setitem)
 
 # the reduction slot groups of the built-in models
 GROUPS = {"vision": "a two-stream model's ViT image encoder", "fusion": "a two-stream model's fusion encoder",
@@ -157,9 +174,7 @@ def register(name: str, **traits: Any) -> Callable:
     fields of ``MethodSpec``); a duplicate name raises. Registration order is the order of ``list_methods()``."""
 
     def deco(fn: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"reduction method {name!r} is already registered")
-        _REGISTRY[name] = MethodSpec(name, fn, **traits)
+        METHODS.register(name, MethodSpec(name, fn, **traits))
         return fn
 
     return deco
@@ -168,28 +183,12 @@ def register(name: str, **traits: Any) -> Callable:
 def list_methods() -> List[str]:
     """Names of the registered reduction methods: the built-in ones in a fixed order ("none" first, the
     text-guided methods, then the baselines), then any registered by the user, in registration order."""
-    from .methods import BUILTIN
-
-    _load_builtin()
-    rank = {f"{__package__}.{m}": i for i, m in enumerate(BUILTIN)}
-    rank[f"{__package__}.methods"] = -1  # "none"
-    builtin = sorted((n for n, s in _REGISTRY.items() if s.build.__module__ in rank),
-                     key=lambda n: rank[_REGISTRY[n].build.__module__])
-    return builtin + [n for n, s in _REGISTRY.items() if s.build.__module__ not in rank]
+    return METHODS.names()
 
 
 def get_spec(name: str) -> MethodSpec:
     """The declaration of method ``name``; an unknown name raises listing the valid ones."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reduction method {name!r}; valid methods: {list_methods()}")
-    return _REGISTRY[name]
-
-
-def get_method(name: str) -> Callable:
-    """The builder of method ``name`` as ``fn(cfg, model)`` (options checked by ``install``)."""
-    get_spec(name)
-    return install
+    return METHODS.get(name)
 
 
 def install(cfg: "ReduceConfig", model: nn.Module) -> None:
@@ -208,8 +207,7 @@ def clear_method_state(model: nn.Module) -> None:
     """Undo what any method set outside the reduction slots: drop the modules methods add (their ``owns``) and run
     their ``clear``. Done for every registered method, so that it also works after ``install`` without ``attach``
     (when ``model.method_config`` does not say which method is there)."""
-    _load_builtin()
-    for spec in _REGISTRY.values():
+    for spec in METHODS.values():
         for name in spec.owns:
             model._modules.pop(name, None)
         if spec.clear is not None:
@@ -218,12 +216,7 @@ def clear_method_state(model: nn.Module) -> None:
 
 def owned_prefixes() -> Tuple[str, ...]:
     """State-dict prefixes of the parameters methods add outside the slots (e.g. ``"laps."``)."""
-    _load_builtin()
-    return tuple(f"{a}." for spec in _REGISTRY.values() for a in spec.owns)
-
-
-def _load_builtin() -> None:
-    from . import methods  # noqa: F401  (imports every method module, which registers itself)
+    return tuple(f"{a}." for spec in METHODS.values() for a in spec.owns)
 
 
 @dataclass(frozen=True)

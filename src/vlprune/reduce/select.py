@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .registry import Reducer, check_layers, get_spec, per_layer, uniform_layers
+from .registry import ReduceConfig, Reducer, check_layers, get_spec, per_layer, uniform_layers
 from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
@@ -53,6 +53,14 @@ def require_guide(ctx: ReduceContext, state: TokenState, method: str) -> Tensor:
     if g.dim() != 2 or g.shape[0] != state.x.shape[0]:
         raise ValueError(f"{method}: guide must have shape (B={state.x.shape[0]}, D), got {tuple(g.shape)}")
     return g
+
+
+def spread_layers(num_layers: int) -> Tuple[int, ...]:
+    """The learned methods' default: three pruning layers spread evenly (``uniform_layers``), 4, 7, 10 of 12 as in
+    the papers; fewer in shallow models (at least 2 layers are needed)."""
+    if num_layers < 2:
+        raise ValueError(f"a pruning schedule needs at least 2 layers, the model has {num_layers}")
+    return uniform_layers(min(3, num_layers - 1), num_layers)
 
 
 def default_layers(method: str, defaults: Sequence[int], num_layers: int, depth: int = 12) -> Tuple[int, ...]:
@@ -132,3 +140,10 @@ class RateReducer(SelectReducer):
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}"
+
+
+def rate_point(name: str, f: float, schedule: dict, vision) -> ReduceConfig:
+    """The operating point of a keep-rate method that keeps about ``f`` of the image tokens: the same keep
+    ``f ** (1 / n)`` at each of the schedule's n layers."""
+    layers = tuple(schedule["layers"])
+    return ReduceConfig(name, layers=layers, keep=round(f ** (1 / len(layers)), 4))

@@ -53,9 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as Fn
-from .dynamicvit import default_layers
 from .registry import Option, ReduceConfig, Reducer, check_layers, per_layer, register
-from .select import slot_group
+from .select import slot_group, spread_layers
 from .slots import Plan, SlotInput, apply_plan
 from .state import ReduceContext, TokenState
 
@@ -150,10 +149,11 @@ def cumulative(keeps: List[float]) -> List[float]:
 
 
 @register("tip", groups=("joint", "fusion"), placement="mid", layers=(4, 7, 10), keep=DEFAULT_KEEP, options=OPTIONS, text_guided=True,
-          learned=True, losses=("distill", "sparsity", "contrast", "continuity"), stages=True)
+          learned=True, losses=("distill", "sparsity", "contrast", "continuity"), stages=True, reads_attention=False,
+          title="TiP")
 def build(cfg: ReduceConfig, model, opts: dict) -> None:
     group, layers_ = slot_group(model, "tip")
-    layers = cfg.layers if cfg.layers is not None else default_layers(len(layers_))
+    layers = cfg.layers if cfg.layers is not None else spread_layers(len(layers_))
     check_layers(layers, len(layers_), "tip")
     keeps = [Fn.check_keep(v, "tip: keep") for v in per_layer(DEFAULT_KEEP if cfg.keep is None else cfg.keep, layers, "tip")]
     c = model.cfg

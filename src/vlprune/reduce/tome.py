@@ -29,6 +29,7 @@ Choices where the paper and the official code leave room:
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Union
 
 from . import functional as Fn
@@ -96,7 +97,18 @@ class ToMeReducer(Reducer):
         return apply_plan(state, Plan(merge=matching, prop_attn=self.prop_attn), ctx.layer, self.method)
 
 
-@register("tome", groups=("vision", "joint"), placement="mid", options=OPTIONS)
+def merge_point(name: str, f: float, schedule: dict, vision) -> ReduceConfig:
+    """The operating point keeping about ``f`` of the image tokens: at each of the schedule's n layers ToMe merges
+    as many tokens as a keep-rate method at keep ``f ** (1 / n)`` would remove (it keeps ``ceil(keep * M)`` of its M
+    candidates and fuses the rest into one)."""
+    layers = tuple(schedule["layers"])
+    keep, counts = round(f ** (1 / len(layers)), 4), [vision.num_patches]
+    for _ in layers:
+        counts.append(math.ceil(keep * counts[-1]) + 1)
+    return ReduceConfig(name, layers=layers, options={"r": [a - b for a, b in zip(counts, counts[1:])]})
+
+
+@register("tome", groups=("vision", "joint"), placement="mid", options=OPTIONS, title="ToMe", point=merge_point)
 def build(cfg: ReduceConfig, model, opts: dict) -> None:
     if cfg.keep is not None:
         raise ValueError(f"tome merges r tokens per layer (options={{'r': ...}}); keep must be None, got {cfg.keep!r}")

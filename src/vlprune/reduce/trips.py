@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .registry import ReduceConfig, register
-from .select import RateReducer, check_unmasked, outside_query_bias, rate_schedule, require_guide
+from .select import RateReducer, check_unmasked, outside_query_bias, rate_point, rate_schedule, require_guide
 from .slots import Plan, SlotInput
 from .state import ReduceContext, TokenState
 
@@ -69,7 +69,8 @@ class TripsReducer(RateReducer):
         return text_relevant_plan(a, k)
 
 
-@register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True)
+@register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP, text_guided=True,
+          title="TRIPS", point=rate_point)
 def build_trips(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
     slots, schedule = rate_schedule(cfg, model)

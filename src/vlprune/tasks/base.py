@@ -1,15 +1,23 @@
-"""The task interface the trainer runs. A task knows its annotation format, its dataset, its training step and
-its evaluation; the trainer (``vlprune.train``) owns the loop, the optimiser, checkpoints and distribution.
+"""The task interface the trainer and the evaluator run. A task knows its annotation format, its dataset, its
+training step and how to score a test set; the trainer (``vlprune.train``) owns the loop, the optimiser, checkpoints
+and distribution, the evaluator (``tasks.evaluation.evaluate``) batching, DDP sharding and the cost figures.
 
+    @register_task("mytask")
     class MyTask(Task):
         name = "mytask"
         def load(self, path): ...                  # validated annotation entries
         def texts(self, entries): ...              # the text used to train a tokenizer from scratch
         def build_dataset(self, entries, loader, skip_bad_images): ...
         def step(self, model, batch, ctx, update=True): ...  # -> {"loss": total (with graph), "part": ...}
-        def evaluate(self, model, batches, ctx): ...  # -> {"name": float}
+        # evaluation, either per batch (the evaluator batches, shards and gathers):
+        def predict(self, model, batch): ...       # -> (predictions, image tokens per example)
+        def score(self, entries, predictions): ... # -> {"metric": float}
+        # or over the whole test set at once (retrieval):
+        def evaluate_set(self, model, entries, loader, tok, batch_size, device, rank, world, bar): ...
 
-Register with ``@register_task("mytask")``; ``get_task(name, **options)`` builds it.
+``get_task(name, **options)`` builds a registered task (``TASKS``, a ``vlprune.registry.Registry``); a built-in
+task's module is imported by ``vlprune/tasks/__init__.py``. ``Task.evaluate`` (the step's losses averaged over
+batches) is a validation-loss helper, not what ``vlprune eval`` runs.
 """
 
 from __future__ import annotations
@@ -23,31 +31,24 @@ from torch.utils.data import Dataset
 
 from ..data.images import ImageLoader
 from ..data.tokenizer import TextTokenizer
+from ..registry import Registry
 
-_TASKS: Dict[str, Callable[..., "Task"]] = {}
+# every task by name; the built-in ones register when ``vlprune/tasks/__init__`` imports their modules
+TASKS: Registry[Callable[..., "Task"]] = Registry("task")
 
 
-def register_task(name: str):
-    def deco(cls):
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = cls
-        return cls
-
-    return deco
+def register_task(name: str) -> Callable:
+    """Class decorator registering a Task under ``name``; a duplicate name raises."""
+    return TASKS.register(name)
 
 
 def list_tasks() -> List[str]:
-    from . import classify, pretrain, retrieval_task  # noqa: F401
-
-    return list(_TASKS)
+    return TASKS.names()
 
 
 def get_task(name: str, **options: Any) -> "Task":
-    names = list_tasks()
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {names}")
-    return _TASKS[name](**options)
+    """A new task ``name`` built with ``options``; an unknown name raises listing the valid ones."""
+    return TASKS.get(name)(**options)
 
 
 def task_option_names(name: str) -> List[str]:
@@ -56,9 +57,7 @@ def task_option_names(name: str) -> List[str]:
     import inspect
 
     names: List[str] = []
-    if name not in list_tasks():
-        raise ValueError(f"unknown task {name!r}; valid tasks: {list_tasks()}")
-    for cls in _TASKS[name].__mro__:
+    for cls in TASKS.get(name).__mro__:
         init = cls.__dict__.get("__init__")
         if init is None:
             continue

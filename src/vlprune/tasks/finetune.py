@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, from_dict
 from ..models.build import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_state_strict, read_config
-from ..objectives.methods import MethodLossInputs, method_loss
+from ..objectives.method_losses import MethodLossInputs, method_loss
 from ..reduce.registry import get_spec, installed_spec, list_methods, owned_prefixes
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ def method_losses(
     weights: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Tensor]:
     """{"loss": total, parts...} of a training pass: the task loss plus the installed learned method's losses
-    (``objectives.methods``, from the AuxRecords ``aux`` of the pass); just the task loss for other methods.
-    ``weights`` use the common names of ``objectives.methods`` (distill, sparsity, contrast, continuity, ratio,
+    (``objectives.method_losses``, from the AuxRecords ``aux`` of the pass); just the task loss for other methods.
+    ``weights`` use the common names of ``objectives.method_losses`` (distill, sparsity, contrast, continuity, ratio,
     token_distill)."""
     name = learned_method(model) if model.training else None
     if name is None:

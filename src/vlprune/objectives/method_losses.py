@@ -1,7 +1,8 @@
 """The training losses that learned reduction methods bring, looked up by method name.
 
 A learned method (``learned=True`` in its ``@register`` declaration) registers its loss here with
-``@register_loss(name)``: ``fn(inputs: MethodLossInputs) -> {"total": ..., parts...}``. The fine-tuning tasks call
+``@register_loss(name)`` (into ``LOSSES``, a ``vlprune.registry.Registry``): ``fn(inputs: MethodLossInputs) ->
+{"total": ..., parts...}``; its module is imported by ``objectives/__init__``. The fine-tuning tasks call
 ``method_loss(name, inputs)`` without naming methods. Loss weights use one vocabulary across methods:
 ``distill`` (logit distillation from the teacher), ``sparsity``, ``contrast``, ``continuity`` (TiP), ``ratio``
 and ``token_distill`` (DynamicViT); each method reads the ones it has.
@@ -14,7 +15,11 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
-_LOSSES: Dict[str, Callable[["MethodLossInputs"], Dict[str, Tensor]]] = {}
+from ..registry import Registry
+
+# the loss of each learned method, by method name (the built-in ones are registered by ``objectives/__init__``)
+LOSSES: Registry[Callable[["MethodLossInputs"], Dict[str, Tensor]]] = Registry("method loss")
+_LOSSES = LOSSES._items
 
 
 @dataclass
@@ -36,20 +41,11 @@ class MethodLossInputs:
 
 def register_loss(name: str) -> Callable:
     """Decorator registering the loss of learned method ``name``; a duplicate name raises."""
-
-    def deco(fn: Callable) -> Callable:
-        if name in _LOSSES:
-            raise ValueError(f"a loss for method {name!r} is already registered")
-        _LOSSES[name] = fn
-        return fn
-
-    return deco
+    return LOSSES.register(name)
 
 
 def method_loss(name: str, inputs: MethodLossInputs) -> Dict[str, Tensor]:
     """{"total": ..., parts...} of learned method ``name``; a method without a registered loss raises."""
-    from . import dynamicvit, tip  # noqa: F401  (they register their losses on import)
-
-    if name not in _LOSSES:
-        raise ValueError(f"method {name!r} is declared learned but has no loss; registered: {sorted(_LOSSES)}")
-    return _LOSSES[name](inputs)
+    if name not in LOSSES:
+        raise ValueError(f"method {name!r} is declared learned but has no loss: {LOSSES.unknown(name)}")
+    return LOSSES.get(name)(inputs)
