@@ -248,7 +248,7 @@ def run(args) -> int:
         _init_from_official(args)
     for flag, path in (("--init", args.init), ("--teacher", args.teacher)):
         if path is not None:
-            from vlprune.tasks.finetune import checkpoint_dir
+            from vlprune.models.build import checkpoint_dir
 
             checkpoint_dir(path)
     cfg = build_config(args)

@@ -34,7 +34,7 @@ def _load_tokenizer(ckpt: Path, text_cfg) -> Callable[[str, int], Tuple]:
     """``encode(text, max_len) -> (ids (1, L), mask (1, L))`` with the checkpoint's tokenizer: the one its run
     saved (``vlprune.tasks.finetune.tokenizer_dir``) or a ``tokenizer.json`` / ``vocab.txt`` next to the weights."""
     from vlprune.data.tokenizer import TextTokenizer
-    from vlprune.tasks.finetune import tokenizer_dir
+    from vlprune.models.build import tokenizer_dir
 
     d = tokenizer_dir(ckpt)
     if d is None and ((ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.txt").is_file()):
@@ -79,7 +79,7 @@ def run(args) -> int:
         raise ValueError(f"--out must be a .png file, got {out}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    from vlprune.tasks.finetune import checkpoint_dir
+    from vlprune.models.build import checkpoint_dir
 
     ckpt = checkpoint_dir(args.checkpoint)  # a run directory (its model/) or a saved model directory
     rc = method_config(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 
 from torch import Tensor, nn
@@ -154,6 +154,68 @@ def load_state_strict(model: nn.Module, state: Dict[str, Tensor], where: str) ->
             parts.append(f"shape mismatches {_short(mismatched)}")
         raise ValueError(f"checkpoint {where} does not fit the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+# -- the saved-model layout -----------------------------------------------------------------------------------
+# Checkpoints are given as a run directory (``RUN/model/config.json``, ``RUN/tokenizer/``) or as a ``save_pretrained``
+# directory (``config.json`` + ``model.safetensors``; its tokenizer is found through the config's ``"tokenizer"``
+# entry, a ``tokenizer/`` folder inside it, or one beside it).
+
+def _new_part(key: str) -> bool:
+    """Parameters a fine-tuning run may add to (or drop from) a pre-trained checkpoint."""
+    return ".reducer." in key or key.startswith(owned_prefixes() + ("task_heads.",))
+
+
+def checkpoint_dir(path: Union[str, Path]) -> Path:
+    """The ``save_pretrained`` directory of a run directory or of itself."""
+    p = Path(path)
+    if (p / "model" / CONFIG_NAME).is_file():
+        return p / "model"
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    raise FileNotFoundError(f"{p} is neither a vlprune run directory (with model/{CONFIG_NAME}) nor a saved model "
+                            f"directory (with {CONFIG_NAME})")
+
+
+def tokenizer_dir(path: Union[str, Path]) -> Optional[Path]:
+    """The tokenizer that belongs to a checkpoint, or None."""
+    ckpt = checkpoint_dir(path)
+    meta = read_config(ckpt)
+    cands = ([ckpt / meta["tokenizer"]] if meta.get("tokenizer") else []) + [ckpt / "tokenizer", ckpt.parent / "tokenizer"]
+    for c in cands:
+        if (c / "tokenizer.json").is_file() or (c / "vocab.txt").is_file():
+            return c.resolve()
+    return None
+
+
+def model_config(path: Union[str, Path]) -> ModelConfig:
+    ckpt = checkpoint_dir(path)
+    return from_dict(ModelConfig, read_config(ckpt)["model"], str(ckpt / CONFIG_NAME))
+
+
+def load_init(model: nn.Module, path: Union[str, Path]) -> List[str]:
+    """Copy a pre-trained checkpoint's weights into ``model`` (built with this run's method and task heads).
+
+    Reducers, the LAPS head and task heads that the checkpoint lacks keep their fresh initialisation; those the
+    checkpoint has but the model does not (another method's, another task's) are skipped; a task head of another
+    size (another answer vocabulary) is re-initialised. Anything else missing, unexpected or of another shape
+    raises. Returns the keys that kept their fresh values."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoint_dir(path)
+    state = load_file(str(ckpt / WEIGHTS_NAME))
+    own = model.state_dict()
+    for k in [k for k in state if k not in own and _new_part(k)]:
+        del state[k]
+    fresh = [k for k in own if _new_part(k) and (k not in state or state[k].shape != own[k].shape)]
+    for k in fresh:
+        state[k] = own[k]
+    load_state_strict(model, state, str(ckpt / WEIGHTS_NAME))
+    if fresh:
+        log.info("init %s: %d new parameters keep their initialisation (%s ...)", ckpt, len(fresh), fresh[0])
+    return fresh
 
 
 def _short(items, n: int = 8) -> str:

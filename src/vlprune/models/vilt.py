@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..reduce.slots import SlotInput
 from ..reduce.state import LayerTrace, ReduceContext, TokenState, policy_bias
-from .albef import MLMHead, PairEncoding, ReductionSlots
+from .base import MLMHead, PairEncoding, ReductionSlots
 from .attention import Attention, Mlp
 from .text import TextEmbeddings, check_text
 from .vit import ImageEmbeddings, _init_weights
