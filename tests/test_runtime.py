@@ -230,6 +230,29 @@ def test_train_config_checks_its_precision():
     assert TrainConfig().precision == "auto" and TrainConfig(precision="bf16").compile is False
 
 
+def test_precision_is_the_one_switch_and_old_amp_configs_load(tmp_path):
+    """`amp` is gone from TrainConfig; an older train_config.json (or caller) with amp=False means fp32."""
+    import json
+    from dataclasses import fields, replace
+
+    from vlprune.config import to_dict
+    from vlprune.train import TrainConfig, read_train_config, resume_differences, RESUMABLE_CHANGES
+
+    assert "amp" not in {f.name for f in fields(TrainConfig)} and "amp" not in to_dict(TrainConfig())
+    assert TrainConfig(amp=False).precision == "fp32" and TrainConfig(amp=True).precision == "auto"
+    assert TrainConfig(amp=False, precision="bf16").precision == "bf16"  # a typed precision wins
+    with pytest.raises(ValueError, match="amp must be True or False, got 1"):
+        TrainConfig(amp=1)
+    for amp, want in ((True, "auto"), (False, "fp32")):
+        path = tmp_path / f"{amp}.json"
+        path.write_text(json.dumps({**to_dict(TrainConfig()), "amp": amp}))
+        assert read_train_config(path).precision == want
+    cfg = TrainConfig(steps=5)
+    assert resume_differences(cfg, replace(cfg, steps=9, threads=2, compile=True)) == []
+    assert resume_differences(cfg, replace(cfg, lr=1.0, seed=3)) == ["lr (saved 0.0001, now 1.0)", "seed (saved 0, now 3)"]
+    assert set(RESUMABLE_CHANGES) <= {f.name for f in fields(TrainConfig)}
+
+
 @pytest.mark.slow
 def test_bench_compile_times_compiled_and_eager_rows(capsys):
     if runtime.compile_unavailable("cpu"):

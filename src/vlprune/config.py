@@ -29,7 +29,9 @@ MAX_SIZE = {"image_size": 8192, "patch_size": 1024, "width": 16384, "heads": 256
 MAX_PARAMS = 10_000_000_000  # 10 billion parameters: 40 GB in float32
 
 
-def _check_pos_int(name: str, value: Any, minimum: int = 1) -> None:
+def check_pos_int(name: str, value: Any, minimum: int = 1) -> None:
+    """The one integer check: ``value`` an int (not a bool) >= ``minimum`` (and within ``MAX_SIZE`` for a size);
+    the ValueError names ``name``, the value and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     maximum = MAX_SIZE.get(name.rsplit(".", 1)[-1])
@@ -52,8 +54,8 @@ def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
 
 
 def _check_heads(prefix: str, width: int, heads: int) -> None:
-    _check_pos_int(f"{prefix}.width", width)
-    _check_pos_int(f"{prefix}.heads", heads)
+    check_pos_int(f"{prefix}.width", width)
+    check_pos_int(f"{prefix}.heads", heads)
     if width % heads:
         raise ValueError(f"{prefix}.width={width} is not divisible by {prefix}.heads={heads}")
 
@@ -78,16 +80,16 @@ class VisionConfig:
     image_std: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
-        _check_pos_int("vision.image_size", self.image_size)
-        _check_pos_int("vision.patch_size", self.patch_size)
+        check_pos_int("vision.image_size", self.image_size)
+        check_pos_int("vision.patch_size", self.patch_size)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size={self.image_size} is not divisible by vision.patch_size={self.patch_size}"
             )
         _check_heads("vision", self.width, self.heads)
-        _check_pos_int("vision.layers", self.layers)
-        _check_pos_int("vision.mlp_dim", self.mlp_dim)
-        _check_pos_int("vision.channels", self.channels)
+        check_pos_int("vision.layers", self.layers)
+        check_pos_int("vision.mlp_dim", self.mlp_dim)
+        check_pos_int("vision.channels", self.channels)
         _check_choice("vision.act", self.act, ACTIVATIONS)
         _check_range("vision.ln_eps", self.ln_eps, 0.0, 1.0, lo_open=True)
         for name in ("image_mean", "image_std"):
@@ -122,12 +124,12 @@ class TextConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_pos_int("text.vocab_size", self.vocab_size, 2)
+        check_pos_int("text.vocab_size", self.vocab_size, 2)
         _check_heads("text", self.width, self.heads)
-        _check_pos_int("text.layers", self.layers, 0)
-        _check_pos_int("text.mlp_dim", self.mlp_dim)
-        _check_pos_int("text.max_len", self.max_len, 2)
-        _check_pos_int("text.type_vocab_size", self.type_vocab_size)
+        check_pos_int("text.layers", self.layers, 0)
+        check_pos_int("text.mlp_dim", self.mlp_dim)
+        check_pos_int("text.max_len", self.max_len, 2)
+        check_pos_int("text.type_vocab_size", self.type_vocab_size)
         _check_range("text.pad_token_id", self.pad_token_id, 0, self.vocab_size - 1)
         _check_choice("text.act", self.act, ACTIVATIONS)
         _check_range("text.ln_eps", self.ln_eps, 0.0, 1.0, lo_open=True)
@@ -162,16 +164,16 @@ class ModelConfig:
         if isinstance(self.text, Mapping):
             object.__setattr__(self, "text", from_dict(TextConfig, self.text, "text"))
         if self.arch == "albef":
-            _check_pos_int("fusion_layers", self.fusion_layers, 1)
-            _check_pos_int("text.layers", self.text.layers, 1)
+            check_pos_int("fusion_layers", self.fusion_layers, 1)
+            check_pos_int("text.layers", self.text.layers, 1)
         elif self.fusion_layers != 0:
             raise ValueError(f"fusion_layers must be 0 for arch='vilt' (one joint encoder), got {self.fusion_layers}")
         if self.arch == "vilt" and self.text.width != self.vision.width:
             raise ValueError(
                 f"arch='vilt' needs text.width == vision.width, got {self.text.width} and {self.vision.width}"
             )
-        _check_pos_int("embed_dim", self.embed_dim)
-        _check_pos_int("queue_size", self.queue_size, 0)
+        check_pos_int("embed_dim", self.embed_dim)
+        check_pos_int("queue_size", self.queue_size, 0)
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_range("temp", self.temp, 0.0, 1.0, lo_open=True)
         n = estimate_params(self)
@@ -207,11 +209,12 @@ def estimate_params(cfg: "ModelConfig") -> int:
 
 
 def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ValueError`` naming them and the valid ones."""
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ``ValueError`` naming them and the valid ones
+    (a class may accept older keys it converts itself, listed in its ``LEGACY_KEYS``)."""
     if not isinstance(data, Mapping):
         raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
     names = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names) - set(getattr(cls, "LEGACY_KEYS", ())))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
     kwargs = {}

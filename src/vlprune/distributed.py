@@ -9,11 +9,55 @@ different numbers of rows (e.g. after skipped bad images): rows are padded to th
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import os
+from typing import List, NamedTuple, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+class Procs(NamedTuple):
+    """This process's place in the run: ``rank`` of ``world`` processes on ``device``; ``started``: the process
+    group was started here (and is destroyed by whoever called ``setup_distributed``)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    started: bool
+
+
+def setup_distributed() -> Procs:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on GPU, gloo on CPU); one process otherwise.
+    The device is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        started = True
+    if dist.is_initialized():
+        return Procs(dist.get_rank(), dist.get_world_size(), device, started)
+    return Procs(0, 1, device, started)
+
+
+def finish_distributed(procs: Procs) -> None:
+    """Destroy the process group if ``setup_distributed`` started it."""
+    if procs.started:
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, procs: Procs) -> bool:
+    """True on every rank when ``flag`` is true on any."""
+    if procs.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=procs.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def is_dist() -> bool:
