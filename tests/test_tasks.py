@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vlprune
 from vlprune.cli import main
 from vlprune.data.scenes import generate
 from vlprune.tasks.classify import VQATask
@@ -345,3 +346,20 @@ def test_vqa_soft_score_loss_against_naive():
             naive -= t * math.log(p) + (1 - t) * math.log(1 - p)
     got = task.task_loss(logits, {"answers": answers})
     assert got.item() == pytest.approx(naive / 6 * 3, rel=1e-5)  # mean BCE x vocabulary size
+
+
+def test_evaluate_run_is_what_vlprune_eval_reports(scenes, capsys, runs):
+    """The API the demo and scripts call gives the numbers `vlprune eval --json` prints (one evaluation path)."""
+    from vlprune.tasks.evaluation import evaluate_run
+
+    run = run_of(scenes, capsys, runs, "vqa")
+    cli = evaluate(scenes, capsys, "vqa", run, "--method", "trips", "--layers", "2", "--keep", "0.5")
+    r = evaluate_run(run, "vqa", scenes / "vqa_test.json", method=vlprune.ReduceConfig("trips", layers=(2,), keep=0.5),
+                     images=scenes)
+    assert r.metrics["accuracy"] == cli["accuracy"] and r.info["examples"] == cli["examples"]
+    assert r.info["gflops"] == cli["gflops"] and r.info["image_tokens"] == cli["image_tokens"]
+    assert r.method.to_dict() == cli["method_config"]
+    none = evaluate_run(run, "vqa", scenes / "vqa_test.json", method=None, images=scenes)
+    assert none.method is None and none.info["image_tokens"] == TOKENS and none.info["gflops"] > r.info["gflops"]
+    with pytest.raises(ValueError, match="can be evaluated on vqa, not ve"):
+        evaluate_run(run, "ve", scenes / "ve_test.json", images=scenes)

@@ -14,36 +14,13 @@ import json
 import logging
 from pathlib import Path
 
+from vlprune.tasks.evaluation import EVAL_TASKS, check_task, checkpoint_tasks  # noqa: F401  (re-exported)
+
 from .method_flags import add_image_flags, add_method_flags, image_options, method_config
 from .official import add_official_flags, check_official_flags, convert
 
-TASKS = ("retrieval", "vqa", "nlvr2", "ve")
+TASKS = EVAL_TASKS
 log = logging.getLogger(__name__)
-
-
-def checkpoint_tasks(meta: dict) -> list:
-    """The tasks a checkpoint may be evaluated on, from its config.json: the task its run fine-tuned (``"task"``;
-    a pre-training run's ITC/ITM heads are what retrieval uses, so ``pretrain`` gives zero-shot retrieval); a
-    checkpoint that records no task (written by ``vlprune.save_pretrained``) gives retrieval for a two-stream model
-    and the tasks of the heads it has."""
-    task = meta.get("task")
-    if task in ("pretrain", "retrieval"):
-        return ["retrieval"]
-    if task is not None:
-        return [task]
-    two_stream = meta.get("model", {}).get("arch", "albef") == "albef"
-    return sorted(set(meta.get("heads") or {}) & set(TASKS) | ({"retrieval"} if two_stream else set()))
-
-
-def check_task(meta: dict, task: str, ckpt: Path) -> None:
-    """Refuse to evaluate ``task`` with a checkpoint never trained for it (``checkpoint_tasks``)."""
-    tasks = checkpoint_tasks(meta)
-    if task in tasks:
-        return
-    trained = f"was trained for {meta['task']!r}" if meta.get("task") else "records no task"
-    raise ValueError(f"the checkpoint {ckpt} {trained}: it can be evaluated on {', '.join(tasks) or 'no task'}, "
-                     f"not {task} (its {'ITC/ITM' if task == 'retrieval' else task} head was never trained for "
-                     f"{task}); fine-tune it first: vlprune train {task} --init {ckpt.parent if ckpt.name == 'model' else ckpt}")
 
 
 def add_parser(sub) -> None:
@@ -79,20 +56,8 @@ def _method(args):
     return "saved" if rc is None else rc
 
 
-def _test_file(args, ckpt_run: Path, task) -> Path:
-    if args.test is not None:
-        path = Path(args.test)
-        if not path.is_file():
-            raise FileNotFoundError(f"test annotation file not found: {path}")
-        return path
-    path = ckpt_run / "data" / task.scenes_test
-    if not path.is_file():
-        raise FileNotFoundError(f"no --test given and {path} does not exist (the run was not trained on scenes data)")
-    return path
-
-
 def run(args) -> int:
-    from vlprune.tasks.finetune import checkpoint_dir
+    from vlprune.models.build import checkpoint_dir
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -131,69 +96,22 @@ def _run_official(args) -> int:
 
 
 def _run(args, ckpt: Path) -> int:
-    import torch
+    from vlprune.runtime import thread_info
+    from vlprune.tasks.evaluation import evaluate_run
 
-    from vlprune.data.datasets import check_image_paths, readable_entries
-    from vlprune.data.images import DEFAULT_MAX_PIXELS, ImageLoader
-    from vlprune.data.tokenizer import TextTokenizer
-    from vlprune.models.build import load_pretrained, read_config
-    from vlprune.tasks.base import get_task
-    from vlprune.tasks.evaluation import evaluate
-    from vlprune.tasks.finetune import tokenizer_dir
-    from vlprune.runtime import check_precision, maybe_compile, precision_context, thread_info
-    from vlprune.train import setup_distributed
-
-    meta = read_config(ckpt)
-    check_task(meta, args.task, ckpt)
-    if meta.get("interrupted"):
-        log.warning("%s is the model of an interrupted run (step %s of %s)", ckpt, meta.get("step"),
-                    meta.get("total_steps"))
     opts = {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
-    task = get_task(args.task, **(opts if args.task == "retrieval" else {}))
-    test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)
-    if args.images is not None and not Path(args.images).is_dir():
-        raise FileNotFoundError(f"image root directory not found: {args.images}")
-    entries = task.load_test(test)
-    tdir = tokenizer_dir(ckpt)
-    if tdir is None:
-        raise FileNotFoundError(f"no tokenizer found with the checkpoint {ckpt}")
-    method = _method(args)
-    rank, world, device, started = setup_distributed()
-    try:
-        model = load_pretrained(ckpt, method=method).to(device).eval()
-        precision = check_precision(getattr(args, "precision", None) or "fp32", device)
-        compiled = maybe_compile(model, getattr(args, "compile", False), device)
-        if args.task != "retrieval" and args.task not in model.task_heads:
-            raise ValueError(f"the checkpoint {ckpt} has no {args.task!r} head (heads: {list(model.task_heads)}); "
-                             f"fine-tune it with 'vlprune train {args.task}' first")
-        task.restore(meta, model)
-        tok = TextTokenizer.from_dir(tdir)
-        tok.check_model(model.cfg.text)
-        opts = image_options(args)
-        loader = ImageLoader.for_model(model.cfg.vision, Path(args.images) if args.images else test.parent,
-                                       opts.get("max_image_pixels", DEFAULT_MAX_PIXELS), opts.get("allow_outside_root", False))
-        check_image_paths(entries, loader)
-        dropped = []
-        if args.skip_bad_images:
-            entries, dropped = readable_entries(entries, loader)
-            for line in dropped:
-                log.warning("skipping %s", line)
-            if not entries:
-                raise ValueError(f"no example of {test} has a readable image ({len(dropped)} skipped)")
-        with torch.inference_mode(), precision_context(precision, device):
-            metrics, info = evaluate(task, model, entries, loader, tok, args.batch_size, device, rank, world,
-                                     progress=not args.quiet)
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank != 0:
+    r = evaluate_run(ckpt, args.task, args.test, method=_method(args), images=args.images,
+                     batch_size=args.batch_size, task_options=opts if args.task == "retrieval" else {},
+                     precision=getattr(args, "precision", None) or "fp32", compile=getattr(args, "compile", False),
+                     skip_bad_images=args.skip_bad_images, progress=not args.quiet, **image_options(args))
+    if r.rank != 0:
         return 0
+    info, dropped, test = r.info, r.dropped, r.test
+    metrics = r.metrics
     preds = info.pop("predictions", None)
     if args.predictions is not None:
-        Path(args.predictions).write_text(json.dumps(task.prediction_records(entries, preds)))
-    rc = model.method_config
+        Path(args.predictions).write_text(json.dumps(r.task.prediction_records(r.entries, preds)))
+    rc = r.method
     name = "none" if rc is None else rc.name
     print(f"{args.task} on {test} ({info['examples']} examples), method {name if rc is None else rc.to_dict()}")
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -204,8 +122,7 @@ def _run(args, ckpt: Path) -> int:
     if args.json:
         out = {**metrics, "method": name, "method_config": None if rc is None else rc.to_dict(),
                "examples": info["examples"], "skipped": len(dropped), "gflops": info["gflops"], "image_tokens": info["image_tokens"],
-               "precision": precision, "compiled": compiled, **thread_info(),
+               "precision": r.precision, "compiled": r.compiled, **thread_info(),
                **{k: v for k, v in info.items() if k not in ("examples", "gflops", "image_tokens")}}
         print(json.dumps(out))
     return 0
-

@@ -6,18 +6,33 @@ the image-encoder GFLOPs of one example and the average number of image tokens a
 GFLOPs are counted by running the model under ``torch.utils.flop_counter.FlopCounterMode`` on one example
 (batch 1): the ViT of a two-stream model, guided by the example's text (the text encoder runs outside the
 count); the whole joint encoder of a single-stream model; both images of an NLVR2 pair.
+
+``evaluate_run(checkpoint, task, test, method=...)`` is the one evaluation path of a saved model: it reads the
+checkpoint (a run directory or a ``save_pretrained`` directory), checks that it was trained for the task, loads the
+test file (default: the run's scenes test split), the tokenizer and the images, and runs ``evaluate``, under DDP when
+started by ``torchrun``. ``vlprune eval`` is this function plus printing; other callers (the demo, scripts) use
+it to measure exactly as the CLI does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from ..data.datasets import Collate
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..flopcount import flop_counter_mode
+from ..reduce.registry import ReduceConfig
+
+log = logging.getLogger(__name__)
+# the tasks a saved model can be evaluated on
+EVAL_TASKS = ("retrieval", "vqa", "nlvr2", "ve")
 
 
 def image_encoder_gflops(model, images: Tensor, ids: Tensor, mask: Tensor) -> float:
@@ -111,3 +126,123 @@ def _bar(on: bool, name: str) -> Optional[Any]:
     from tqdm import tqdm
 
     return lambda it: tqdm(it, desc=f"eval {name} (re-rank)", unit="query", dynamic_ncols=True)
+
+
+# -- a saved model -----------------------------------------------------------------------------------------------
+def checkpoint_tasks(meta: dict) -> list:
+    """The tasks a checkpoint may be evaluated on, from its config.json: the task its run fine-tuned (``"task"``;
+    a pre-training run's ITC/ITM heads are what retrieval uses, so ``pretrain`` gives zero-shot retrieval); a
+    checkpoint that records no task (written by ``vlprune.save_pretrained``) gives retrieval for a two-stream model
+    and the tasks of the heads it has."""
+    task = meta.get("task")
+    if task in ("pretrain", "retrieval"):
+        return ["retrieval"]
+    if task is not None:
+        return [task]
+    two_stream = meta.get("model", {}).get("arch", "albef") == "albef"
+    return sorted(set(meta.get("heads") or {}) & set(EVAL_TASKS) | ({"retrieval"} if two_stream else set()))
+
+
+def check_task(meta: dict, task: str, ckpt: Path) -> None:
+    """Refuse to evaluate ``task`` with a checkpoint never trained for it (``checkpoint_tasks``)."""
+    tasks = checkpoint_tasks(meta)
+    if task in tasks:
+        return
+    trained = f"was trained for {meta['task']!r}" if meta.get("task") else "records no task"
+    raise ValueError(f"the checkpoint {ckpt} {trained}: it can be evaluated on {', '.join(tasks) or 'no task'}, "
+                     f"not {task} (its {'ITC/ITM' if task == 'retrieval' else task} head was never trained for "
+                     f"{task}); fine-tune it first: vlprune train {task} --init {ckpt.parent if ckpt.name == 'model' else ckpt}")
+
+
+def resolve_test_file(test: Optional[Union[str, Path]], run_dir: Path, task) -> Path:
+    """``test`` (which must exist), or the run's scenes test split of ``task``."""
+    if test is not None:
+        path = Path(test)
+        if not path.is_file():
+            raise FileNotFoundError(f"test annotation file not found: {path}")
+        return path
+    path = run_dir / "data" / task.scenes_test
+    if not path.is_file():
+        raise FileNotFoundError(f"no --test given and {path} does not exist (the run was not trained on scenes data)")
+    return path
+
+
+@dataclass
+class RunEvaluation:
+    """What ``evaluate_run`` measured: the metrics and ``info`` of ``evaluate`` (examples, gflops, image_tokens,
+    predictions for the classification tasks, ...), the model's method, the test file and its entries (after
+    ``skip_bad_images``), the entries skipped, the precision and whether the model was compiled. ``rank`` is this
+    process's (only rank 0 reports)."""
+
+    task: Any
+    test: Path
+    metrics: Dict[str, float]
+    info: Dict[str, Any]
+    method: Optional[ReduceConfig]
+    entries: List[Dict[str, Any]]
+    dropped: List[str] = field(default_factory=list)
+    precision: str = "fp32"
+    compiled: bool = False
+    rank: int = 0
+
+
+def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[str, Path]] = None, *,
+                 method: Union[str, None, ReduceConfig] = "saved", images: Optional[Union[str, Path]] = None,
+                 batch_size: int = 32, task_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
+                 compile: bool = False, skip_bad_images: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 allow_outside_root: bool = False, progress: bool = False) -> RunEvaluation:
+    """Evaluate a saved model on ``task`` (one of ``EVAL_TASKS``) with ``method`` at inference ("saved": the one it
+    was trained with; None or "none": no reduction; a name or ReduceConfig: that method). ``test``: an annotation
+    file (default: the run's scenes test split); ``images``: its image root (default: the file's folder).
+    ``task_options`` go to the task (e.g. retrieval's ``k``, ``gallery_chunk``, ``search``). Under ``torchrun`` the
+    test set is split across the ranks and gathered."""
+    from ..data.datasets import check_image_paths, readable_entries
+    from ..data.images import ImageLoader
+    from ..data.tokenizer import TextTokenizer
+    from ..distributed import finish_distributed, setup_distributed
+    from ..models.build import checkpoint_dir, load_pretrained, read_config, tokenizer_dir
+    from ..runtime import check_precision, maybe_compile, precision_context
+    from .base import get_task
+
+    ckpt = checkpoint_dir(checkpoint)
+    meta = read_config(ckpt)
+    check_task(meta, task, ckpt)
+    if meta.get("interrupted"):
+        log.warning("%s is the model of an interrupted run (step %s of %s)", ckpt, meta.get("step"),
+                    meta.get("total_steps"))
+    t = get_task(task, **(task_options or {}))
+    test = resolve_test_file(test, ckpt.parent if ckpt.name == "model" else ckpt, t)
+    if images is not None and not Path(images).is_dir():
+        raise FileNotFoundError(f"image root directory not found: {images}")
+    entries = t.load_test(test)
+    tdir = tokenizer_dir(ckpt)
+    if tdir is None:
+        raise FileNotFoundError(f"no tokenizer found with the checkpoint {ckpt}")
+    procs = setup_distributed()
+    try:
+        model = load_pretrained(ckpt, method=method).to(procs.device).eval()
+        precision = check_precision(precision or "fp32", procs.device)
+        compiled = maybe_compile(model, compile, procs.device)
+        if task != "retrieval" and task not in model.task_heads:
+            raise ValueError(f"the checkpoint {ckpt} has no {task!r} head (heads: {list(model.task_heads)}); "
+                             f"fine-tune it with 'vlprune train {task}' first")
+        t.restore(meta, model)
+        tok = TextTokenizer.from_dir(tdir)
+        tok.check_model(model.cfg.text)
+        loader = ImageLoader.for_model(model.cfg.vision, Path(images) if images else test.parent, max_image_pixels,
+                                       allow_outside_root)
+        check_image_paths(entries, loader)
+        dropped: List[str] = []
+        if skip_bad_images:
+            entries, dropped = readable_entries(entries, loader)
+            for line in dropped:
+                log.warning("skipping %s", line)
+            if not entries:
+                raise ValueError(f"no example of {test} has a readable image ({len(dropped)} skipped)")
+        with torch.inference_mode(), precision_context(precision, procs.device):
+            metrics, info = evaluate(t, model, entries, loader, tok, batch_size, procs.device, procs.rank,
+                                     procs.world, progress=progress)
+    finally:
+        finish_distributed(procs)
+    return RunEvaluation(t, test, metrics, info, model.method_config, entries, dropped, precision, compiled,
+                         procs.rank)
