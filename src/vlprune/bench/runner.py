@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import load_preset, override
+from ..config import check_pos_int, load_preset, override
 from ..models.build import attach, build_model, load_pretrained
 from ..reduce.registry import ReduceConfig, get_spec
 from ..reduce.trace import compact_tokens
@@ -74,9 +74,7 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         for name, lo in (("text_len", 1), ("repeats", 1), ("warmup", 0), ("max_batch_cap", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            check_pos_int(name, getattr(self, name), lo)
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
         if self.batch_size is not None and self.max_batch:

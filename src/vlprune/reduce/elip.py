@@ -40,6 +40,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..config import check_pos_int
 from . import functional as F
 from .registry import Option, ReduceConfig, check_layers, register
 from .select import SelectReducer, check_unmasked, default_layers, outside_query_bias, require_guide, slot_group
@@ -127,8 +128,7 @@ def block_spans(starts: Sequence[int], spans: Optional[Sequence[int]], num_layer
         raise ValueError(f"elip: spans must give one span per block start {list(starts)}, got {spans!r}")
     ends = list(starts[1:]) + [num_layers + 1]
     for s, n, nxt in zip(starts, spans, ends):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"elip: span of the block starting at layer {s} must be an integer >= 1, got {n!r}")
+        check_pos_int(f"elip: span of the block starting at layer {s}", n)
         if s + n > nxt:
             what = f"the next block start {nxt}" if nxt <= num_layers else f"the last layer {num_layers}"
             raise ValueError(

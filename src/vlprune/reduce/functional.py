@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import check_pos_int
 from .state import CLS, FUSED, KEPT, MERGED
 
 
@@ -210,8 +211,7 @@ def random_scores(batch: int, m: int, generator: torch.Generator, device: torch.
 
 def check_merge_count(r: int, m: int) -> int:
     """ToMe's merge count: an int with 0 <= r <= (M - 1) // 2 for M candidates; larger raises (never clamped)."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"tome: r must be an integer >= 0, got {r!r}")
+    check_pos_int("tome: r", r, 0)
     if r > (m - 1) // 2:
         raise ValueError(f"tome: r={r} is too large for {m} candidate tokens; r must be in [0, {(m - 1) // 2}]")
     return r
