@@ -148,47 +148,19 @@ def vqa_baselines(data: Path) -> Dict[str, Any]:
             "majority_scores": [vqa_score(majority, e["answer"]) for e in test]}
 
 
-@torch.inference_mode()
-def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progress: bool = False) -> Dict[str, float]:
-    """Over the VQA test questions that name their objects (the first ``limit``; 0 = all), after the image
-    encoder's last reduction: survival = share of questions where at least one individually kept patch overlaps
-    the asked-about objects; precision / recall as ``tasks.grounding`` (patches inside fused or merged tokens
-    count as not kept)."""
+def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progress: bool = False) -> Dict[str, Any]:
+    """``tasks.grounding.grounding_scores`` of ``run`` with ``method`` on the VQA test questions that name their
+    objects (the first ``limit``; 0 = all): survival, precision, recall, relevance lift, question sensitivity,
+    with the per-question records and the pairs' IoUs."""
     from ..data.images import ImageLoader
-    from ..reduce.state import KEPT
-    from ..tasks.grounding import alignment, load_labels, object_patches
-    from ..viz.overlay import patch_status, trace_records
+    from ..tasks.grounding import grounding_scores
 
     model, tok, _ = load_run(run, method)
     masks = {s["image"]: s["mask"] for s in json.loads((data / "scenes.json").read_text())["scenes"]}
     entries = [e for e in json.loads((data / "vqa_test.json").read_text()) if e.get("objects") and e["image"] in masks]
     entries = entries[:limit] if limit else entries
-    loader = ImageLoader.for_model(model.cfg.vision, data)
-    grid, size = model.cfg.vision.grid, model.cfg.vision.image_size
-    surv: List[float] = []
-    prec: List[float] = []
-    rec: List[float] = []
-    from tqdm import tqdm
-
-    for s in tqdm(range(0, len(entries), batch), desc="grounding", unit="batch", disable=not progress,
-                  dynamic_ncols=True):
-        chunk = entries[s:s + batch]
-        ids, mask = tok.encode([e["question"] for e in chunk], model.cfg.text.max_len)
-        out = model(torch.stack([loader(e["image"]) for e in chunk]), ids, mask, trace=True)
-        records = [r for r in trace_records(model, out) if r[0] in ("vision", "joint")]
-        for i, e in enumerate(chunk):
-            target = object_patches(load_labels(data, masks[e["image"]], size), e["objects"], grid)
-            if records:
-                status = patch_status(records, sample=i)[-1].status
-                kept = status == KEPT if status.shape == (grid, grid) else np.zeros((grid, grid), bool)
-            else:
-                kept = np.ones((grid, grid), dtype=bool)
-            a = alignment(kept, target)
-            prec.append(a["precision"])
-            rec.append(a["recall"])
-            surv.append(float((kept & target).any()))
-    return {"survival": float(np.mean(surv)), "precision": float(np.mean(prec)), "recall": float(np.mean(rec)),
-            "questions": len(surv)}
+    return grounding_scores(model, entries, masks, data, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
+                            progress)
 
 
 def bench(model_json: Path, configs: Sequence[Any], profile, progress: bool = False) -> List[Dict[str, Any]]:
