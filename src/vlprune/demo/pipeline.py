@@ -167,9 +167,13 @@ def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", ov
 
 
 def _check_extras(prof: Profile) -> None:
-    bad = [k for k in prof.matched_keeps if k not in prof.sweep]
+    bad = [k for k in prof.matched_keeps if not (isinstance(k, (int, float)) and 0 < k <= 1)]
     if bad:
-        raise ValueError(f"profile {prof.name}: matched_keeps {bad} are not in the sweep {list(prof.sweep)}")
+        raise ValueError(f"profile {prof.name}: matched_keeps must be in (0, 1], got {bad}")
+    skipped = [k for k in prof.matched_keeps if k not in prof.sweep]
+    if skipped:
+        log.warning("profile %s: matched keeps %s are not in the sweep %s: no comparison at their GFLOPs", prof.name,
+                    skipped, list(prof.sweep))
     q = prof.overlay_questions
     if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 6:
         raise ValueError(f"profile {prof.name}: overlay_questions must be an integer in 2..6, got {q!r}")
