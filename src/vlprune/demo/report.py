@@ -119,9 +119,9 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
         "keep = share of image tokens left after the image encoder (about); GFLOPs and tokens: image encoder per "
         "example, counted by running the fine-tuned model; pairs/s and speed-up: whole model with random weights, "
         f"batch {p.bench_batch}, median of {p.bench_repeats} interleaved rounds",
-        "object survival: share of questions where at least one individually kept patch overlaps the asked-about "
-        "objects after the last reduction; precision / recall: share of kept patches on those objects / of their "
-        "patches kept (patches inside fused or merged tokens count as not kept)",
+        "object survival: per question, the share of the asked-about objects on which at least one individually "
+        "kept patch lies after the last reduction, averaged; precision / recall: share of kept patches on those "
+        "objects / of their patches kept (patches inside fused or merged tokens count as not kept)",
         f"95% intervals: percentile bootstrap over test questions ({p.n_boot} resamples, seed 0)",
     ]
 
