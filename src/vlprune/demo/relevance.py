@@ -194,8 +194,17 @@ def same_everywhere(rows: Sequence[Dict[str, Any]], value, what: str, tol: float
     return None
 
 
-def findings(prof, rel: List[Dict[str, Any]], res: Dict[str, Any]) -> List[str]:
+def findings(prof, rel: List[Dict[str, Any]], res: Dict[str, Any],
+             per_type: Sequence[Dict[str, Any]] = ()) -> List[str]:
+    """Findings: the relevance lift, question sensitivity or accuracy of every method the same at a keep; the
+    accuracy on a question type the same for every method at the main keep."""
     out = []
+    at_main = [r for r in per_type if r["setup"] == "at inference" and r["keep"] == prof.main_keep
+               and r["method"] in METHODS]
+    for t in sorted(at_main[0]["types"]) if at_main else []:
+        f = same_everywhere(at_main, lambda r, t=t: r["types"][t], f"accuracy on {t} questions at keep {prof.main_keep:g}")
+        if f:
+            out.append(f)
     for k in prof.sweep:
         at = [r for r in rel if r["setup"] == "at inference" and r["keep"] == k and r["method"] in METHODS]
         for key, what in (("lift", "relevance lift"), ("sensitivity", "question sensitivity")):
@@ -272,7 +281,7 @@ def relevance_numbers(plan, res: Dict[str, Any], tests: List[Dict[str, Any]]) ->
     match = matched(prof, res, matched_keeps(prof))
     ratio = objects_to_budget(plan.data, v.grid, v.image_size)
     return {"per_type": per_type, "relevance": rel, "matched": match, "objects_to_budget": ratio,
-            "checks": checks(res, tests, per_type, match, ratio), "findings": findings(prof, rel, res),
+            "checks": checks(res, tests, per_type, match, ratio), "findings": findings(prof, rel, res, per_type),
             "guidance": guidance_sentences(prof, rel, match, res)}
 
 
