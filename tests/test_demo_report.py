@@ -1,5 +1,10 @@
 """The report pieces the demo uses: curve plots, sectioned reports, and the sentences generated from numbers."""
 
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
 from vlprune.demo import QUICK
@@ -49,4 +54,140 @@ def test_sentences_say_when_the_comparison_is_uninformative():
     tests[0] = {"a": "none", "b": "blind", "setup": "fine-tuned", "keep": None, **compare(blind, blind, 500)}
     said, clear = sentences(prof, _rows(30.0, 30.0), tests)
     assert not clear and "not clearly above the blind baseline" in said[1] and "uninformative" in said[1]
-    assert len(good) == n and fmt_p(0.0123) == "p = 0.012" and fmt_p(None) == "n/a"
+    assert fmt_p(0.0123) == "p = 0.012" and fmt_p(None) == "n/a" and fmt_p(0.0004) == "p < 0.001"
+    # the paired test behind the sentence: 30 questions TRIPS alone gets right, 0 EViT alone: exact McNemar
+    # does not apply (30 >= 25): chi-square (|30 - 0| - 1)^2 / 30
+    t = compare(trips, evit, 500)
+    assert t["discordant"] == [30, 0] and t["diff"] == pytest.approx(15.0) and len(good) == len(blind) == n
+    assert t["p_mcnemar"] == pytest.approx(math.erfc(math.sqrt(29 ** 2 / 30 / 2)))
+
+
+N = 40
+PROF = SimpleNamespace(name="t", sweep=(0.9, 0.35, 0.25), n_boot=300, matched_keeps=(0.35, 0.25), main_keep=0.35)
+
+
+def _ev(method, keep, gflops, right, guided):
+    """A hand-made evaluation of N questions, two per image about different objects: a guided selection keeps
+    exactly the asked object (lift 1, the pair's patch sets disjoint), an unguided one keeps one object of two
+    whatever the question (lift 0, IoU 1)."""
+    recs = [{"question_id": q, "image": f"i{q // 2}", "objects": [1 + q % 2], "asked": 1.0 if guided else float(q % 2 == 0),
+             "others": 0.0 if guided else float(q % 2 == 1), "survived": guided or q % 2 == 0, "precision": 0.5,
+             "recall": 0.5} for q in range(N)]
+    scores = [1.0] * right + [0.0] * (N - right)
+    return {"method": method, "setup": "at inference", "keep": keep, "gflops": gflops, "accuracy": right / N,
+            "scores": scores, "grounding": {"records": recs, "pairs_iou": [0.0 if guided else 1.0] * (N // 2),
+                                            "survival": 1.0, "questions": N}}
+
+
+def _res(trips_right, rival_right):
+    vqa = {}
+    for keep, g in ((0.9, 0.3), (0.35, 0.2), (0.25, 0.16)):
+        vqa[f"trips-k{keep:g}"] = _ev("trips", keep, g, trips_right, True)
+        for m in ("evit", "tome", "random", "elip"):
+            vqa[f"{m}-k{keep:g}"] = _ev(m, keep, g, rival_right, False)
+    for keep, g, right in ((0.9, 0.28, 28), (0.35, 0.18, 24), (0.25, 0.10, 16)):  # 70%, 60%, 40%
+        vqa[f"lowres-k{keep:g}"] = _ev("lowres", keep, g, right, False)
+    return {"vqa": vqa}
+
+
+def test_relevance_rows_matched_points_and_guidance_sentences():
+    from vlprune.demo.relevance import guidance_sentences, matched, relevance_rows
+
+    res = _res(36, 20)
+    rel = relevance_rows(res, list(range(N)), PROF.n_boot)
+    by = {r["key"]: r for r in rel}
+    assert by["trips-k0.25"]["lift"]["mean"] == 1.0 and by["evit-k0.25"]["lift"]["mean"] == 0.0
+    assert by["trips-k0.25"]["sensitivity"]["mean"] == 0.0 and by["evit-k0.25"]["sensitivity"]["mean"] == 1.0
+    # the accuracy split: TRIPS kept every asked object (36 of 40 right); EViT lost the odd questions' objects
+    assert by["trips-k0.25"]["acc_survived"]["mean"] == pytest.approx(90.0) and by["trips-k0.25"]["acc_lost"]["n"] == 0
+    assert by["evit-k0.25"]["acc_survived"]["n"] == by["evit-k0.25"]["acc_lost"]["n"] == 20
+    assert by["evit-k0.25"]["acc_survived"]["mean"] == pytest.approx(50.0)  # right: questions 0..19, half even
+    m = {(r["keep"], r["method"]): r for r in matched(PROF, res, (0.35, 0.25))}
+    lo = m[(0.25, "lowres")]  # TRIPS at 0.16 GFLOPs: lowres between 0.10 (40%) and 0.18 (60%): 55%
+    assert lo["acc_interp"] == pytest.approx(55.0) and lo["near_key"] == "lowres-k0.35"
+    assert lo["near_gap"] == pytest.approx(0.18 / 0.16 - 1) and lo["test"]["diff"] == pytest.approx(90.0 - 60.0)
+    assert m[(0.35, "lowres")]["acc_interp"] == pytest.approx(62.0)  # 0.2 between 0.18 (60%) and 0.28 (70%)
+    assert m[(0.35, "evit")]["near_key"] == "evit-k0.35" and m[(0.35, "evit")]["test"]["discordant"] == [16, 0]
+    said = guidance_sentences(PROF, rel, list(m.values()), res)
+    assert said[0].startswith("Text relevance at keep 0.25: TRIPS keeps the asked-about object more often than the "
+                              "other objects by 1.00 [1.00, 1.00] (relevance lift; EViT 0.00 [")
+    assert "its selection follows the question more than EViT's" in said[0]
+    assert "question sensitivity (IoU of the patches kept for two questions about different objects, 1 = the same) " \
+           "is 0.00 [0.00, 0.00]: the question changes which patches it keeps" in said[0]
+    assert "ELIP" in said[1] and "follows the question less than EViT's" not in said[1]
+    assert said[2].startswith("At the GFLOPs of TRIPS at keep 0.35 (0.2 per image), TRIPS scores 90.0%")
+    assert said[2].endswith("the text's guidance helped against EViT, ToMe, random, lowres.")
+
+
+def test_guidance_sentences_say_so_when_the_text_did_not_help():
+    """Equal accuracy and a TRIPS that selects like EViT: the sentences say the guidance did not help."""
+    from vlprune.demo.relevance import findings, guidance_sentences, matched, relevance_rows
+
+    res = _res(8, 8)
+    for k in ("trips-k0.9", "trips-k0.35", "trips-k0.25"):
+        res["vqa"][k] = _ev("trips", res["vqa"][k]["keep"], res["vqa"][k]["gflops"], 8, False)
+    rel = relevance_rows(res, list(range(N)), PROF.n_boot)
+    said = guidance_sentences(PROF, rel, matched(PROF, res, (0.35, 0.25)), res)
+    assert "paired bootstrap p = 1.000: no evidence that its selection follows the question more than EViT's" in said[0]
+    assert "the question does not measurably change which patches it keeps" in said[0]
+    # lowres (60% and 70% at its nearest points) is far above TRIPS (20%): said so
+    assert said[2].endswith("the text's guidance did not measurably help against any of them; TRIPS is "
+                            "significantly below lowres.")
+    # every method's lift, sensitivity and accuracy the same at every keep: flagged as findings
+    per_type = [{"setup": "at inference", "keep": 0.35, "method": m, "types": {"colour": 50.0, "count": 10.0 * i}}
+                for i, m in enumerate(("trips", "evit", "tome"))]
+    found = findings(PROF, rel, res, per_type)
+    assert "Finding: every method has the same accuracy on colour questions at keep 0.35 (50): this table does not " \
+           "tell them apart." in found and not any("count questions" in f for f in found)
+    assert "Finding: every method has the same relevance lift at keep 0.25 (0): this table does not tell them apart." in found
+    assert any("question sensitivity at keep 0.9 (1)" in f for f in found)
+    assert any("VQA accuracy at keep 0.35 (0.2)" in f for f in found)
+
+
+def test_type_accuracy_checks_and_objects_to_budget(tmp_path):
+    from PIL import Image
+
+    from vlprune.demo.relevance import check_sentence, checks, objects_to_budget, per_type_rows, type_accuracy
+
+    types = ["colour", "count", "colour", "count"]
+    assert type_accuracy([1.0, 0.0, 0.0, 0.0], types) == {"colour": {"acc": 50.0, "n": 2}, "count": {"acc": 0.0, "n": 2}}
+    with pytest.raises(ValueError, match="3 scores for 4 typed questions"):
+        type_accuracy([1.0, 0.0, 0.0], types)
+    res = {"vqa": {"none": {"method": "none", "setup": "fine-tuned unpruned", "keep": 1.0, "scores": [1.0, 1.0, 1.0, 0.0],
+                            "accuracy": 0.75},
+                   "vqa-blind": {"method": "blind", "setup": "blind", "scores": [0.0, 0.0, 1.0, 0.0], "accuracy": 0.25}}}
+    rows = per_type_rows(res, types)
+    assert rows[0]["over_blind"] == {"colour": 50.0, "count": 50.0} and rows[-1]["method"] == "blind"
+    match = [{"method": "lowres", "keep": 0.35, "acc_interp": 70.0, "near_acc": 50.0}]
+    cs = checks(res, [{"diff": 50.0}], rows, match, {"ratio": 1.5})
+    assert [(c["value"], c["met"]) for c in cs] == [(50.0, True), (50.0, True), (50.0, True), (5.0, False), (1.5, False)]
+    assert check_sentence(cs) == ("2 of 5 targets of the benchmark are not met: lowres at the GFLOPs of TRIPS keep "
+                                  "0.35, below unpruned (points); objects-to-budget ratio at keep 0.25.")
+    # the ratio from scenes.json and the masks: one test image whose two objects cover 2 + 3 patches of a 4x4
+    # grid; budget at keep 0.25: 4 patches -> 1.25
+    (tmp_path / "masks").mkdir()
+    labels = np.zeros((8, 8), dtype=np.uint8)
+    labels[0:2, 0:4] = 1
+    labels[4:6, 0:6] = 2
+    Image.fromarray(labels).save(tmp_path / "masks" / "a.png")
+    (tmp_path / "vqa_test.json").write_text(json.dumps([{"image": "images/a.png"}]))
+    (tmp_path / "scenes.json").write_text(json.dumps({"scenes": [
+        {"image": "images/a.png", "mask": "masks/a.png", "objects": [{"id": 1}, {"id": 2}]},
+        {"image": "images/b.png", "mask": "masks/missing.png", "objects": [{"id": 1}]}]}))  # train image: not read
+    r = objects_to_budget(tmp_path, grid=4, size=8)
+    assert r["ratio"] == pytest.approx(5 / 4) and r["budget"] == 4 and r["images"] == 1
+    (tmp_path / "card.json").write_text(json.dumps({"objects_to_budget": 2.4}))  # the data step's own number wins
+    assert objects_to_budget(tmp_path, grid=4, size=8) == {"ratio": 2.4, "source": "card.json"}
+
+
+def test_pick_questions_for_the_side_by_side_overlay():
+    from vlprune.demo.steps import pick_questions
+
+    e = lambda q, img, objs, t: {"question_id": q, "image": img, "objects": objs, "type": t}  # noqa: E731
+    entries = [e(1, "a", [1], "colour"), e(2, "a", [1], "shape"), e(3, "a", [2], "count"), e(4, "a", [], "exists"),
+               e(5, "b", [1], "colour"), e(6, "b", [2], "colour"), e(7, "b", [1, 3], "left")]
+    img, qs = pick_questions(entries, 3)
+    assert img == "b" and [q["question_id"] for q in qs] == [5, 7, 6]  # different types first
+    img, qs = pick_questions(entries, 2)
+    assert img == "a" and [q["question_id"] for q in qs] == [1, 3]  # one question per object set
+    assert pick_questions([e(1, "a", [1], "colour"), e(2, "a", [1], "shape"), e(3, "b", [], "exists")], 3) is None

@@ -98,3 +98,16 @@ def test_chance_recall():
     assert chance_recall(2, 10, relevant=2) == pytest.approx(1 - 28 / 45)
     with pytest.raises(ValueError):
         chance_recall(1, 0)
+
+
+def test_interp_at_on_a_hand_made_curve():
+    from vlprune.stats import interp_at
+
+    # accuracy 40 at 0.1 GFLOPs, 50 at 0.2, 70 at 0.4 (given out of order): at 0.3 halfway between 50 and 70
+    xs, ys = [0.4, 0.1, 0.2], [70.0, 40.0, 50.0]
+    assert interp_at(xs, ys, 0.3) == pytest.approx(60.0)
+    assert interp_at(xs, ys, 0.15) == pytest.approx(45.0)
+    assert interp_at(xs, ys, 0.2) == pytest.approx(50.0) and interp_at(xs, ys, 0.4) == pytest.approx(70.0)
+    assert interp_at(xs, ys, 0.05) is None and interp_at(xs, ys, 0.5) is None  # no extrapolation
+    assert interp_at([0.2, 0.2, 0.4], [40.0, 60.0, 80.0], 0.3) == pytest.approx(65.0)  # ties in x averaged
+    assert interp_at([], [], 0.3) is None

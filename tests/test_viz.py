@@ -259,6 +259,31 @@ def test_comparison_of_texts_on_one_image(tmp_path):
         save_comparison(np.zeros((32, 32, 3)), [], tmp_path / "e.png")
 
 
+def test_questions_by_methods_grid(tmp_path):
+    """One image, two questions (rows) x two methods (columns), the asked object outlined: the outline's pixels
+    are drawn in the figure (lime), and mismatched panels or outlines are refused."""
+    from vlprune.reduce.state import KEPT
+    from vlprune.reduce.trace import DROPPED, Panel
+    from vlprune.viz.overlay import save_question_grid
+
+    status = np.full((4, 4), KEPT)
+    status[2:, :] = DROPPED
+    p = Panel("vision", 2, "evit", 9, status)
+    outline = np.zeros((32, 32), dtype=bool)
+    outline[4:12, 4:12] = True
+    qs = [("what colour is the square?", outline), ("is there a circle?", None)]
+    assert save_question_grid(np.full((32, 32, 3), 0.5), qs, ["evit", "trips"], [[p, p], [p, p]], tmp_path / "g.png") == (2, 3)
+    with Image.open(tmp_path / "g.png") as im:
+        px = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert ((px[:, 1] > 200) & (px[:, 0] < 100) & (px[:, 2] < 100)).sum() > 50  # the lime outline was drawn
+    with pytest.raises(ValueError, match="2 rows of 2"):
+        save_question_grid(np.zeros((32, 32, 3)), qs, ["evit", "trips"], [[p], [p]], tmp_path / "e.png")
+    with pytest.raises(ValueError, match="does not match the image"):
+        save_question_grid(np.zeros((32, 32, 3)), [("q", np.ones((8, 8), bool))], ["evit"], [[p]], tmp_path / "e.png")
+    with pytest.raises(ValueError, match="at least one question"):
+        save_question_grid(np.zeros((32, 32, 3)), [], ["evit"], [], tmp_path / "e.png")
+
+
 def test_visualize_a_training_run_directory(run_dir, tmp_path, monkeypatch, capsys):
     """A ``vlprune train`` run directory: weights in run/model, the tokenizer in run/tokenizer."""
     import shutil

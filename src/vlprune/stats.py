@@ -12,7 +12,7 @@ Means and intervals are in the scores' own unit (multiply 0/1 scores by 100 for 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -139,10 +139,21 @@ def chance_recall(k: int, n_items: int, relevant: int = 1) -> float:
     return 1.0 - math.comb(n_items - relevant, k) / math.comb(n_items, k)
 
 
+def interp_at(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[float]:
+    """y at ``x`` by linear interpolation along the curve (xs, ys) (points in any order; ties in x averaged);
+    None when ``x`` lies outside [min(xs), max(xs)] (no extrapolation) or the curve is empty."""
+    pts = sorted((float(a), float(b)) for a, b in zip(xs, ys))
+    if not pts or not pts[0][0] <= x <= pts[-1][0]:
+        return None
+    ux = sorted({a for a, _ in pts})
+    uy = [float(np.mean([b for a, b in pts if a == u])) for u in ux]
+    return float(np.interp(x, ux, uy))
+
+
 def ci_tuple(iv: Interval, scale: float = 100.0) -> Tuple[float, float, float]:
     """(mean, low, high) scaled (0/1 scores -> percent)."""
     return iv.mean * scale, iv.low * scale, iv.high * scale
 
 
 __all__ = ["Interval", "Paired", "McNemar", "bootstrap_ci", "paired_bootstrap", "mcnemar", "binom_two_sided",
-           "chance_recall", "ci_tuple", "EXACT_BELOW"]
+           "chance_recall", "ci_tuple", "interp_at", "EXACT_BELOW"]

@@ -21,6 +21,8 @@ from .stages import Stages
 
 log = logging.getLogger(__name__)
 MARKER = "demo.json"
+# bump when what the grounding of an eval stage records changes (redoes the evaluations, not the training)
+GROUNDING_RECORDS = 2
 
 
 from ..runtime import available_cores  # noqa: E402,F401  (the demo's default threads; re-exported)
@@ -51,6 +53,7 @@ class _Plan:
         self.data = out / "data"
         self.model_json = out / "model.json"
         self.cfg = model_config(prof)
+        self._matched: Optional[Dict[float, Dict[str, Any]]] = None
 
     def rel(self, path: Path) -> str:
         return os.path.relpath(path, self.out)
@@ -68,6 +71,28 @@ class _Plan:
     def sweep_points(self) -> List[tuple]:
         return [(m, f) for m in list(METHODS) + ["lowres"] for f in self.prof.sweep]
 
+    def matched(self) -> Dict[float, Dict[str, Any]]:
+        """Per matched keep: TRIPS's counted image GFLOPs there and the lowres image size nearest them."""
+        if self._matched is None:
+            from . import steps
+
+            keeps = [k for k in self.prof.matched_keeps if k in self.prof.sweep]
+            self._matched = steps.lowres_for_gflops(self.cfg, {k: point(self.prof, "trips", k, self.cfg) for k in keeps})
+        return self._matched
+
+    def extra_lowres(self) -> List[int]:
+        """The lowres image sizes of the matched points that the sweep does not evaluate already, largest first."""
+        swept = {point(self.prof, "lowres", f, self.cfg).options["image_size"] for f in self.prof.sweep}
+        return sorted({m["size"] for m in self.matched().values()} - swept, reverse=True)
+
+    def lowres_px(self, size: int):
+        """(key, ReduceConfig, share of the patches it keeps) of lowres at image ``size``."""
+        from ..reduce.registry import ReduceConfig
+
+        v = self.cfg.vision
+        return (f"lowres-px{size}", ReduceConfig("lowres", options={"image_size": size}),
+                round((size / v.patch_size / v.grid) ** 2, 3))
+
     def weights(self) -> Dict[str, float]:
         """Every stage's rough cost, in training samples (measured ratios on CPU: an evaluated question costs
         about 0.35 of a trained sample, a grounding question 0.7, an ITM re-ranking pair 0.4, a benchmarked pair
@@ -79,7 +104,8 @@ class _Plan:
         ret_images = min(p.retrieval_images or test_images, test_images)
         w: Dict[str, float] = {"data": 0.07 * sc.images, "baselines": 1.0, "overlays": 10.0,
                                "retrieval-none": float(p.retrieval.steps * p.retrieval.batch_size),
-                               "bench": 0.8 * (len(self.sweep_points()) + 1) * (p.bench_repeats + 1) * (p.bench_batch + 1)}
+                               "bench": 0.8 * (len(self.sweep_points()) + len(self.extra_lowres()) + 1)
+                               * (p.bench_repeats + 1) * (p.bench_batch + 1)}
         if p.pretrain.steps:
             first = float(p.pretrain.steps * p.pretrain.batch_size)
             seeds = p.seeds if p.pretrain_task == "vqa" else p.seeds[:1]
@@ -98,6 +124,8 @@ class _Plan:
         w["eval-vqa-none"] = 0.35 * questions + ground
         for m, f in self.sweep_points():
             w[f"eval-vqa-{m}-{label(f)}"] = 0.35 * questions + (ground if p.grounding_sweep or f == p.main_keep else 0)
+        for size in self.extra_lowres():
+            w[f"eval-vqa-{self.lowres_px(size)[0]}"] = 0.35 * questions
         for m in ("none",) + tuple(p.retrieval_methods):
             w[f"eval-ret-{m}"] = 0.4 * p.retrieval_k * 3 * ret_images  # image and caption queries (2 captions each)
         return w
@@ -116,6 +144,7 @@ def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", ov
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     torch.set_num_threads(threads)
     validate(prof)
+    _check_extras(prof)
     out = Path(out)
     _prepare_out(out, overwrite, say)
     t_start = time.perf_counter()
@@ -135,6 +164,19 @@ def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", ov
     from .report import write_demo_report
 
     return write_demo_report(plan, results, st, threads, time.perf_counter() - t_start)
+
+
+def _check_extras(prof: Profile) -> None:
+    bad = [k for k in prof.matched_keeps if not (isinstance(k, (int, float)) and 0 < k <= 1)]
+    if bad:
+        raise ValueError(f"profile {prof.name}: matched_keeps must be in (0, 1], got {bad}")
+    skipped = [k for k in prof.matched_keeps if k not in prof.sweep]
+    if skipped:
+        log.warning("profile %s: matched keeps %s are not in the sweep %s: no comparison at their GFLOPs", prof.name,
+                    skipped, list(prof.sweep))
+    q = prof.overlay_questions
+    if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 6:
+        raise ValueError(f"profile {prof.name}: overlay_questions must be an integer in 2..6, got {q!r}")
 
 
 def _train_settings(plan: _Plan, cfg, after: List[str]) -> Dict[str, Any]:
@@ -217,18 +259,23 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
                                          "retrieval_chance": steps.retrieval_chance(data, prof.retrieval_images)})
     _vqa_evals(st, plan, res, progress)
     _retrieval_evals(st, plan, res, progress)
-    configs = [point(prof, m, f, plan.cfg) for m, f in plan.sweep_points()]
+    extra = [plan.lowres_px(size) for size in plan.extra_lowres()]
+    configs = [point(prof, m, f, plan.cfg) for m, f in plan.sweep_points()] + [rc for _, rc, _ in extra]
     rows = st.run("bench", {"configs": [c.to_dict() for c in configs], "batch": prof.bench_batch,
                             "repeats": prof.bench_repeats, "text_len": prof.bench_text_len, "model": prof.model},
                   lambda d: {"rows": steps.bench(plan.model_json, configs, prof, progress)})["rows"]
-    res["bench"] = {"none": rows[0], **{f"{m}-{label(f)}": r for (m, f), r in zip(plan.sweep_points(), rows[1:])}}
+    keys = [f"{m}-{label(f)}" for m, f in plan.sweep_points()] + [k for k, _, _ in extra]
+    res["bench"] = {"none": rows[0], **dict(zip(keys, rows[1:]))}
     # overlays: TRIPS and EViT fine-tuned with the method, else applied at inference to the unpruned model
     runs = {m: (f"vqa-{m}", "saved") if m in prof.tuned else ("vqa-none", point(prof, m, prof.main_keep, plan.cfg))
             for m in ("trips", "evit")}
+    side = {m: ("vqa-none", point(prof, m, prof.main_keep, plan.cfg)) for m in ("none",) + tuple(METHODS)}
     res["overlays"] = st.run(
-        "overlays", {"after": [st.keys[r] for r, _ in runs.values()],
-                     "methods": {m: str(rc) for m, (_, rc) in runs.items()}},
-        lambda d: {"figures": [[plan.rel(Path(f.path)), f.caption] for f in steps.overlays(
+        "overlays", {"after": [st.keys[r] for r, _ in runs.values()], "questions": prof.overlay_questions,
+                     "methods": {m: str(rc) for m, (_, rc) in runs.items()},
+                     "side_by_side": {m: str(rc) for m, (_, rc) in side.items()}},
+        lambda d: {"figures": [[plan.rel(Path(f.path)), f.caption] for f in steps.question_overlays(
+            {m: (plan.out / r, rc) for m, (r, rc) in side.items()}, data, d, prof.overlay_questions) + steps.overlays(
             {m: (plan.out / r, rc) for m, (r, rc) in runs.items()}, data, d)]})
     return res
 
@@ -240,7 +287,7 @@ def _eval_stage(st: Stages, plan: _Plan, name: str, run: str, method, test_file:
     prof, m = plan.prof, method  # m: "saved", None or a ReduceConfig
     settings = {"run": st.keys[run], "method": m if isinstance(m, str) or m is None else m.to_dict(),
                 "test": test_file, "grounding": prof.grounding_questions if ground else None,
-                "batch": prof.eval_batch}
+                "batch": prof.eval_batch, "grounding_records": GROUNDING_RECORDS if ground else None}
 
     def go(d: Path) -> Dict[str, Any]:
         r = steps.eval_vqa(plan.out / run, m, plan.data, test_file, prof.eval_batch, progress)
@@ -263,6 +310,10 @@ def _vqa_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> 
         key = f"{m}-{label(f)}"
         ev[key] = {**_eval_stage(st, plan, f"eval-vqa-{key}", "vqa-none", point(prof, m, f, plan.cfg), "vqa_test.json",
                                  f, ground, progress), "method": m, "setup": "at inference"}
+    for size in plan.extra_lowres():  # lowres at the size whose GFLOPs match TRIPS at a matched keep
+        key, rc, f = plan.lowres_px(size)
+        ev[key] = {**_eval_stage(st, plan, f"eval-vqa-{key}", "vqa-none", rc, "vqa_test.json", f, False, progress),
+                   "method": "lowres", "setup": "at inference", "image_size": size}
     for name, row, seed in plan.vqa_runs():
         if row == "none" and seed == prof.seeds[0]:
             continue

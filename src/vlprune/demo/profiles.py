@@ -90,6 +90,10 @@ class Profile:
     pretrain_task: str = "pretrain"
     # learned methods fine-tuned in stage 2 with their losses and teacher = vqa-none: {name: {"layers", "keep"}}
     learned: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # the keeps whose TRIPS image GFLOPs every method is compared at (those in the sweep; lowres gets an extra
+    # evaluation at the image size whose GFLOPs are nearest), and the questions of the side-by-side overlay
+    matched_keeps: Tuple[float, ...] = (0.35, 0.25)
+    overlay_questions: int = 3
 
     def __post_init__(self) -> None:
         bad = [f for f in self.sweep + (self.main_keep,) if not 0 < f <= 1]

@@ -74,6 +74,12 @@ def _plots(plan, sweep: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> Lis
             series.append(Series(NAMES[m], [r.get(x) for r in pts], [r["vqa_acc"] for r in pts],
                                  [r["vqa_low"] for r in pts], [r["vqa_high"] for r in pts],
                                  labels=[f"{r['keep']:g}" for r in pts]))
+        learned = [r for r in rows if r["setup"] == "fine-tuned with its losses" and r.get(x) is not None]
+        if learned:  # DynamicViT, TiP: one point each, diamonds
+            series.append(Series("fine-tuned with its losses (diamonds)", [r.get(x) for r in learned],
+                                 [r["vqa_acc"] for r in learned], [r["vqa_low"] for r in learned],
+                                 [r["vqa_high"] for r in learned], line=False, marker="D",
+                                 labels=[r["method"] for r in learned], color=len(METHODS) + 1))
         for i, m in enumerate(METHODS):  # same colour as the method's curve, open squares
             if m in tuned:
                 r = tuned[m]
@@ -114,9 +120,9 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
         "keep = share of image tokens left after the image encoder (about); GFLOPs and tokens: image encoder per "
         "example, counted by running the fine-tuned model; pairs/s and speed-up: whole model with random weights, "
         f"batch {p.bench_batch}, median of {p.bench_repeats} interleaved rounds",
-        "object survival: share of questions where at least one individually kept patch overlaps the asked-about "
-        "objects after the last reduction; precision / recall: share of kept patches on those objects / of their "
-        "patches kept (patches inside fused or merged tokens count as not kept)",
+        "object survival: per question, the share of the asked-about objects on which at least one individually "
+        "kept patch lies after the last reduction, averaged; precision / recall: share of kept patches on those "
+        "objects / of their patches kept (patches inside fused or merged tokens count as not kept)",
         f"95% intervals: percentile bootstrap over test questions ({p.n_boot} resamples, seed 0)",
     ]
 
@@ -124,11 +130,16 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
 def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: float) -> Path:
     from ..viz.report import Figure, Section, Table, write_sections
 
+    from . import relevance as R
+    from .report_relevance import relevance_sections
+
     prof = plan.prof
     rows, sweep = S.main_rows(prof, res), S.sweep_rows(prof, res)
     tests = S.paired_tests(prof, res)
     seeds = S.seed_rows(prof, res)
     said, informative = S.sentences(prof, rows, tests, seeds)
+    rel = R.relevance_numbers(plan, res, tests)
+    said += rel["guidance"] + [R.check_sentence(rel["checks"])] + rel["findings"]
     env = environment(threads)
     (plan.out / "report").mkdir(exist_ok=True)
     sections = [
@@ -145,6 +156,9 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
                                       "questions only one of them gets right (exact below 25 such questions) and the "
                                       "paired-bootstrap p-value."], tables=[Table(tests, PAIRED_COLUMNS)]),
     ]
+    extra = relevance_sections(plan, rel)
+    sections[2:2] = extra[:1]  # the targets right after the setup
+    sections += extra[1:]
     if seeds:
         sections.append(Section("Seeds", tables=[Table(seeds, [("method", "row", ""), ("seeds", "seeds", ""),
                                                                 ("accuracies", "VQA acc per seed", ".1f"),
@@ -167,7 +181,9 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
     results = {"profile": asdict(prof), "environment": env, "seconds": seconds, "stages": st.timings,
                "informative": informative, "sentences": said, "rows": rows, "sweep": sweep, "paired": tests,
                "seeds": seeds, "baselines": res["baselines"], "vqa": res["vqa"], "retrieval": res["retrieval"],
-               "bench": res["bench"], "train": res["train"], "data": res["data"]}
+               "bench": res["bench"], "train": res["train"], "data": res["data"],
+               **{k: rel[k] for k in ("checks", "per_type", "relevance", "matched", "objects_to_budget", "findings",
+                                      "guidance")}}
     (plan.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return md
 

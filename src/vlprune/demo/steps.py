@@ -148,47 +148,47 @@ def vqa_baselines(data: Path) -> Dict[str, Any]:
             "majority_scores": [vqa_score(majority, e["answer"]) for e in test]}
 
 
-@torch.inference_mode()
-def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progress: bool = False) -> Dict[str, float]:
-    """Over the VQA test questions that name their objects (the first ``limit``; 0 = all), after the image
-    encoder's last reduction: survival = share of questions where at least one individually kept patch overlaps
-    the asked-about objects; precision / recall as ``tasks.grounding`` (patches inside fused or merged tokens
-    count as not kept)."""
+def grounding(run: Path, method: Any, data: Path, limit: int, batch: int, progress: bool = False) -> Dict[str, Any]:
+    """``tasks.grounding.grounding_scores`` of ``run`` with ``method`` on the VQA test questions that name their
+    objects (the first ``limit``; 0 = all): survival, precision, recall, relevance lift, question sensitivity,
+    with the per-question records and the pairs' IoUs."""
     from ..data.images import ImageLoader
-    from ..reduce.state import KEPT
-    from ..tasks.grounding import alignment, load_labels, object_patches
-    from ..viz.overlay import patch_status, trace_records
+    from ..tasks.grounding import grounding_scores
 
     model, tok, _ = load_run(run, method)
     masks = {s["image"]: s["mask"] for s in json.loads((data / "scenes.json").read_text())["scenes"]}
     entries = [e for e in json.loads((data / "vqa_test.json").read_text()) if e.get("objects") and e["image"] in masks]
     entries = entries[:limit] if limit else entries
-    loader = ImageLoader.for_model(model.cfg.vision, data)
-    grid, size = model.cfg.vision.grid, model.cfg.vision.image_size
-    surv: List[float] = []
-    prec: List[float] = []
-    rec: List[float] = []
-    from tqdm import tqdm
+    return grounding_scores(model, entries, masks, data, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
+                            progress)
 
-    for s in tqdm(range(0, len(entries), batch), desc="grounding", unit="batch", disable=not progress,
-                  dynamic_ncols=True):
-        chunk = entries[s:s + batch]
-        ids, mask = tok.encode([e["question"] for e in chunk], model.cfg.text.max_len)
-        out = model(torch.stack([loader(e["image"]) for e in chunk]), ids, mask, trace=True)
-        records = [r for r in trace_records(model, out) if r[0] in ("vision", "joint")]
-        for i, e in enumerate(chunk):
-            target = object_patches(load_labels(data, masks[e["image"]], size), e["objects"], grid)
-            if records:
-                status = patch_status(records, sample=i)[-1].status
-                kept = status == KEPT if status.shape == (grid, grid) else np.zeros((grid, grid), bool)
-            else:
-                kept = np.ones((grid, grid), dtype=bool)
-            a = alignment(kept, target)
-            prec.append(a["precision"])
-            rec.append(a["recall"])
-            surv.append(float((kept & target).any()))
-    return {"survival": float(np.mean(surv)), "precision": float(np.mean(prec)), "recall": float(np.mean(rec)),
-            "questions": len(surv)}
+
+def lowres_for_gflops(cfg, targets: Dict[str, Any]) -> Dict[str, Any]:
+    """For each target (name -> ReduceConfig on the model ``cfg``), the ``lowres`` image size (a patch multiple)
+    whose counted image-encoder GFLOPs are nearest the target's; counted on a random-weights model (token counts,
+    hence FLOPs, do not depend on the weights). Returns {name: {"gflops", "size", "size_gflops"}}."""
+    from ..models.build import attach, build_model
+    from ..reduce.registry import ReduceConfig
+    from ..tasks.evaluation import image_encoder_gflops
+
+    v = cfg.vision
+    model = build_model(cfg).eval()
+    ids = torch.ones(1, 8, dtype=torch.long)
+    images = torch.rand(1, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(0))
+
+    def count(rc) -> float:
+        attach(model, rc)
+        return image_encoder_gflops(model, images, ids, torch.ones_like(ids))
+
+    sizes = {g * v.patch_size: count(ReduceConfig("lowres", options={"image_size": g * v.patch_size}))
+             for g in range(1, v.grid + 1)}
+    out = {}
+    for name, rc in targets.items():
+        g = count(rc)
+        size = min(sizes, key=lambda s: (abs(sizes[s] - g), -s))
+        out[name] = {"gflops": g, "size": size, "size_gflops": sizes[size]}
+    attach(model, None)
+    return out
 
 
 def bench(model_json: Path, configs: Sequence[Any], profile, progress: bool = False) -> List[Dict[str, Any]]:
@@ -252,5 +252,67 @@ def overlays(runs: Dict[str, Any], data: Path, out: Path) -> List[Any]:
     return figures
 
 
+
+def pick_questions(entries: Sequence[Dict[str, Any]], n: int) -> Optional[tuple]:
+    """(image, up to ``n`` questions about different object sets of it, of different types first): the first
+    image with the most such questions (at least 2); None when no image has two."""
+    by: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
+    for e in entries:
+        if e.get("objects"):
+            by.setdefault(e["image"], {}).setdefault(tuple(sorted(e["objects"])), e)
+    best = max(by.items(), key=lambda kv: min(len(kv[1]), n), default=None)
+    if best is None or len(best[1]) < 2:
+        return None
+    qs = sorted(best[1].values(), key=lambda q: str(q.get("type")))
+    seen, first, rest = set(), [], []
+    for q in qs:
+        (rest if q.get("type") in seen else first).append(q)
+        seen.add(q.get("type"))
+    return best[0], (first + rest)[:n]
+
+
+def question_overlays(runs: Dict[str, Any], data: Path, out: Path, n: int) -> List[Any]:
+    """One test image under ``n`` questions about different objects, method by method side by side (each
+    method's patches after its last reduction, the asked-about objects outlined). ``runs``: column name -> (run
+    directory, method at inference)."""
+    from PIL import Image
+
+    from ..data.images import ImageLoader
+    from ..viz.overlay import patch_status, save_question_grid
+    from ..viz.report import Figure
+
+    pick = pick_questions(json.loads((data / "vqa_test.json").read_text()), n)
+    if pick is None:
+        return []
+    image_path, qs = pick
+    scene = next(s for s in json.loads((data / "scenes.json").read_text())["scenes"] if s["image"] == image_path)
+    raw = np.asarray(Image.open(data / image_path).convert("RGB"))
+    labels = np.asarray(Image.open(data / scene["mask"]))
+    panels: List[List[Any]] = [[] for _ in qs]
+    for name, (run, method) in runs.items():
+        model, tok, _ = load_run(run, method)
+        image = ImageLoader.for_model(model.cfg.vision, data)(image_path)
+        for r, q in enumerate(qs):
+            ids, mask = tok.encode([q["question"]], model.cfg.text.max_len)
+            with torch.inference_mode():
+                o = model(image[None], ids, mask, trace=True)
+            recs = [x for x in model.trace_records(o) if x[0] in ("vision", "joint")]
+            panels[r].append(patch_status(recs)[-1] if recs else _all_kept(model.cfg.vision.grid))
+    path = out / "overlay_questions.png"
+    save_question_grid(raw, [(q["question"], np.isin(labels, q["objects"])) for q in qs], list(runs), panels, path,
+                       title="the same image under different questions: patches after each method's last reduction")
+    return [Figure(path, "One test image under different questions (rows), each method at the main keep applied at "
+                         "inference to the unpruned model (columns): kept (clear), fused (blue), merged (orange) and "
+                         "dropped (dark) patches; the asked-about objects outlined in green")]
+
+
+def _all_kept(grid: int):
+    from ..reduce.state import KEPT
+    from ..reduce.trace import Panel
+
+    return Panel("vision", 0, "none", grid * grid, np.full((grid, grid), KEPT), None)
+
+
 __all__ = ["make_data", "train_run", "load_run", "eval_vqa", "eval_retrieval", "retrieval_chance", "vqa_baselines",
-           "grounding", "bench", "overlays", "BLIND_IMAGE"]
+           "grounding", "lowres_for_gflops", "bench", "overlays", "pick_questions",
+           "question_overlays", "BLIND_IMAGE"]

@@ -71,7 +71,11 @@ def sweep_rows(prof, res: Dict[str, Any]) -> List[Dict[str, Any]]:
         for f in prof.sweep:
             key = f"{m}-{label(f)}"
             out.append(_row(m, "at inference", f, res["vqa"][key], prof.n_boot, res["bench"][key]))
-    return out
+    for key, ev in res["vqa"].items():  # lowres at the image sizes that match TRIPS's GFLOPs (besides the sweep)
+        if key.startswith("lowres-px"):
+            out.append({**_row("lowres", "at inference", ev["keep"], ev, prof.n_boot, res["bench"].get(key)),
+                        "image_size": ev.get("image_size")})
+    return sorted(out, key=lambda r: ((list(METHODS) + ["lowres"]).index(r["method"]), -r["keep"]))
 
 
 def paired_tests(prof, res: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -143,4 +143,49 @@ def save_comparison(image, rows: Sequence[Tuple[str, Sequence[Panel]]], out: Uni
     return len(rows), cols
 
 
-__all__ = ["Panel", "save_comparison", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
+
+def save_question_grid(image, questions: Sequence[Tuple[str, Optional[np.ndarray]]], columns: Sequence[str],
+                       panels: Sequence[Sequence[Panel]], out: Union[str, Path], title: Optional[str] = None) -> Tuple[int, int]:
+    """One image under several questions, method by method: a row per question (its text, and the asked-about
+    objects outlined from a (H, W) bool mask, or None), a column per method showing its patches after its last
+    reduction (``panels[row][col]``). Writes a PNG; returns (rows, columns) of the grid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if not questions or not columns:
+        raise ValueError("save_question_grid needs at least one question and one method column")
+    if len(panels) != len(questions) or any(len(p) != len(columns) for p in panels):
+        raise ValueError(f"panels must be {len(questions)} rows of {len(columns)} (one per question and method)")
+    img = _image_array(image)
+    cols = 1 + len(columns)
+    fig = Figure(figsize=(2.4 * cols, 2.6 * len(questions) + 0.6 + (0.4 if title else 0)))
+    FigureCanvasAgg(fig)
+    for r, (text, outline) in enumerate(questions):
+        for c in range(cols):
+            ax = fig.add_subplot(len(questions), cols, r * cols + c + 1)
+            p = None if c == 0 else panels[r][c - 1]
+            ax.imshow(img if p is None else _tint(img, p.status))
+            if p is not None:
+                _grid_lines(ax, p, img.shape[0], img.shape[1])
+            if outline is not None and outline.any():
+                if outline.shape != img.shape[:2]:
+                    raise ValueError(f"outline mask {outline.shape} does not match the image {img.shape[:2]}")
+                ax.contour(outline.astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+            head = text if len(text) <= 34 else text[:31] + "..."
+            ax.set_title(head if c == 0 else f"{columns[c - 1]}\n{p.title.splitlines()[-1]}", fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+    legend = [Patch(facecolor="none", edgecolor="grey", label="kept"), Patch(facecolor="none", edgecolor="lime",
+                                                                             label="asked-about object")] + [
+        Patch(color=TINTS[s][:3], alpha=TINTS[s][3], label=STATUS_NAMES[s]) for s in (FUSED, MERGED, DROPPED)]
+    fig.legend(handles=legend, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, format="png")
+    return len(questions), cols
+
+
+__all__ = ["Panel", "save_comparison", "save_question_grid", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
