@@ -45,7 +45,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (has_checkpoint, latest_checkpoint, load_checkpoint, log_state, restore_log, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import from_dict, load_preset, to_dict
 from .data.datasets import Collate
 from .data.images import DEFAULT_MAX_PIXELS, check_max_pixels
@@ -55,16 +56,19 @@ from .distributed import barrier, wrap_ddp
 from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
-from .rundir import LOCK_FILE, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics
+from .fileio import read_json
+from .guards import (check_finite, check_inputs, check_lr_mult, check_seed, exists_hint, no_checkpoint_hint,
+                     raise_if_nonfinite, record_inputs)
+from .rundir import LOCK_FILE, check_overwrite, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics, write_marker
 from .runtime import PRECISIONS, autocast_dtype, check_precision, maybe_compile
 from .tasks.base import StepContext, StepModule, get_task
-from .train_data import (build_data, check_data_state, data_state, fetch, image_loader, micro_batches, scenes_data,
-                         shard_captions, validate_inputs)
+from .train_data import (build_data, check_data_state, data_state, fetch, image_loader, input_paths, micro_batches,
+                         scenes_data, shard_captions, validate_inputs)
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
 RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads",
-                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile")
+                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile", "accept_changed_inputs")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
     precision: str = "auto"  # fp32 / bf16 / fp16: autocast on any device; "auto": as ``amp`` says (CUDA only)
     compile: bool = False  # torch.compile the model's layers (vlprune.runtime.maybe_compile)
+    accept_changed_inputs: bool = False  # resume although an input file changed (vlprune.guards.check_inputs)
 
     def __post_init__(self) -> None:
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -126,6 +131,7 @@ class TrainConfig:
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0):
             raise ValueError(f"need lr > 0, weight_decay >= 0, min_lr_ratio in [0, 1], grad_clip >= 0; got lr={self.lr}, "
                              f"weight_decay={self.weight_decay}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}")
+        check_finite("lr", self.lr), check_lr_mult(self.lr_mult), check_seed(self.seed)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         object.__setattr__(self, "lr_mult", dict(self.lr_mult))
@@ -168,8 +174,9 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
     if resume:
         if not has_checkpoint(out):
             raise FileNotFoundError(f"cannot resume: no checkpoint in {out} (no latest, checkpoint-STEP/ or "
-                                    "checkpoint.pt)")
-        saved = from_dict(TrainConfig, json.loads((out / CONFIG_FILE).read_text()), str(out / CONFIG_FILE))
+                                    f"checkpoint.pt){no_checkpoint_hint(out)}")
+        saved = from_dict(TrainConfig, read_json(out / CONFIG_FILE, "run config"), str(out / CONFIG_FILE))
+        check_inputs(out, cfg)
         diff = [f"{f.name} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})" for f in fields(TrainConfig)
                 if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
         if diff:
@@ -185,13 +192,16 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
         return cfg
     cfg = replace(cfg, threads=cfg.threads or torch.get_num_threads())
     if exists and not overwrite:
-        raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
+        raise FileExistsError(f"output directory {out} exists; {exists_hint(out)}")
+    if exists:
+        check_overwrite(out, "run", input_paths(cfg))
     barrier(world)
     if rank == 0:
         if exists:
             clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "run")
         (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+        record_inputs(out, cfg)
     barrier(world)
     return cfg
 
@@ -316,6 +326,7 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
     scaler = torch.amp.GradScaler("cuda") if (cuda and amp_dtype == torch.float16) else None
     maybe_compile(model, cfg.compile, device)
     step = micro = skipped = 0
+    log_sums = None
     if resume:
         ck = load_checkpoint(out)
         load_state_strict(model, ck["model"], str(latest_checkpoint(out)))
@@ -323,7 +334,7 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
         sched.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        step, micro, skipped = ck["step"], ck["micro"], ck["skipped"]
+        step, micro, skipped, log_sums = ck["step"], ck["micro"], ck["skipped"], ck.get("log")
         check_data_state(ck.get("data"), position, out)
         set_rng_state(ck["rng"])
         if rank == 0:
@@ -337,7 +348,7 @@ def _setup(cfg, task, mcfg, model, init_meta, entries, root, out, resume, rank, 
                                          pin_memory=cuda)
     return dict(model=model, wrapped=wrapped, tok=tok, mcfg=mcfg, root=root, opt=opt, sched=sched, scaler=scaler,
                 amp_dtype=amp_dtype, loader=loader, position=position, per_epoch=per_epoch, total=total, warmup=warmup,
-                step=step, micro=micro, skipped=skipped)
+                step=step, micro=micro, skipped=skipped, log=log_sums)
 
 
 def _any_rank(flag: bool, world: int, device) -> bool:
@@ -364,7 +375,8 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
                 save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                                  "step": step, "micro": micro, "skipped": skipped, "rng": rng_state(),
-                                 "data": data_state(run["position"], micro, run["per_epoch"], cfg.batch_size)},
+                                 "data": data_state(run["position"], micro, run["per_epoch"], cfg.batch_size),
+                                 "log": log_state(sums, n_micro)},
                                 out, keep=cfg.save_total_limit)
             if final:
                 save_pretrained(model, out / "model", extra={
@@ -376,8 +388,8 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and rank == 0), dynamic_ncols=True, unit="step")
-    sums: Dict[str, torch.Tensor] = {}
-    n_micro, t0, first, last = 0, time.perf_counter(), None, None
+    sums, n_micro = restore_log(run.get("log"), world)  # the rows after a resume equal an uninterrupted run's
+    t0, first, last = time.perf_counter(), None, None
     interrupted, clean, epoch = False, True, micro // run["per_epoch"]
     batches = micro_batches(run["loader"], run["position"], run["per_epoch"], cfg.batch_size, micro)
     try:
@@ -406,6 +418,7 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                     n_micro += 1
+                raise_if_nonfinite(sums.get("loss"), step + 1, saved, out, world)
                 _optimizer_step(model, opt, sched, scaler, cfg.grad_clip)
                 step += 1
                 clean = True

@@ -68,6 +68,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--predictions", default=None,
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
+    p.add_argument("--overwrite-predictions", action="store_true", help="replace an existing --predictions file")
     add_official_flags(p, eval_flags=True)
     add_image_flags(p)
     p.set_defaults(run=run)
@@ -100,6 +101,9 @@ def run(args) -> int:
         raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
+    from vlprune.guards import check_output_file, eval_inputs
+
+    check_output_file(args.predictions, args.overwrite_predictions, "--predictions", eval_inputs(args))
     if check_official_flags(args):
         if args.hf is not None:
             raise ValueError("give --hf or --init-official, not both")
@@ -161,6 +165,9 @@ def _run(args, ckpt: Path) -> int:
     rank, world, device, started = setup_distributed()
     try:
         model = load_pretrained(ckpt, method=method).to(device).eval()
+        from vlprune.guards import check_finite_weights
+
+        check_finite_weights(model, ckpt)
         precision = check_precision(getattr(args, "precision", None) or "fp32", device)
         compiled = maybe_compile(model, getattr(args, "compile", False), device)
         if args.task != "retrieval" and args.task not in model.task_heads:
