@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -81,11 +82,31 @@ def raise_if_nonfinite(total: Optional[torch.Tensor], step: int, saved: Optional
         bad = flag[0] > 0
     if not bool(bad):
         return
-    kept = (f"the last good checkpoint (step {saved}) is kept in {out}" if saved
-            else "no checkpoint had been written yet")
     raise NonFiniteLossError(f"the loss is not finite (NaN or infinite) at step {step}: training stopped before "
-                             f"that step changed any weight; {kept}. Lower --lr (or --lr-mult), set --grad-clip, or "
-                             "check the data")
+                             f"that step changed any weight; {_advice(saved, out)}")
+
+
+def _advice(saved: Optional[int], out: Path) -> str:
+    kept = (f"the last checkpoint (step {saved}) is kept in {out}" if saved
+            else "no checkpoint had been written yet")
+    return (f"{kept}. The run diverged: train again with a lower --lr (or --lr-mult), a --grad-clip, or checked "
+            "data (--lr cannot change on --resume)")
+
+
+_NONFINITE = re.compile(r"\b(nan|inf|infinity|non-finite|not finite)\b", re.IGNORECASE)
+
+
+def diverged(e: BaseException, step: int, saved: Optional[int], out: Path) -> Optional[BaseException]:
+    """The error to stop a run with when ``e``, raised inside step ``step``, comes from non-finite numbers (a
+    ``NonFiniteLossError``, or an error of torch about NaN / infinite values, e.g. sampling from NaN
+    probabilities after the weights blew up): a ``NonFiniteLossError`` naming the step; else None."""
+    if isinstance(e, NonFiniteLossError):
+        return e
+    if isinstance(e, RuntimeError) and _NONFINITE.search(str(e)):
+        first = str(e).strip().splitlines()[0]
+        return NonFiniteLossError(f"non-finite values (NaN or infinite) inside step {step} ({first}); "
+                                  f"{_advice(saved, out)}")
+    return None
 
 
 def nonfinite_weights(state: Dict[str, torch.Tensor]) -> List[str]:

@@ -59,9 +59,11 @@ def _acquire(out: Path):
 @contextmanager
 def run_lock(out: Path, rank: int = 0, world: int = 1) -> Iterator[None]:
     """Hold ``out/.lock`` (rank 0) while the block runs; every rank raises ``RunDirBusyError`` when it is held.
-    A directory created here that holds nothing but the lock when the block ends is removed again."""
+    A directory created here that holds nothing but the lock when the block ends is removed again, and a lock file
+    created here in a directory that is not (or not yet) a marked run directory is removed too."""
     out = Path(out)
     created = not out.exists()
+    lock_created = not (out / LOCK_FILE).exists()
     fd, error = None, None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,8 @@ def run_lock(out: Path, rank: int = 0, world: int = 1) -> Iterator[None]:
             if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
                 (out / LOCK_FILE).unlink()
                 out.rmdir()
+            elif lock_created and not (out / MARKER).is_file():  # a refused run leaves a foreign directory as it was
+                (out / LOCK_FILE).unlink(missing_ok=True)
             os.close(fd)  # releases the flock
 
 

@@ -57,7 +57,7 @@ from .models.build import build_model, load_state_strict, save_pretrained
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
 from .fileio import read_json
-from .guards import (check_finite, check_inputs, check_lr_mult, check_seed, exists_hint, no_checkpoint_hint,
+from .guards import (check_finite, check_inputs, check_lr_mult, check_seed, diverged, exists_hint, no_checkpoint_hint,
                      raise_if_nonfinite, record_inputs)
 from .rundir import LOCK_FILE, check_overwrite, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics, write_marker
 from .runtime import PRECISIONS, autocast_dtype, check_precision, maybe_compile
@@ -188,7 +188,7 @@ def prepare_out(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool, rank
         cfg = replace(cfg, threads=cfg.threads or saved.threads or torch.get_num_threads())
         barrier(world)
         if rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
-            (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+            (out / CONFIG_FILE).write_text(json.dumps(to_dict(replace(cfg, accept_changed_inputs=False)), indent=2))
         return cfg
     cfg = replace(cfg, threads=cfg.threads or torch.get_num_threads())
     if exists and not overwrite:
@@ -440,6 +440,9 @@ def _loop(run: Dict[str, Any], cfg, task, out, resume, callback, rank, world, de
     except _DataError as e:
         raise e.error from None
     except BaseException as e:
+        div = None if clean else diverged(e, step + 1, saved, out)  # NaN / inf: exit 2 naming the step
+        if div is not None:
+            raise div from (None if div is e else e)
         if world == 1 and clean and step > (saved or 0):  # between two steps: the state is that of `step`
             _save_on_error(e, step, checkpoint)
         elif saved is not None:

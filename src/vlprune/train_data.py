@@ -155,14 +155,12 @@ def input_paths(cfg) -> List[Tuple[str, Optional[str]]]:
     directory that is or holds one of them."""
     from .data.shards import MANIFEST, is_url
 
-    out: List[Tuple[str, Optional[str]]] = [("--val", cfg.val), ("--images", cfg.images), ("--init", cfg.init),
-                                            ("--tokenizer", cfg.tokenizer)]
-    for key in ("teacher", "answers"):
-        out.append((f"--{key}", cfg.task_options.get(key)))
+    out: List[Tuple[str, Optional[str]]] = []
     if is_shard_spec(cfg.train):
         if not is_url(cfg.train):
             names = expand_pattern(cfg.train)
             out += [("--train", n) for n in names] + [("--train (manifest)", str(Path(names[0]).parent / MANIFEST))]
     else:
         out.append(("--train", cfg.train))
-    return out
+    out += [("--val", cfg.val), ("--images", cfg.images), ("--init", cfg.init), ("--tokenizer", cfg.tokenizer)]
+    return out + [(f"--{key}", cfg.task_options.get(key)) for key in ("teacher", "answers")]
