@@ -18,18 +18,7 @@ from vlprune.cli import main
 from vlprune.data.scenes import generate
 from vlprune.train import TrainConfig, train
 
-MODEL = {"arch": "albef",
-         "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 4, "mlp_dim": 37},
-         "text": {"vocab_size": 160, "width": 32, "layers": 1, "heads": 4, "mlp_dim": 37, "max_len": 24},
-         "fusion_layers": 1, "embed_dim": 16, "queue_size": 16, "use_momentum": True}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_train import MODEL  # the tiny model of the trainer's tests (conftest: 1 thread)
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +258,67 @@ def test_metrics_rows_after_a_resume_equal_an_uninterrupted_runs(data, tmp_path)
                 for l in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert rows(tmp_path / "part") == rows(tmp_path / "full") and len(rows(tmp_path / "full")) == 2
+
+
+# ---- input errors name their file or sample and exit 2 ----------------------------------------------------------------
+def test_input_errors_name_their_file(data, run, tmp_path, capsys):
+    x = own(run, tmp_path, "x")  # a checkpoint of another version (no "micro")
+    state_file = x / (x / "latest").read_text().strip() / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["micro"]
+    torch.save(state, state_file)
+    assert main(["train", "pretrain", "--out", str(x), "--resume", "--steps", "3", "--quiet"]) == 2
+    assert str(state_file) in (e := err(capsys)) and "'micro'" in e
+    y = own(run, tmp_path, "y")
+    (y / "train_config.json").write_text('{"task": "pretrain", ')
+    assert main(["train", "pretrain", "--out", str(y), "--resume", "--quiet"]) == 2
+    assert "train_config.json: malformed JSON" in err(capsys)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    a = args_for(data, tmp_path / "r")
+    a[a.index("--train") + 1] = str(deep)
+    assert main(a) == 2 and f"{deep}: JSON nested too deeply" in err(capsys)
+    rows = json.loads((data / "pretrain.json").read_text())
+    nul = tmp_path / "nul.json"
+    nul.write_text(json.dumps([{**rows[0], "image": "images/a\u0000.png"}] + rows[1:]))
+    a[a.index("--train") + 1] = str(nul)
+    assert main(a) == 2 and "annotation entry 0" in (e := err(capsys)) and "NUL byte" in e
+    assert main(["info", "--threads", "100000"]) == 2 and "--threads must be at most" in err(capsys)
+
+
+def test_bad_shard_members_name_the_sample_and_manifest_refuses_broken_shards(data, tmp_path, capsys):
+    import io
+    import tarfile
+
+    from vlprune.data.shard_dataset import shard_texts
+    from vlprune.data.shards import write_shards
+    from vlprune.data.formats import load_pretrain
+
+    d = tmp_path / "sh"
+    write_shards(load_pretrain(data / "pretrain.json")[:4], data, d, 4)
+    png = next((data / "images").glob("*.png")).read_bytes()
+    with tarfile.open(d / "bad.tar", "w") as tar:
+        for name, body in (("000000009.png", png), ("000000009.txt", b"\xff\xfe caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    assert main(["data", "manifest", str(d / "{000000,bad}.tar"), "--overwrite", "--quiet"]) == 0
+    with pytest.raises(ValueError, match=r"bad.tar:000000009: its .txt member is not UTF-8"):
+        shard_texts(str(d / "{000000,bad}.tar"))
+    good = (d / "000000.tar").read_bytes()
+    (d / "empty.tar").write_bytes(b"")
+    (d / "text.tar").write_text("not a tar file\n" * 100)
+    (d / "cut.tar").write_bytes(good[: len(good) // 2])
+    for name, why in (("empty", "empty"), ("text", "not a tar archive"), ("cut", "truncated")):
+        assert main(["data", "manifest", str(d / f"{{000000,{name}}}.tar"), "--overwrite", "--quiet"]) == 2
+        assert f"{name}.tar: " in (e := err(capsys)) and why in e and "no manifest was written" in e
+
+
+def test_a_bad_image_read_by_a_worker_shows_no_traceback_without_debug(data, tmp_path, capsys):
+    d = own(data, tmp_path, "d")
+    rows = json.loads((d / "pretrain.json").read_text())
+    for r in rows:
+        (d / r["image"]).write_bytes(b"not a png")
+    assert main(args_for(d, tmp_path / "r", "--workers", "1")) == 2
+    e = err(capsys)
+    assert "not an image file" in e and "Traceback" not in e and "DataLoader worker" not in e
