@@ -251,6 +251,7 @@ def _init_from_official(args) -> None:
                          "then --init the converted directory")
     use_reported_method(args, report)
     args.init = str(dest)
+    args.tokenizer = None  # the converted model's own: the --tokenizer vocabulary with the official text cleaning
 
 
 def run(args) -> int:
