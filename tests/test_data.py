@@ -160,8 +160,9 @@ def test_decompression_bomb_is_a_bad_image(tmp_path):
 
 
 def test_image_paths_stay_inside_the_root(tmp_path):
-    """../ and absolute paths elsewhere are refused, naming the entry, unless allowed; a path that only passes
-    through .. back into the root, an absolute path inside it and a symbolic link placed in the root are fine."""
+    """../, absolute paths elsewhere and symbolic links in the root that point outside it are refused, naming the
+    entry, unless allowed; a path that only passes through .. back into the root and an absolute path inside it
+    are fine."""
     from vlprune.data.datasets import check_image_paths
     from vlprune.data.images import ImagePathError
 
@@ -172,9 +173,9 @@ def test_image_paths_stay_inside_the_root(tmp_path):
         _png(d / "a.png", "RGB", (1, 2, 3))
     (root / "link").symlink_to(other, target_is_directory=True)
     load = ImageLoader(root, 8, MEAN, STD)
-    for ok in ("a.png", "sub/../a.png", str(root / "a.png"), "link/a.png"):
+    for ok in ("a.png", "sub/../a.png", str(root / "a.png")):
         assert load(ok).shape == (3, 8, 8), ok
-    for bad in ("../other/a.png", str(other / "a.png"), "sub/../../other/a.png"):
+    for bad in ("../other/a.png", str(other / "a.png"), "sub/../../other/a.png", "link/a.png"):
         with pytest.raises(ImagePathError, match="outside the image root.*--allow-outside-root"):
             load(bad)
         assert ImageLoader(root, 8, MEAN, STD, allow_outside_root=True)(bad).shape == (3, 8, 8)

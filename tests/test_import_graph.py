@@ -24,7 +24,7 @@ LAYERS: List[Set[str]] = [
     {"objectives"},
     {"data"},
     {"tasks"},
-    {"train_data"},
+    {"train_data", "guards"},
     {"train", "bench", "viz"},
     {"demo"},
     {"commands"},

@@ -262,6 +262,8 @@ def test_cli_shards_and_train(data, tmp_path, capsys):
 
 
 def test_resume_over_other_shards_is_refused(data, tmp_path):
+    from dataclasses import replace
+
     from vlprune.train import TrainConfig, train
 
     (tmp_path / "model.json").write_text(json.dumps(MODEL))
@@ -276,8 +278,10 @@ def test_resume_over_other_shards_is_refused(data, tmp_path):
 
     assert train(cfg, tmp_path / "run", callback=kill)["steps"] == 1
     write_shards(data["entries"], sc, tmp_path / "sh", 6)  # the same names now hold other samples
-    with pytest.raises(ValueError, match="training shards differ"):
+    with pytest.raises(ValueError, match="manifest.json changed since the run started"):  # the run's record
         train(cfg, tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="training shards differ"):  # accepted: the checkpoint's own check
+        train(replace(cfg, accept_changed_inputs=True), tmp_path / "run", resume=True)
 
 
 def test_manifest_for_webdataset_written_shards(tmp_path, capsys):

@@ -244,10 +244,14 @@ def test_run_dir_errors(scenes, tmp_path):
     cfg = cfg_for(scenes, steps=1)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="not a run directory that vlprune wrote"):
         train(cfg, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(cfg, tmp_path / "run", resume=True)
+    with pytest.raises(FileExistsError, match="refuses to empty .* no .vlprune marker"):  # not a run: left alone
+        train(cfg, tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "x").read_text() == "x"
+    (tmp_path / "run" / "x").unlink()
     train(cfg, tmp_path / "run", overwrite=True)
     with pytest.raises(ValueError, match=r"lr \(saved 0.0005, now 1.0\)"):
         train(cfg_for(scenes, steps=2, lr=1.0), tmp_path / "run", resume=True)

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .fileio import atomic_write
+from .fileio import DiskFullError, atomic_write
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -37,6 +37,8 @@ STATE = "state.pt"
 LATEST = "latest"
 LEGACY = "checkpoint.pt"  # the single-file layout of earlier versions
 CHECKPOINT = LEGACY  # kept for imports of earlier versions
+# the entries of a training state that a resume needs
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "micro", "skipped", "rng")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -98,6 +100,12 @@ def save_checkpoint(state: Dict[str, Any], directory: PathLike, keep: int = 1) -
         if final.exists():  # the same step saved again (a resumed run passing it a second time)
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except DiskFullError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(d)
+        raise DiskFullError(e.errno, f"disk full: no space left to write the checkpoint of step {step} in {d}; "
+                            + (f"the previous checkpoint {kept.parent.name} is kept, and --resume continues from "
+                               "it once space is freed" if kept else "no earlier checkpoint exists")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,7 +171,26 @@ def load_checkpoint(directory: PathLike) -> Dict[str, Any]:
     state = read_state(path)
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"cannot read checkpoint {path}: not a vlprune training state (no 'step' entry)")
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if "model" in state and missing:
+        raise ValueError(f"cannot resume from {path}: it lacks the entries {missing} of this vlprune version's "
+                         "training state (written by another version?); train into a new --out, e.g. with --init of "
+                         "this run's model/")
     return state
+
+
+def log_state(sums: Dict[str, Any], n: int) -> Dict[str, Any]:
+    """The running sums of the metrics row being accumulated (plain floats), so that a resumed run logs the same
+    rows as an uninterrupted one."""
+    return {"n": int(n), "sums": {k: float(v) for k, v in sums.items()}}
+
+
+def restore_log(saved: Optional[Dict[str, Any]], world: int = 1) -> Tuple[Dict[str, Any], int]:
+    """(sums, n) to continue a metrics row from a checkpoint's ``log_state`` (rank 0's: restored in a
+    single-process run only; a distributed run starts the row afresh)."""
+    if not saved or world > 1:
+        return {}, 0
+    return dict(saved.get("sums", {})), int(saved.get("n", 0))
 
 
 def rng_state() -> Dict[str, Any]:

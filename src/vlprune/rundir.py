@@ -1,4 +1,12 @@
-"""Run-directory housekeeping for ``vlprune.train``: an exclusive lock, orphan temp files and metrics trimming.
+"""Run-directory housekeeping for ``vlprune.train``: an exclusive lock, orphan temp files, metrics trimming, and
+the ownership marker that ``--overwrite`` checks before it deletes anything.
+
+Ownership. A directory vlprune writes (a training run, built-in or ``data scenes`` data) carries ``.vlprune``, a
+small JSON file naming its kind (``{"kind": "run"}``). ``--overwrite`` empties a directory only when it is
+empty, carries the marker of the command's kind (or, written by an earlier version, that kind's own files:
+``train_config.json`` of a run, ``scenes.json`` of scenes data), and is not and does not contain an input of
+the same command; every path is resolved (``realpath``) before the comparison, so a symbolic link or a
+relative path cannot hide an input. Anything else is refused with an error that says what was found.
 
 The lock is ``fcntl.flock`` on ``RUN/.lock`` (non-blocking, exclusive), held by rank 0 for the whole run; the file
 holds the holder's pid and host. The kernel drops the lock when the process dies (even by kill -9), so a stale
@@ -14,14 +22,18 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Optional, Tuple, Union
 
 from .errors import CLIError
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
+PathLike = Union[str, Path]
 LOCK_FILE = ".lock"
 METRICS = "metrics.jsonl"
+MARKER = ".vlprune"
+# kind -> files that mark a directory of that kind written by a version without the marker
+LEGACY_SIGNS = {"run": ("train_config.json",), "data": ("scenes.json",), "demo": ("demo.json",)}
 
 
 class RunDirBusyError(CLIError, RuntimeError):
@@ -47,9 +59,11 @@ def _acquire(out: Path):
 @contextmanager
 def run_lock(out: Path, rank: int = 0, world: int = 1) -> Iterator[None]:
     """Hold ``out/.lock`` (rank 0) while the block runs; every rank raises ``RunDirBusyError`` when it is held.
-    A directory created here that holds nothing but the lock when the block ends is removed again."""
+    A directory created here that holds nothing but the lock when the block ends is removed again, and a lock file
+    created here in a directory that is not (or not yet) a marked run directory is removed too."""
     out = Path(out)
     created = not out.exists()
+    lock_created = not (out / LOCK_FILE).exists()
     fd, error = None, None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +86,8 @@ def run_lock(out: Path, rank: int = 0, world: int = 1) -> Iterator[None]:
             if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
                 (out / LOCK_FILE).unlink()
                 out.rmdir()
+            elif lock_created and not (out / MARKER).is_file():  # a refused run leaves a foreign directory as it was
+                (out / LOCK_FILE).unlink(missing_ok=True)
             os.close(fd)  # releases the flock
 
 
@@ -85,6 +101,65 @@ def clear_run_dir(out: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def write_marker(out: Path, kind: str) -> None:
+    """Mark ``out`` as a directory vlprune wrote (``kind``: run, data, demo)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+
+
+def marked_kind(out: Path) -> Optional[str]:
+    """The kind in ``out``'s marker, else the kind whose legacy files it holds, else None."""
+    out = Path(out)
+    try:
+        kind = json.loads((out / MARKER).read_text(encoding="utf-8")).get("kind")
+        if isinstance(kind, str):
+            return kind
+    except (OSError, ValueError, AttributeError):
+        pass
+    for kind, names in LEGACY_SIGNS.items():
+        if any((out / n).is_file() for n in names):
+            return kind
+    return None
+
+
+def _real(path: PathLike) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def inside(path: PathLike, directory: PathLike) -> bool:
+    """Whether ``path`` is ``directory`` or lies below it, both resolved (symbolic links followed)."""
+    p, d = _real(path), _real(directory)
+    return os.path.commonpath([p, d]) == d
+
+
+def check_overwrite(out: PathLike, kind: str, inputs: Iterable[Tuple[str, Optional[PathLike]]] = (),
+                    flag: str = "--overwrite") -> None:
+    """Raise unless ``out`` may be emptied by ``flag``: it must not be an input or hold one (``inputs``: (flag,
+    path) pairs; None paths are skipped), and, when it holds anything, it must be a ``kind`` directory that
+    vlprune wrote. Errors say what was found."""
+    out = Path(out)
+    for name, path in inputs:
+        if path is not None and str(path) and inside(path, out):
+            raise ValueError(f"{flag} would delete {out}, which holds the input {name} {path}; choose another --out")
+    if out.is_symlink():
+        raise ValueError(f"{flag}: {out} is a symbolic link (to {os.path.realpath(out)}); vlprune does not empty "
+                         "a directory through a link: give the real path or another --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    entries = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
+    if not entries:
+        return
+    found = marked_kind(out)
+    if found != kind:
+        what = f"a vlprune {found} directory" if found else f"no {MARKER} marker of a vlprune {kind} directory"
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(f"{flag} refuses to empty {out}: it holds {what} ({len(entries)} entries: {shown}); "
+                              "vlprune only deletes directories it wrote itself. Choose another --out, or "
+                              "delete it yourself")
 
 
 def remove_orphan_temps(out: Path) -> None:

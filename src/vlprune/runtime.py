@@ -63,12 +63,27 @@ def default_threads(parallel: int = 1) -> int:
     return max(1, available_cores() // local_processes(parallel))
 
 
+def max_threads() -> int:
+    """The most torch threads a command accepts: 4 per logical CPU of the machine (more only slows a run down,
+    and very large counts crash the native thread pools)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(threads, flag: str = "--threads") -> int:
+    """``threads`` when it is an integer in [1, max_threads()]; else ValueError naming the range."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{flag} must be an integer >= 1, got {threads!r}")
+    if threads > max_threads():
+        raise ValueError(f"{flag} must be at most {max_threads()} (4 per logical CPU of this machine: "
+                         f"{os.cpu_count() or 1}), got {threads!r}")
+    return threads
+
+
 def apply_threads(threads: Optional[int] = None, parallel: int = 1) -> Dict[str, Any]:
     """Set torch's intra-op threads: ``threads`` (``--threads``), else ``OMP_NUM_THREADS`` when set in the
     environment, else ``default_threads(parallel)``. Returns ``thread_info()``."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+        check_threads(threads)
         n, source = threads, "--threads"
     elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
         n, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
@@ -196,6 +211,7 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, device: torch.device | 
     return True
 
 
-__all__ = ["PRECISIONS", "apply_threads", "autocast_dtype", "available_cores", "check_precision",
+__all__ = ["PRECISIONS", "apply_threads", "autocast_dtype", "available_cores", "check_precision", "check_threads",
+           "max_threads",
            "compile_unavailable", "default_threads", "local_processes", "maybe_compile", "precision_context", "repeated_blocks",
            "thread_info"]

@@ -43,7 +43,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (has_checkpoint, latest_checkpoint, load_checkpoint, log_state, restore_log, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import ModelConfig, check_pos_int, from_dict, load_preset, to_dict
 from .data.datasets import Collate
 from .data.images import DEFAULT_MAX_PIXELS, check_max_pixels
@@ -55,18 +56,20 @@ from .models.build import (build_model, checkpoint_dir, load_init, load_state_st
                            save_pretrained, tokenizer_dir)
 from .optim import param_groups, warmup_cosine
 from .reduce.registry import ReduceConfig
-from .rundir import LOCK_FILE, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics
+from .guards import (check_finite, check_inputs, check_lr_mult, check_seed, diverged, exists_hint, no_checkpoint_hint,
+                     raise_if_nonfinite, record_inputs)
+from .rundir import LOCK_FILE, check_overwrite, clear_run_dir, remove_orphan_temps, run_lock, trim_metrics, write_marker
 from .runtime import PRECISIONS, autocast_dtype, check_precision, maybe_compile
 from .tasks.base import StepContext, StepModule, get_task
-from .train_data import (build_data, check_data_state, data_state, fetch, image_loader, micro_batches, scenes_data,
-                         shard_captions, validate_inputs)
+from .train_data import (build_data, check_data_state, data_state, fetch, image_loader, input_paths, micro_batches,
+                         scenes_data, shard_captions, validate_inputs)
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
 # The one list of the TrainConfig fields a resume may change (``resume_differences`` checks the others; the CLI's
 # ``train --resume`` accepts the flags of these fields only).
 RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads",
-                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile")
+                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile", "accept_changed_inputs")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
     precision: str = "auto"  # fp32 / bf16 / fp16: autocast on any device; "auto": bf16 (else fp16 + GradScaler) on CUDA only
     compile: bool = False  # torch.compile the model's layers (vlprune.runtime.maybe_compile)
+    accept_changed_inputs: bool = False  # resume although an input file changed (vlprune.guards.check_inputs)
     # the old switch, accepted from earlier train_config.json files and callers: amp=False is precision "fp32"
     amp: InitVar[Optional[bool]] = None
 
@@ -131,6 +135,7 @@ class TrainConfig:
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip >= 0):
             raise ValueError(f"need lr > 0, weight_decay >= 0, min_lr_ratio in [0, 1], grad_clip >= 0; got lr={self.lr}, "
                              f"weight_decay={self.weight_decay}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}")
+        check_finite("lr", self.lr), check_lr_mult(self.lr_mult), check_seed(self.seed)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         object.__setattr__(self, "lr_mult", dict(self.lr_mult))
@@ -168,8 +173,9 @@ def prepare_out(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, p
     if resume:
         if not has_checkpoint(out):
             raise FileNotFoundError(f"cannot resume: no checkpoint in {out} (no latest, checkpoint-STEP/ or "
-                                    "checkpoint.pt)")
+                                    f"checkpoint.pt){no_checkpoint_hint(out)}")
         saved = read_train_config(out / CONFIG_FILE)
+        check_inputs(out, cfg)
         diff = resume_differences(saved, cfg)
         if diff:
             raise ValueError(f"cannot resume {out} with a different config; only {', '.join(RESUMABLE_CHANGES)} may "
@@ -180,17 +186,20 @@ def prepare_out(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, p
         cfg = replace(cfg, threads=cfg.threads or saved.threads or torch.get_num_threads())
         barrier(procs.world)
         if procs.rank == 0:  # record new steps / epochs, so that a later --resume continues to the same end
-            (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+            (out / CONFIG_FILE).write_text(json.dumps(to_dict(replace(cfg, accept_changed_inputs=False)), indent=2))
         return cfg
     cfg = replace(cfg, threads=cfg.threads or torch.get_num_threads())
     if exists and not overwrite:
-        raise FileExistsError(f"output directory {out} exists; use --overwrite to replace it or --resume to continue")
+        raise FileExistsError(f"output directory {out} exists; {exists_hint(out)}")
+    if exists:
+        check_overwrite(out, "run", input_paths(cfg))
     barrier(procs.world)
     if procs.rank == 0:
         if exists:
             clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "run")
         (out / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+        record_inputs(out, cfg)
     barrier(procs.world)
     return cfg
 
@@ -262,6 +271,8 @@ class RunState:
     skipped: int = 0
     saved: Optional[int] = None  # the step of the newest checkpoint (None: none yet)
     clean: bool = True  # between two optimiser steps (False while one is under way)
+    log: Optional[Dict[str, Any]] = None  # the metrics row being summed when the resumed checkpoint was saved
+    meter: Optional["_Meter"] = None  # the losses summed since the last log line (set by the loop)
 
     def checkpoint(self, final: bool = False, interrupted: bool = False) -> None:
         """Rank 0 saves the state of the current step (unless saved already) and, when ``final``, the model;
@@ -272,7 +283,8 @@ class RunState:
                                  "scheduler": self.sched.state_dict(),
                                  "scaler": self.scaler.state_dict() if self.scaler else {},
                                  "step": self.step, "micro": self.micro, "skipped": self.skipped, "rng": rng_state(),
-                                 "data": data_state(self.position, self.micro, self.per_epoch, self.cfg.batch_size)},
+                                 "data": data_state(self.position, self.micro, self.per_epoch, self.cfg.batch_size),
+                                 "log": log_state(self.meter.sums, self.meter.n_micro) if self.meter else None},
                                 self.out, keep=self.cfg.save_total_limit)
             if final:
                 save_pretrained(self.model, self.out / "model", extra={
@@ -401,7 +413,7 @@ def _restore(run: RunState) -> None:
     run.sched.load_state_dict(ck["scheduler"])
     if run.scaler is not None and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
-    run.step, run.micro, run.skipped = ck["step"], ck["micro"], ck["skipped"]
+    run.step, run.micro, run.skipped, run.log = ck["step"], ck["micro"], ck["skipped"], ck.get("log")
     run.saved = run.step
     check_data_state(ck.get("data"), run.position, run.out)
     set_rng_state(ck["rng"])
@@ -421,6 +433,8 @@ def _loop(run: RunState, callback) -> Dict[str, Any]:
     bar = tqdm(total=run.total, initial=run.step, disable=not (cfg.progress and run.procs.rank == 0),
                dynamic_ncols=True, unit="step")
     meter = _Meter(epoch=run.micro // run.per_epoch)
+    meter.sums, meter.n_micro = restore_log(run.log, run.procs.world)  # rows after a resume = an uninterrupted run's
+    run.meter = meter
     interrupted = False
     batches = micro_batches(run.loader, run.position, run.per_epoch, cfg.batch_size, run.micro)
     try:
@@ -429,6 +443,7 @@ def _loop(run: RunState, callback) -> Dict[str, Any]:
                 group = _read_step(run, batches)
                 run.clean = False  # from here until the step is done, the model is between two steps
                 _forward_backward(run, group, meter)
+                raise_if_nonfinite(meter.sums.get("loss"), run.step + 1, run.saved, run.out, run.procs.world)
                 _optimizer_step(run)
                 run.step += 1
                 run.clean = True
@@ -444,6 +459,9 @@ def _loop(run: RunState, callback) -> Dict[str, Any]:
     except _DataError as e:
         raise e.error from None
     except BaseException as e:
+        div = None if run.clean else diverged(e, run.step + 1, run.saved, run.out)  # NaN / inf: exit 2 naming the step
+        if div is not None:
+            raise div from (None if div is e else e)
         if run.procs.world == 1 and run.clean and run.step > (run.saved or 0):  # the state is that of `step`
             _save_on_error(e, run)
         elif run.saved is not None:

@@ -9,7 +9,7 @@ max_image_pixels, allow_outside_root, shuffle_buffer, scenes_images, scenes_seed
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .data.datasets import ResumableSampler, check_image_paths
 from .data.images import ImageLoader
@@ -118,11 +118,49 @@ def micro_batches(loader, position, per_epoch: int, batch_size: int, micro: int)
 
 
 def fetch(batches, n: int):
-    """The next ``n`` micro-batches (one optimiser step's) and the error that stopped reading them, or None."""
+    """The next ``n`` micro-batches (one optimiser step's) and the error that stopped reading them, or None. An
+    error re-raised from a DataLoader worker comes back with its own message (the worker's traceback is kept as
+    the error's ``__cause__``, shown with ``--debug``)."""
     group = []
     try:
         for _ in range(n):
             group.append(next(batches))
     except Exception as e:  # a bad image, a worker that died, ...
-        return group, e
+        return group, worker_error(e)
     return group, None
+
+
+def worker_error(e: Exception) -> Exception:
+    """``e`` without the worker traceback that ``torch.utils.data`` puts into the message of an error raised in a
+    worker process ("Caught X in DataLoader worker process N. Original Traceback ..."): the same type with the
+    original message, chained to ``e``. Any other error is returned as it is."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    cls = type(e)
+    names = (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: ")
+    at = max((text.rfind(n), n) for n in names)
+    if at[0] < 0:
+        return e
+    try:
+        clean = cls(text[at[0] + len(at[1]):].strip())
+    except Exception:  # an exception type that needs other arguments
+        return e
+    clean.__cause__ = e
+    return clean
+
+
+def input_paths(cfg) -> List[Tuple[str, Optional[str]]]:
+    """(flag, path) of every local file or directory a run of ``cfg`` reads: ``--overwrite`` never deletes a
+    directory that is or holds one of them."""
+    from .data.shards import MANIFEST, is_url
+
+    out: List[Tuple[str, Optional[str]]] = []
+    if is_shard_spec(cfg.train):
+        if not is_url(cfg.train):
+            names = expand_pattern(cfg.train)
+            out += [("--train", n) for n in names] + [("--train (manifest)", str(Path(names[0]).parent / MANIFEST))]
+    else:
+        out.append(("--train", cfg.train))
+    out += [("--val", cfg.val), ("--images", cfg.images), ("--init", cfg.init), ("--tokenizer", cfg.tokenizer)]
+    return out + [(f"--{key}", cfg.task_options.get(key)) for key in ("teacher", "answers")]

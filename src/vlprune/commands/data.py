@@ -45,12 +45,16 @@ def run(args) -> int:
     from vlprune.errors import CLIError
     from vlprune.data.scenes import generate
 
+    from vlprune.rundir import check_overwrite, write_marker
+
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise CLIError(f"output directory {out} exists and is not empty (use --overwrite to replace it)")
+        check_overwrite(out, "data")  # only scenes data that vlprune wrote is deleted
         shutil.rmtree(out)
     t0 = time.perf_counter()
+    write_marker(out, "data")
     s = generate(out, images=args.images, seed=args.seed, image_size=args.image_size, min_objects=args.min_objects,
                  max_objects=args.max_objects, test_fraction=args.test_fraction, questions_per_image=args.questions,
                  object_scale=args.object_scale,

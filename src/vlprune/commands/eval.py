@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--predictions", default=None,
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
+    p.add_argument("--overwrite-predictions", action="store_true", help="replace an existing --predictions file")
     add_official_flags(p, eval_flags=True)
     add_image_flags(p)
     p.set_defaults(run=run)
@@ -65,6 +66,9 @@ def run(args) -> int:
         raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
+    from vlprune.guards import check_output_file, eval_inputs
+
+    check_output_file(args.predictions, args.overwrite_predictions, "--predictions", eval_inputs(args))
     if check_official_flags(args):
         if args.hf is not None:
             raise ValueError("give --hf or --init-official, not both")
@@ -97,13 +101,15 @@ def _run_official(args) -> int:
 
 def _run(args, ckpt: Path) -> int:
     from vlprune.runtime import thread_info
+    from vlprune.guards import check_finite_weights
     from vlprune.tasks.evaluation import evaluate_run
 
     opts = {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
     r = evaluate_run(ckpt, args.task, args.test, method=_method(args), images=args.images,
                      batch_size=args.batch_size, task_options=opts if args.task == "retrieval" else {},
                      precision=getattr(args, "precision", None) or "fp32", compile=getattr(args, "compile", False),
-                     skip_bad_images=args.skip_bad_images, progress=not args.quiet, **image_options(args))
+                     skip_bad_images=args.skip_bad_images, progress=not args.quiet,
+                     check_model=check_finite_weights, **image_options(args))
     if r.rank != 0:
         return 0
     info, dropped, test = r.info, r.dropped, r.test

@@ -17,6 +17,27 @@ from pathlib import Path
 from typing import Optional
 
 
+OFFICIAL_FINETUNE_SIZE = 384  # ALBEF's (and ELIP's) fine-tuning configs: retrieval, VQA, NLVR2, SNLI-VE
+
+
+def official_image_size(args) -> Optional[int]:
+    """--image-size, else for ``train`` of a downstream task from an ALBEF/ELIP checkpoint the official fine-tuning
+    size, else None (the checkpoint's own)."""
+    size = getattr(args, "image_size", None)
+    if size is not None:
+        if isinstance(size, bool) or size < 1:
+            raise ValueError(f"--image-size must be >= 1 pixels, got {size}")
+        return size
+    train = getattr(args, "command", None) == "train" or hasattr(args, "official_dir")
+    if train and args.format in ("albef", "elip") and getattr(args, "task", None) != "pretrain":
+        return OFFICIAL_FINETUNE_SIZE
+    return None
+
+
+def text_cleaning(args) -> str:
+    return args.text_cleaning or ("albef" if args.format in ("albef", "elip") else "none")
+
+
 def add_official_flags(p, eval_flags: bool = False) -> None:
     from vlprune.models.official import FORMATS
 
@@ -29,6 +50,13 @@ def add_official_flags(p, eval_flags: bool = False) -> None:
                    help="attention heads of the official model (not stored in checkpoints; default width/64, i.e. 12)")
     g.add_argument("--official-strict", choices=("yes", "no"), default="yes",
                    help="'no': load what maps even when keys are unknown, missing or mismatched (all reported)")
+    g.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="with --init-official: image size to run at (position embeddings interpolated) (default: "
+                   + ("the checkpoint's own" if eval_flags else "the task's official fine-tuning size: ALBEF/ELIP "
+                      f"{OFFICIAL_FINETUNE_SIZE}, the checkpoint's own for pretrain and the other formats") + ")")
+    g.add_argument("--text-cleaning", choices=("albef", "none"), default=None,
+                   help="with --init-official: clean captions as the official code does (albef: lower case, "
+                   "punctuation dropped, at most 30 words and 30 tokens) (default: albef for albef/elip, else none)")
     if eval_flags:
         g.add_argument("--tokenizer", default=None, help="with --init-official: directory with the BERT vocab.txt")
         g.add_argument("--official-report", default=None, metavar="FILE",
@@ -44,8 +72,9 @@ def check_official_flags(args) -> bool:
     """True when --init-official is used; raises naming the flag that is missing or clashes."""
     path, fmt = getattr(args, "init_official", None), getattr(args, "format", None)
     if path is None:
-        if fmt is not None:
-            raise ValueError("--format is for --init-official PATH")
+        for flag, dest in (("--format", "format"), ("--image-size", "image_size"), ("--text-cleaning", "text_cleaning")):
+            if getattr(args, dest, None) is not None:
+                raise ValueError(f"{flag} is for --init-official PATH")
         return False
     if fmt is None:
         raise ValueError("--init-official needs --format (albef, elip, laps or pumer-vilt)")
@@ -64,12 +93,18 @@ def convert(args, dest: Path, answers: Optional[list] = None):
     from vlprune.models.build import save_pretrained
     from vlprune.models.official import load_official
 
+    from vlprune.data.tokenizer import TextTokenizer
+
+    size = official_image_size(args)
     model, report = load_official(args.init_official, args.format, heads=args.official_heads,
-                                  strict=args.official_strict == "yes")
+                                  strict=args.official_strict == "yes", image_size=size)
     print(report.table())
+    # the BERT vocabulary, with the official text cleaning, travels with the converted model
+    TextTokenizer.from_dir(args.tokenizer).with_cleaning(text_cleaning(args)).save(Path(dest) / "tokenizer")
     extra = {"official": {"source": str(Path(args.init_official).resolve()), "format": args.format,
-                          "variant": report.variant},
-             "tokenizer": str(Path(args.tokenizer).resolve())}
+                          "variant": report.variant, "image_size": model.cfg.vision.image_size,
+                          "text_cleaning": text_cleaning(args)},
+             "tokenizer": "tokenizer"}
     if answers is not None:
         extra["answers"] = answers
     save_pretrained(model, dest, extra=extra)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -93,7 +93,10 @@ def add_parser(sub) -> None:
                    "(default: 1)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory that vlprune wrote (never one "
+                   "that holds an input of this command)")
+    p.add_argument("--accept-changed-inputs", action="store_true",
+                   help="with --resume: continue although an input file changed since the run started")
     add_official_flags(p)
     p.set_defaults(run=run)
 
@@ -116,24 +119,41 @@ def build_config(args):
 
 
 def _fresh_config(args):
+    from vlprune.guards import check_lr_mult
     from vlprune.train import TrainConfig
 
     method = method_config(args)
     if args.model is not None and args.init is not None:
         raise ValueError("give --model or --init, not both (a fine-tuning run takes the init checkpoint's model config)")
+    lr_mult = _pairs(args.lr_mult, "--lr-mult")
+    check_lr_mult(lr_mult, "--lr-mult")
     return TrainConfig(
-        task=args.task, train=args.train, val=args.val, images=args.images, model=args.model or "small",
-        init=args.init, method=method, steps=args.steps,
+        task=args.task, train=_abs(args.train), val=_abs(args.val), images=_abs(args.images),
+        model=_abs(args.model) if args.model and Path(args.model).is_file() else args.model or "small",
+        init=_abs(args.init), method=method, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=_lr(args),
-        lr_mult=_pairs(args.lr_mult, "--lr-mult"),
+        lr_mult=lr_mult, accept_changed_inputs=bool(getattr(args, "accept_changed_inputs", False)),
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, amp=not args.no_amp,
         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every, num_workers=args.workers,
-        tokenizer=args.tokenizer, task_options=_task_options(args), scenes_images=args.scenes_images,
+        tokenizer=_abs(args.tokenizer), task_options=_task_options(args), scenes_images=args.scenes_images,
         scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
         threads=getattr(args, "threads", None), **image_options(args), shuffle_buffer=args.shuffle_buffer,
         precision=_precision(args), compile=getattr(args, "compile", False),
         **({} if args.save_total_limit is None else {"save_total_limit": args.save_total_limit}),
     )
+
+
+def _abs(path):
+    """A path flag as the resolved absolute path (a run is bound to its files, not to the working directory); tar
+    shard patterns keep their braces (only the folder is resolved) and URLs stay as they are."""
+    from vlprune.data.shards import is_shard_spec, is_url
+
+    if path is None or is_url(path):
+        return path
+    if is_shard_spec(path):
+        p = Path(path)
+        return str(Path(os.path.realpath(p.parent)) / p.name)
+    return os.path.realpath(path)
 
 
 def _precision(args) -> str:
@@ -144,7 +164,7 @@ def _precision(args) -> str:
 # flag dest -> TrainConfig field, for the flags that shape a run (a resume may not change them)
 _SHAPING = {"train": "train", "val": "val", "images": "images", "model": "model", "init": "init",
             "batch_size": "batch_size", "accum": "accum", "lr": "lr", "lr_mult": "lr_mult",
-            "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "amp",
+            "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "precision",
             "precision": "precision",
             "seed": "seed", "tokenizer": "tokenizer", "scenes_images": "scenes_images", "scenes_seed": "scenes_seed",
             "skip_bad_images": "skip_bad_images", "shuffle_buffer": "shuffle_buffer"}
@@ -160,9 +180,10 @@ def _resume_config(args, path: Path):
     from the saved value is refused, listing each one with its saved and its new value."""
     from vlprune.commands.method_flags import DEST
     from vlprune.config import from_dict, to_dict
+    from vlprune.fileio import read_json
     from vlprune.train import TrainConfig
 
-    saved = from_dict(TrainConfig, json.loads(path.read_text()), str(path))
+    saved = from_dict(TrainConfig, read_json(path, "run config"), str(path))
     given = getattr(args, "given", None)
     if given is None:  # not from vlprune.cli.main: take the resumable flags that are set
         given = {dest for dest in _RESUMABLE if getattr(args, dest, None) is not None}
@@ -190,6 +211,7 @@ def _resume_config(args, path: Path):
     if "steps" in changes or "epochs" in changes:
         changes["steps"], changes["epochs"] = fresh.steps, fresh.epochs
     changes["progress"] = not args.quiet
+    changes["accept_changed_inputs"] = fresh.accept_changed_inputs  # never inherited from the saved config
     return replace(saved, **changes)
 
 
@@ -229,6 +251,7 @@ def _init_from_official(args) -> None:
                          "then --init the converted directory")
     use_reported_method(args, report)
     args.init = str(dest)
+    args.tokenizer = None  # the converted model's own: the --tokenizer vocabulary with the official text cleaning
 
 
 def run(args) -> int:

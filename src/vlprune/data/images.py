@@ -11,10 +11,11 @@ header is read), raises
 ``BadImageError`` (a ValueError) naming the path. Datasets built with ``skip_bad_images=True`` catch
 ``BadImageError`` (and missing files), drop the sample and count it instead.
 
-Paths in annotation files are resolved inside the loader's root: a path that leaves it (``../x.jpg``, or an
-absolute path elsewhere) raises ``ImagePathError`` unless the loader was built with ``allow_outside_root=True``.
-The check is on the path as written (normalised, symbolic links not followed), so a link that the user placed
-inside the root still works.
+Paths in annotation files are resolved inside the loader's root: a path that leaves it (``../x.jpg``, an
+absolute path elsewhere, or a symbolic link inside the root that points outside it) raises ``ImagePathError``
+unless the loader was built with ``allow_outside_root=True``. Both the root and the path are resolved
+(``realpath``, links followed) before the comparison; links that stay inside the root work. A path holding a NUL
+byte is refused naming it.
 """
 
 from __future__ import annotations
@@ -146,14 +147,18 @@ class ImageLoader:
     def path(self, rel: PathLike) -> Path:
         """The file of an annotation's image path; one outside the root raises ``ImagePathError`` (unless
         ``allow_outside_root``)."""
+        if "\x00" in str(rel):
+            raise ImagePathError(f"image path {str(rel)!r} contains a NUL byte")
         p = Path(rel)
         if self.root is None:
             return p
         full = p if p.is_absolute() else self.root / p
         if not self.allow_outside_root:
-            root = os.path.abspath(self.root)
-            if os.path.commonpath([root, os.path.abspath(full)]) != root:
-                raise ImagePathError(f"image path {str(rel)!r} points outside the image root {self.root}; pass "
+            root = os.path.realpath(self.root)
+            if os.path.commonpath([root, os.path.realpath(full)]) != root:
+                link = " through a symbolic link" if os.path.commonpath(
+                    [os.path.abspath(self.root), os.path.abspath(full)]) == os.path.abspath(self.root) else ""
+                raise ImagePathError(f"image path {str(rel)!r} points outside the image root {self.root}{link}; pass "
                                      "--allow-outside-root to read it")
         return full
 

@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import mmap
+import os
 import random
 import re
 import tarfile
@@ -297,11 +298,53 @@ class ShardDataset(IterableDataset):
 
 
 def _text(rec: _Record, files: _Files) -> Tuple[Dict[str, Any], Any]:
-    """(the .json metadata or {}, the caption: the .txt member, else the metadata's "caption")."""
-    meta = json.loads(files.read(rec.url, rec.members["json"])) if "json" in rec.members else {}
+    """(the .json metadata or {}, the caption: the .txt member, else the metadata's "caption"); a member that is
+    not UTF-8 or not a JSON object raises ValueError naming the sample and the member."""
+    name = f"sample {rec.url}:{rec.key}"
+    meta: Any = {}
+    if "json" in rec.members:
+        try:
+            meta = json.loads(files.read(rec.url, rec.members["json"]).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}: its .json member is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: its .json member is malformed JSON (line {e.lineno} column {e.colno}: "
+                             f"{e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{name}: its .json member is nested too deeply") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{name}: its .json member must hold a JSON object, got {type(meta).__name__}")
     if "txt" in rec.members:
-        return meta, files.read(rec.url, rec.members["txt"]).decode("utf-8")
+        try:
+            return meta, files.read(rec.url, rec.members["txt"]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}: its .txt member is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return meta, meta.get("caption")
+
+
+def tar_problem(path: str) -> Optional[str]:
+    """Why a local file is not a complete tar archive (empty, not a tar, truncated: a member or the end-of-archive
+    blocks cut off), or None when it is one."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            end = 0
+            for m in tar:
+                end = m.offset_data + (m.size + 511) // 512 * 512
+                if m.offset_data + m.size > size:
+                    return f"truncated: member {m.name} needs {m.offset_data + m.size} bytes, the file has {size}"
+    except tarfile.TarError as e:
+        return f"not a tar archive ({e})"
+    if end == 0:
+        return "a tar archive with no member"
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.count(0) != 1024:
+        return "truncated: the end-of-archive blocks are missing (the file was cut after a member)"
+    return None
 
 
 def shard_texts(pattern: str, limit: int = 200_000, manifest: Optional[str] = None) -> List[str]:
@@ -338,6 +381,10 @@ def index_shards(pattern: str, progress: bool = False) -> Dict[str, Any]:
     dirs = {str(Path(u).parent) for u in urls}
     if len(dirs) != 1:
         raise ValueError(f"the shards of one manifest must share a folder, got {sorted(dirs)[:3]}")
+    problems = [f"{u}: {why}" for u in urls if (why := tar_problem(u)) is not None]
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(urls)} shard(s) cannot be indexed: {'; '.join(problems[:5])}"
+                         f"{'; ...' if len(problems) > 5 else ''}; no manifest was written")
     shards = []
     for u in tqdm(urls, disable=not progress, unit="shard", dynamic_ncols=True, desc="index"):
         keys, last = 0, None

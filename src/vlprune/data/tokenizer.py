@@ -4,6 +4,11 @@ Special tokens: [PAD] [UNK] [CLS] [SEP] [MASK]. A trained vocabulary puts them f
 ``TextConfig.pad_token_id = 0``; a checkpoint's vocabulary is taken as it is (BERT's has [PAD] = 0 too) and
 ``check_model`` raises when its pad id or size does not fit the model.
 
+Text cleaning (``cleaning="albef"``, turned on by the official ALBEF / ELIP loaders and saved with the tokenizer
+as ``text_cleaning.json``): every caption or question is cleaned as ALBEF's data pipeline cleans it before
+encoding: lower case; the characters , . ' ! ? " ( ) * # : ; ~ removed; - and / turned into spaces; "<person>"
+into "person"; runs of spaces collapsed; at most 30 words; and at most 30 tokens (incl. [CLS] and [SEP]).
+
 Encoding: ``[CLS] tokens [SEP]`` padded to the longest caption of the batch. Empty or whitespace-only captions
 raise ValueError naming their index. Captions longer than ``max_len`` tokens (incl. [CLS] and [SEP]) are
 *truncated* (keeping the final [SEP]) and a warning is logged with how many were cut: long captions are common in
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple, Union
 
@@ -24,6 +30,23 @@ log = logging.getLogger(__name__)
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_FILE = "tokenizer.json"
+CLEANING_FILE = "text_cleaning.json"
+# cleaning name -> (max words, max tokens incl. [CLS] and [SEP]); "none": the text as it is
+CLEANINGS = {"none": (None, None), "albef": (30, 30)}
+_ALBEF_DROP = re.compile(r"[,.'!?\"()*#:;~]")
+
+
+def clean_albef(text: str, max_words: int = 30) -> str:
+    """A caption as ALBEF's pipeline feeds it to BERT: lower case, its punctuation set dropped, - and / as spaces,
+    <person> as person, single spaces, the first ``max_words`` words."""
+    t = _ALBEF_DROP.sub("", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    return " ".join(t.split()[:max_words])
+
+
+def check_cleaning(name: str) -> str:
+    if name not in CLEANINGS:
+        raise ValueError(f"text cleaning must be one of {list(CLEANINGS)}, got {name!r}")
+    return name
 
 
 def _pipeline(tok, lowercase: bool):
@@ -47,6 +70,16 @@ class TextTokenizer:
             raise ValueError(f"tokenizer vocabulary lacks special token(s) {missing}; needed: {list(SPECIALS)}")
         tokenizer.add_special_tokens(list(SPECIALS))  # already in the vocabulary: marks them, adds no ids
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (tokenizer.token_to_id(s) for s in SPECIALS)
+        self.cleaning = "none"
+
+    def with_cleaning(self, name: str) -> "TextTokenizer":
+        """This tokenizer with text cleaning ``name`` (see CLEANINGS); returns self."""
+        self.cleaning = check_cleaning(name)
+        return self
+
+    def clean(self, text: str) -> str:
+        words = CLEANINGS[self.cleaning][0]
+        return text if words is None else clean_albef(text, words)
 
     # -- construction ------------------------------------------------------------------------------------------
     @staticmethod
@@ -87,10 +120,20 @@ class TextTokenizer:
     @staticmethod
     def from_dir(directory: Union[str, Path]) -> "TextTokenizer":
         """Load ``tokenizer.json`` or, failing that, a BERT ``vocab.txt`` (lower-casing from tokenizer_config.json's
-        ``do_lower_case``, default True) from a local directory (a run directory or a BERT checkpoint)."""
+        ``do_lower_case``, default True) from a local directory (a run directory or a BERT checkpoint), with the
+        text cleaning its ``text_cleaning.json`` names (none without one)."""
+        d = Path(directory)
+        cleaning = "none"
+        if (d / CLEANING_FILE).is_file():
+            from ..fileio import read_json
+
+            cleaning = check_cleaning((read_json(d / CLEANING_FILE) or {}).get("cleaning", "none"))
+        return TextTokenizer._from_dir(d).with_cleaning(cleaning)
+
+    @staticmethod
+    def _from_dir(d: Path) -> "TextTokenizer":
         from tokenizers import Tokenizer, models
 
-        d = Path(directory)
         if (d / TOKENIZER_FILE).is_file():
             try:
                 return TextTokenizer(Tokenizer.from_file(str(d / TOKENIZER_FILE)))
@@ -115,6 +158,8 @@ class TextTokenizer:
         self.tok.save(str(d / TOKENIZER_FILE))
         vocab = sorted(self.tok.get_vocab().items(), key=lambda kv: kv[1])
         (d / "vocab.txt").write_text("\n".join(w for w, _ in vocab) + "\n", encoding="utf-8")
+        if self.cleaning != "none":
+            (d / CLEANING_FILE).write_text(json.dumps({"cleaning": self.cleaning}) + "\n", encoding="utf-8")
         return d / TOKENIZER_FILE
 
     # -- use ---------------------------------------------------------------------------------------------------
@@ -149,6 +194,9 @@ class TextTokenizer:
                 raise ValueError(f"caption {i} is empty or whitespace: {c!r}")
         if len(captions) == 0:
             raise ValueError("no captions to encode (batch size 0)")
+        limit = CLEANINGS[self.cleaning][1]
+        if limit is not None:
+            captions, max_len = [self.clean(c) for c in captions], min(max_len, limit)
         pieces = [e.ids for e in self.tok.encode_batch(list(captions), add_special_tokens=False)]
         body = max_len - 2
         cut = sum(len(p) > body for p in pieces)

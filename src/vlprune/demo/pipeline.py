@@ -32,15 +32,18 @@ def _prepare_out(out: Path, overwrite: bool, say: Callable[[str], None]) -> None
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
     if overwrite and out.exists():
+        from ..rundir import check_overwrite
+
+        check_overwrite(out, "demo")  # only a demo run vlprune wrote (demo.json) is deleted
         say(f"--overwrite: deleting {out} and everything in it")
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file() and (out / "report.md").is_file():
-            raise FileExistsError(f"{out} holds the output of an older vlprune demo (no {MARKER}); pass --overwrite "
-                                  "to replace it, or choose another --out")
+            raise FileExistsError(f"{out} holds the output of an older vlprune demo (no {MARKER}); delete it "
+                                  "yourself, or choose another --out")
         if not (out / MARKER).is_file():
             raise FileExistsError(f"{out} exists, is not empty and holds no demo run ({MARKER}); choose another "
-                                  "--out or pass --overwrite to replace it")
+                                  "--out")
         say(f"continuing the demo in {out}: finished stages with the same settings are kept (--overwrite starts over)")
     out.mkdir(parents=True, exist_ok=True)
 

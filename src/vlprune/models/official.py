@@ -128,10 +128,14 @@ def albef_setup(s, extra, image_size, heads, elip: bool):
                                   keep=tuple(float(x) for x in prune["keep_ratio"]),
                                   options={"spans": [int(x) for x in prune["num_act_layers"]]})
             notes.append("ELIP: pruning schedule from the checkpoint's config (img_prune, 0-based begin layers + 1)")
-        else:
+        elif lay.variant == "pretrain":
             method = ReduceConfig("elip")
             notes.append("ELIP: no img_prune in the checkpoint's config; ELIP's defaults (blocks at 3, 5, 11)")
-        notes.append("ELIP prunes in pre-training; its fine-tuning code runs the ViT unpruned (method=None does)")
+        else:  # ELIP's fine-tuning and evaluation code runs the ViT unpruned
+            notes.append(f"ELIP {lay.variant} checkpoint without img_prune in its config: loaded unpruned, as ELIP's "
+                         "fine-tuning and evaluation run it (pass method= / --method elip to prune)")
+        if method is not None:
+            notes.append("ELIP prunes in pre-training; its fine-tuning code runs the ViT unpruned (method=None does)")
     km = M.albef_map(lay)
     km.notes[:0] = notes
     heads_ = {"ve": ("albef", 3)} if lay.variant == "ve" else {}
@@ -284,7 +288,8 @@ def load_official(
     kind: "albef" (pre-trained, retrieval, VQA, NLVR2 or SNLI-VE checkpoints: the variant is recognised from the
     keys), "elip" (ELIP's ALBEF), "laps" (LAPS with a ViT backbone) or "pumer-vilt" (PuMer's ViLT with its pruners;
     a directory with config.json, or the weights file). method: "auto" (albef: none; elip: ELIP with the
-    checkpoint's schedule; laps: LAPS official=True with its ratios; pumer-vilt: TiP at PuMer's layers with
+    checkpoint's schedule, or ELIP's defaults for a pre-trained checkpoint, none for a fine-tuned one without a
+    schedule; laps: LAPS official=True with its ratios; pumer-vilt: TiP at PuMer's layers with
     placement="post_mlp", count="pumer"), or any method to install instead (None: no reduction).
     image_size: run at another resolution (position embeddings interpolated). keep: PuMer's keep ratio when the
     checkpoint has no config.json.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -190,12 +190,14 @@ def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[s
                  method: Union[str, None, ReduceConfig] = "saved", images: Optional[Union[str, Path]] = None,
                  batch_size: int = 32, task_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
                  compile: bool = False, skip_bad_images: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 allow_outside_root: bool = False, progress: bool = False) -> RunEvaluation:
+                 allow_outside_root: bool = False, progress: bool = False,
+                 check_model: Optional[Callable[[Any, Path], None]] = None) -> RunEvaluation:
     """Evaluate a saved model on ``task`` (one of ``EVAL_TASKS``) with ``method`` at inference ("saved": the one it
     was trained with; None or "none": no reduction; a name or ReduceConfig: that method). ``test``: an annotation
     file (default: the run's scenes test split); ``images``: its image root (default: the file's folder).
     ``task_options`` go to the task (e.g. retrieval's ``k``, ``gallery_chunk``, ``search``). Under ``torchrun`` the
-    test set is split across the ranks and gathered."""
+    test set is split across the ranks and gathered. ``check_model(model, checkpoint)``, if given, runs on the loaded
+    model before anything is evaluated (``vlprune eval`` refuses non-finite weights there)."""
     from ..data.datasets import check_image_paths, readable_entries
     from ..data.images import ImageLoader
     from ..data.tokenizer import TextTokenizer
@@ -221,6 +223,8 @@ def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[s
     procs = setup_distributed()
     try:
         model = load_pretrained(ckpt, method=method).to(procs.device).eval()
+        if check_model is not None:
+            check_model(model, ckpt)
         precision = check_precision(precision or "fp32", procs.device)
         compiled = maybe_compile(model, compile, procs.device)
         if task != "retrieval" and task not in model.task_heads:
