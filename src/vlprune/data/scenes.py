@@ -6,6 +6,11 @@ large}, placed without overlap on a textured, noisy background (stripes or check
 Every scene has a *target* object and *distractors* that share its shape or its colour, so that a caption or a
 question about one object can only be answered by looking at that object: text-guided selection matters.
 
+That is the ``shapes`` family (the default). ``family="cells"`` draws the text-relevance benchmark instead: 10 or
+more small objects with fine surface patterns on a jittered grid of cells, questions of four types that each need
+another object (``scenes_cells``; docs/data.md). Either way ``generate`` measures what it wrote (``scenes_card``)
+and saves the data card as ``card.json``.
+
 Written to ``out`` (see ``generate``):
 
     images/NNNNNN.png          the images
