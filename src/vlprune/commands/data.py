@@ -21,9 +21,17 @@ def add_parser(sub) -> None:
     s.add_argument("--max-objects", type=int, default=6)
     s.add_argument("--test-fraction", type=float, default=0.1, help="last fraction of images used as test split")
     s.add_argument("--questions", type=int, default=4, help="VQA questions per image")
+    s.add_argument("--family", default="shapes", choices=("shapes", "cells"),
+                   help="shapes: 3-6 freely placed objects; cells: the text-relevance benchmark (many small patterned "
+                   "objects on a grid of cells; the demo's data; docs/data.md)")
+    s.add_argument("--grid", type=int, default=4, help="cells family: cells per side (default 4)")
     s.add_argument("--question-types", default=None,
-                   help="comma-separated VQA question kinds out of colour,shape,exists,count,left (default: all; the "
-                   "demo uses colour)")
+                   help="comma-separated VQA question kinds (default: all); shapes family: colour,shape,exists,count,"
+                   "left; cells family: pattern,exists,count,left")
+    s.add_argument("--patch-size", type=int, default=8, help="data card: the model's patch size in px (default 8)")
+    s.add_argument("--keep", type=float, default=None,
+                   help="data card: the keep rate of the objects-to-budget ratio (default 0.25); when given, a keep "
+                   "that leaves fewer tokens than --max-objects is an error")
     s.add_argument("--object-scale", type=float, default=1.0, help="multiplies every object's radius, in [0.5, 2]")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(run=run)
@@ -44,6 +52,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from vlprune.errors import CLIError
     from vlprune.data.scenes import generate
+    from vlprune.data.scenes_card import card_lines
 
     from vlprune.rundir import check_overwrite, write_marker
 
@@ -57,12 +66,17 @@ def run(args) -> int:
     write_marker(out, "data")
     s = generate(out, images=args.images, seed=args.seed, image_size=args.image_size, min_objects=args.min_objects,
                  max_objects=args.max_objects, test_fraction=args.test_fraction, questions_per_image=args.questions,
-                 object_scale=args.object_scale,
+                 object_scale=args.object_scale, family=args.family, grid=args.grid, patch_size=args.patch_size,
+                 card_keep=args.keep,
                  question_types=None if args.question_types is None else tuple(
                      t.strip() for t in args.question_types.split(",") if t.strip()))
     dt = time.perf_counter() - t0
     print(f"wrote {s['images']} images ({s['train_images']} train, {s['test_images']} test) to {out} in {dt:.1f} s")
-    print("  " + ", ".join(f"{k}: {v}" for k, v in s.items() if k not in ("out", "images", "train_images", "test_images")))
+    print("  " + ", ".join(f"{k}: {v}" for k, v in s.items()
+                           if k not in ("out", "images", "train_images", "test_images", "card")))
+    print(f"data card ({args.family} family; also in {out / 'card.json'}):")
+    for line in card_lines(s["card"]):
+        print("  " + line)
     return 0
 
 

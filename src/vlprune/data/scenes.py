@@ -6,6 +6,11 @@ large}, placed without overlap on a textured, noisy background (stripes or check
 Every scene has a *target* object and *distractors* that share its shape or its colour, so that a caption or a
 question about one object can only be answered by looking at that object: text-guided selection matters.
 
+That is the ``shapes`` family (the default). ``family="cells"`` draws the text-relevance benchmark instead: 10 or
+more small objects with fine surface patterns on a jittered grid of cells, questions of four types that each need
+another object (``scenes_cells``; docs/data.md). Either way ``generate`` measures what it wrote (``scenes_card``)
+and saves the data card as ``card.json``.
+
 Written to ``out`` (see ``generate``):
 
     images/NNNNNN.png          the images
@@ -33,6 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .formats import write_json
+from .scenes_card import card, check_budget, covered_patches
+from .scenes_cells import CELL_QUESTION_TYPES, cell_questions, render_cells
 from .scenes_text import QUESTION_TYPES, answers_of, captions, nlvr2_statements, questions, ve_statements
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ COLOURS = {
 }
 SIZES = {"small": 0.075, "large": 0.13}  # radius as a fraction of the image side
 TEXTURES = ("striped", "checked", "plain")
+FAMILIES = ("shapes", "cells")  # shapes: free placement, 3-6 objects; cells: see scenes_cells (the benchmark)
+MAX_SEED = 2**31 - 1
 
 
 def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -130,22 +139,44 @@ def render_scene(rng: np.random.Generator, S: int, min_objects: int, max_objects
     return np.clip(img, 0, 255).round().astype(np.uint8), labels, objects, texture
 
 
+def question_types_of(family: str) -> tuple:
+    """The VQA question types of a scenes family."""
+    return CELL_QUESTION_TYPES if family == "cells" else QUESTION_TYPES
+
+
 def _check_args(images: int, image_size: int, min_objects: int, max_objects: int, test_fraction: float,
-                object_scale: float = 1.0, question_types=None) -> None:
+                object_scale: float = 1.0, question_types=None, family: str = "shapes", grid: int = 4,
+                seed: int = 0, patch_size: int = 8, card_keep: Optional[float] = None) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown scenes family {family!r}; valid families: {list(FAMILIES)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if isinstance(images, bool) or not isinstance(images, int) or images < 4:
         raise ValueError(f"images must be an integer >= 4 (train and test splits of >= 2), got {images!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 32 <= image_size <= 1024:
         raise ValueError(f"image_size must be an integer in [32, 1024], got {image_size!r}")
-    if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 2 <= min_objects <= max_objects <= 8):
-        raise ValueError(f"need 2 <= min_objects <= max_objects <= 8, got {min_objects!r}, {max_objects!r}")
+    if family == "cells" and (isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= 8
+                              or image_size // grid < 12):
+        raise ValueError(f"grid must be an integer in [2, 8] with cells of >= 12 px ({image_size} px images: "
+                         f"grid <= {max(2, min(8, image_size // 12))}), got {grid!r}")
+    top = grid * grid if family == "cells" else 8
+    if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 2 <= min_objects <= max_objects <= top):
+        raise ValueError(f"need 2 <= min_objects <= max_objects <= {top} ({family} family), got {min_objects!r}, "
+                         f"{max_objects!r}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= image_size:
+        raise ValueError(f"patch_size must be an integer in [1, image_size={image_size}], got {patch_size!r}")
+    if card_keep is not None:
+        check_budget(max_objects, (image_size // patch_size) ** 2, card_keep, "data card: ")
     if not (isinstance(test_fraction, float) and 0.0 < test_fraction < 1.0):
         raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
     if isinstance(object_scale, bool) or not isinstance(object_scale, (int, float)) or not 0.5 <= object_scale <= 2.0:
         raise ValueError(f"object_scale must be a number in [0.5, 2], got {object_scale!r}")
     if question_types is not None:
-        bad = [t for t in question_types if t not in QUESTION_TYPES]
+        valid = question_types_of(family)
+        bad = [t for t in question_types if t not in valid]
         if bad or not question_types:
-            raise ValueError(f"question_types must be a non-empty subset of {list(QUESTION_TYPES)}, got {question_types!r}")
+            raise ValueError(f"question_types must be a non-empty subset of {list(valid)} ({family} family), got "
+                             f"{question_types!r}")
 
 
 def generate(
@@ -159,12 +190,21 @@ def generate(
     questions_per_image: int = 4,
     object_scale: float = 1.0,
     question_types: Optional[Sequence[str]] = None,
+    family: str = "shapes",
+    grid: int = 4,
+    patch_size: int = 8,
+    card_keep: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Write the scenes dataset to ``out`` (created; existing files are overwritten). Returns a summary.
 
     ``object_scale`` scales every object's radius; ``question_types`` (default: all of ``QUESTION_TYPES``) limits
-    the VQA questions to those kinds (e.g. ``("colour", "shape")``: questions about one named object)."""
-    _check_args(images, image_size, min_objects, max_objects, test_fraction, object_scale, question_types)
+    the VQA questions to those kinds (e.g. ``("colour", "shape")``: questions about one named object).
+    ``family`` "cells" draws the text-relevance benchmark of ``scenes_cells`` on a ``grid`` x ``grid`` array of
+    cells (``object_scale`` is then unused). ``patch_size`` and ``card_keep`` only set the data card's
+    objects-to-budget ratio (``card.json``, in the summary as ``card``; default keep 0.25); a ``card_keep`` given
+    that keeps fewer tokens than ``max_objects`` is refused."""
+    _check_args(images, image_size, min_objects, max_objects, test_fraction, object_scale, question_types, family,
+                grid, seed, patch_size, card_keep)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -172,30 +212,38 @@ def generate(
 
     n_test = min(images - 2, max(2, int(round(images * test_fraction))))
     split = {"train": range(images - n_test), "test": range(images - n_test, images)}
-    scenes = []
+    scenes, covered = [], []
     for i in range(images):
         rng = np.random.default_rng([seed, i])
-        pixels, labels, objects, texture = render_scene(rng, image_size, min_objects, max_objects, object_scale)
+        if family == "cells":
+            pixels, labels, objects, texture = render_cells(rng, image_size, grid, min_objects, max_objects, _shape_mask)
+        else:
+            pixels, labels, objects, texture = render_scene(rng, image_size, min_objects, max_objects, object_scale)
+        covered.append(covered_patches(labels, patch_size))
         name = f"{i:06d}.png"
         Image.fromarray(pixels, mode="RGB").save(out / "images" / name, compress_level=1)
         Image.fromarray(labels, mode="L").save(out / "masks" / name, compress_level=1)
         scenes.append({"image": f"images/{name}", "mask": f"masks/{name}", "background": texture, "objects": objects})
-    write_json(out / "scenes.json", {"seed": seed, "image_size": image_size, "scenes": scenes})
+    write_json(out / "scenes.json", {"seed": seed, "image_size": image_size, "family": family, "scenes": scenes})
     files: Dict[str, List] = {}
     for part, idx in split.items():
         files.update(_annotations(part, [scenes[i] for i in idx], list(idx), seed, questions_per_image, image_size,
-                                  question_types))
+                                  question_types, family))
     files["answer_list"] = answers_of(files["vqa_train"] + files["vqa_test"])
     for name, data in files.items():
         write_json(out / f"{name}.json", data)
     summary = {"out": str(out), "images": images, "train_images": len(split["train"]), "test_images": n_test,
                **{name: len(data) for name, data in files.items()}}
+    summary["card"] = card(scenes, covered, files["vqa_train"] + files["vqa_test"], image_size, patch_size,
+                           0.25 if card_keep is None else card_keep)
+    summary["card"]["family"] = family
+    write_json(out / "card.json", summary["card"])
     log.info("scenes: %s", summary)
     return summary
 
 
 def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: int, S: int,
-                 kinds: Optional[Sequence[str]] = None) -> Dict[str, List]:
+                 kinds: Optional[Sequence[str]] = None, family: str = "shapes") -> Dict[str, List]:
     """The annotation files of one split; text randomness is seeded per image (and per pair) as well."""
     pre, ret_train, ret_test, vqa, nlvr, ve = [], [], [], [], [], []
     for sc, i in zip(scenes, ids):
@@ -206,7 +254,8 @@ def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: 
             ret_train += [{"image": sc["image"], "caption": c, "image_id": i} for c in caps]
         else:
             ret_test.append({"image": sc["image"], "caption": caps})
-        for k, q in enumerate(questions(rng, sc, n_q, kinds)):
+        ask = cell_questions if family == "cells" else questions
+        for k, q in enumerate(ask(rng, sc, n_q, kinds)):
             vqa.append({"question_id": i * 100 + k, "image": sc["image"], **q})
         ve += [{"image": sc["image"], **s} for s in ve_statements(rng, sc)]
     n = len(scenes)

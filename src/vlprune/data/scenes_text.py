@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen")
 MATERIALS = ("wood", "metal", "glass", "paper", "plastic")
 PROPERTIES = ("heavy", "warm", "new", "expensive", "old", "wet")
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -170,11 +171,12 @@ def ve_statements(rng: np.random.Generator, scene: Dict[str, Any]) -> List[Dict[
     pair = _left_pair(rng, objs)
     o = _pick(rng, objs)
     have = {p["colour"] for p in objs if p["shape"] == o["shape"]}
-    absent = _pick(rng, [c for c in COLOURS if c not in have])
+    missing = [c for c in COLOURS if c not in have]  # empty when the shape comes in every colour (cells family)
     same_shape = [p["id"] for p in objs if p["shape"] == o["shape"]]
     ent = [(f"there is {an(phrase(o))}.", [o["id"]]), (f"there are {NUMBERS[len(objs)]} objects.", [p["id"] for p in objs])]
-    con = [(f"there is {an(absent)} {o['shape']}.", same_shape),
-           (f"there are {NUMBERS[len(objs) + 1]} objects.", [p["id"] for p in objs])]
+    con = [(f"there are {NUMBERS[len(objs) + 1]} objects.", [p["id"] for p in objs])]
+    if missing:
+        con.insert(0, (f"there is {an(_pick(rng, missing))} {o['shape']}.", same_shape))
     if uniq:
         u = _pick(rng, uniq)
         wrong = _pick(rng, [c for c in COLOURS if c != u["colour"]])

@@ -17,7 +17,7 @@ one is ``f``; lowres shrinks the image to the patch multiple nearest ``sqrt(f)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 # the methods compared in the sweeps and fine-tuned with reduction (lowres: a sweep of its own, at inference)
@@ -39,6 +39,8 @@ class Scenes:
     seed: int = 0
     object_scale: float = 1.0
     question_types: Optional[Tuple[str, ...]] = None  # None = every kind the generator has
+    family: str = "shapes"  # "cells": the text-relevance benchmark (vlprune.data.scenes_cells, docs/data.md)
+    grid: int = 4  # cells family: cells per side
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,17 @@ SCENES_SCHEDULES = {
 # DynamicViT at ViT layers 2 and 3 keeping 0.6 then 0.36 of the patches (about the main keep); TiP in both
 # fusion layers, keeping 0.6 of the image tokens the text cross-attends to at each (the image encoder is unpruned)
 SCENES_LEARNED = {"dynamicvit": {"layers": (2, 3), "keep": 0.6}, "tip": {"layers": (1, 2), "keep": 0.6}}
+# the text-relevance benchmark (issue 21): 10-13 small patterned objects on a 4 x 4 grid of 24 px cells, their
+# patches about 2.3x what keep 0.25 keeps; pattern / exists / count / left questions (docs/benchmark_scenes.md)
+CELL_SCENES = Scenes(images=6000, image_size=96, min_objects=10, max_objects=13, questions_per_image=4,
+                     family="cells", grid=4)
 COLOUR_SCENES = Scenes(images=6000, image_size=96, min_objects=3, max_objects=6, questions_per_image=4,
                        question_types=("colour",))
 
 QUICK = Profile(
     name="quick",
-    scenes=Scenes(images=60, image_size=32, min_objects=3, max_objects=4, questions_per_image=3, test_fraction=0.2),
+    scenes=Scenes(images=60, image_size=32, min_objects=3, max_objects=4, questions_per_image=3, test_fraction=0.2,
+                  family="cells", grid=2),
     model={"vision.image_size": 32, "vision.patch_size": 4, "vision.width": 32, "vision.layers": 4, "vision.heads": 2,
            "vision.mlp_dim": 64, "text.width": 32, "text.layers": 1, "text.heads": 2, "text.mlp_dim": 64,
            "text.vocab_size": 300, "fusion_layers": 1, "embed_dim": 32},
@@ -194,7 +201,12 @@ FULL = Profile(
     bench_repeats=5,
 )
 
-PROFILES: Dict[str, Profile] = {p.name: p for p in (QUICK, DEFAULT, FULL)}
+# The default demo on the text-relevance benchmark, with the default recipe. NOT the default yet: measured on
+# 2026-12-05, this recipe leaves every question type of the benchmark at its prior (unpruned = lowres = blind;
+# docs/benchmark_scenes.md), so its report would compare methods on a model that does not use the image.
+RELEVANCE = replace(DEFAULT, name="relevance", scenes=CELL_SCENES)
+
+PROFILES: Dict[str, Profile] = {p.name: p for p in (QUICK, DEFAULT, FULL, RELEVANCE)}
 
 
 def get_profile(name: str) -> Profile:
@@ -227,10 +239,13 @@ def point(profile: Profile, method: str, f: float, cfg=None):
 
 def validate(profile: Profile) -> None:
     """Build the profile's model and install every operating point of every method on it, so that a schedule or
-    keep the model cannot take fails before anything is trained (the method's own error, naming the point)."""
+    keep the model cannot take fails before anything is trained (the method's own error, naming the point).
+    A sweep keep that leaves fewer image tokens than a scene can have objects is refused too."""
+    from ..data.scenes_card import check_budget
     from ..models.build import attach, build_model
 
     cfg = model_config(profile)
+    check_budget(profile.scenes.max_objects, cfg.vision.num_patches, min(profile.sweep), f"profile {profile.name}: ")
     model = build_model(cfg)
     for m in list(METHODS) + ["lowres"]:
         for f in profile.sweep:
@@ -247,5 +262,5 @@ def label(f: Optional[float]) -> str:
     return "" if f is None else f"k{f:g}"
 
 
-__all__ = ["Profile", "Recipe", "Scenes", "QUICK", "DEFAULT", "FULL", "PROFILES", "METHODS", "get_profile",
+__all__ = ["Profile", "Recipe", "Scenes", "QUICK", "DEFAULT", "FULL", "RELEVANCE", "PROFILES", "METHODS", "get_profile",
            "model_config", "point", "label", "validate"]

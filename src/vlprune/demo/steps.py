@@ -34,7 +34,8 @@ def make_data(d: Path, scenes, image_size: int, vocab_size: int) -> Dict[str, An
     summary = generate(d, images=scenes.images, seed=scenes.seed, image_size=image_size,
                        min_objects=scenes.min_objects, max_objects=scenes.max_objects,
                        test_fraction=scenes.test_fraction, questions_per_image=scenes.questions_per_image,
-                       object_scale=scenes.object_scale, question_types=scenes.question_types)
+                       object_scale=scenes.object_scale, question_types=scenes.question_types,
+                       family=scenes.family, grid=scenes.grid)
     Image.new("RGB", (image_size, image_size), (128, 128, 128)).save(d / BLIND_IMAGE)
     for part in ("train", "test"):
         entries = json.loads((d / f"vqa_{part}.json").read_text())
