@@ -39,6 +39,7 @@ def register_task(name: str):
 
 def list_tasks() -> List[str]:
     from . import classify, pretrain, retrieval_task  # noqa: F401
+    from . import caption  # noqa: F401  (after the others: list order)
 
     return list(_TASKS)
 
