@@ -131,9 +131,9 @@ def test_reduction_runs_once_before_beams_and_guided_methods_need_a_guide():
     caps, image, _ = generate_captions(model, _image(model, B=2), tok, gc=gc)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
     assert calls == [1 + 8 + 1] and image.num_tokens == 10  # [CLS] + 8 kept + 1 fused, once for the batch of 2
-    # the captions differ from the unpruned model's input: the decoder sees the reduced tokens only
+    # the decoder cross-attends to the reduced tokens only
     cache = image_kv(model, image)
-    assert cache.cross_kv[-1][0].shape[2] == 9
+    assert cache.cross_kv[-1][0].shape[2] == 10
     guided = _model("trips")
     with pytest.raises(ValueError, match="text-guided"):
         generate_captions(guided, _image(guided, B=1), tok, gc=gc)
