@@ -162,10 +162,10 @@ class CaptionTask(Task):
         ids = [e["image_id"] for e in entries]
         refs = (load_references(self.references, ids) if self.references else
                 {e["image_id"]: list(e["caption"]) for e in entries})
-        metrics, per, used = caption_scores({i: results[i] for i in ids}, refs, self.tokenizer)
+        metrics, _, used = caption_scores({i: results[i] for i in ids}, refs, self.tokenizer)
         records = [{"image_id": i, "caption": results[i]} for i in ids]
         info = {"examples": len(entries), "image_tokens": tokens / len(entries), "predictions": records,
-                "per_image": per, "metric_tokenizer": used, "seconds_per_image": seconds / len(entries),
+                "metric_tokenizer": used, "seconds_per_image": seconds / len(entries),
                 "new_tokens_per_image": steps / len(entries)}
         return metrics, info
 
