@@ -40,8 +40,9 @@ def test_heat_redistribution_conserves_mass_through_provenance():
     assert g.tolist() == [[2.0, 1.5], [1.5, 0.0]]
     assert float(g.sum()) == pytest.approx(float(heat[1:].sum()))
     assert heat_to_grid(torch.arange(5.0), None, 2).tolist() == [[1.0, 2.0], [3.0, 4.0]]
-    # kept fraction: a box over the right column (patches 2 and 4) -> 1 of 2 covered
-    assert kept_fraction(src, [10, 0, 10, 20], 2, 20, 20) == 0.5
+    # kept fraction: the left column (patch 1 kept, patch 3 fused) -> 1 of 2; the right column (fused, dropped) -> 0
+    assert kept_fraction(src, [0, 0, 10, 20], 2, 20, 20) == 0.5
+    assert kept_fraction(src, [10, 0, 10, 20], 2, 20, 20) == 0.0
     assert kept_fraction(None, [10, 0, 10, 20], 2, 20, 20) == 1.0
 
 

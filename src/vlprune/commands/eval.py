@@ -17,7 +17,7 @@ from pathlib import Path
 from .method_flags import add_image_flags, add_method_flags, image_options, method_config
 from .official import add_official_flags, check_official_flags, convert
 
-TASKS = ("retrieval", "vqa", "nlvr2", "ve")
+TASKS = ("retrieval", "vqa", "nlvr2", "ve", "caption", "grounding")
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +70,9 @@ def add_parser(sub) -> None:
                    help="write per-example predictions to this JSON file (vqa: [{question_id, answer}]; nlvr2/ve: labels)")
     add_official_flags(p, eval_flags=True)
     add_image_flags(p)
+    from .caption import add_caption_flags
+
+    add_caption_flags(p)
     p.set_defaults(run=run)
 
 
@@ -100,6 +103,14 @@ def run(args) -> int:
         raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     if args.predictions is not None and args.task == "retrieval":
         raise ValueError("--predictions is for vqa, nlvr2 and ve")
+    if args.task == "grounding":  # vlprune.commands.caption
+        from .caption import run_grounding
+
+        return run_grounding(args)
+    if args.task == "caption" and args.hf is not None:
+        from .caption import run_hf_caption
+
+        return run_hf_caption(args)
     if check_official_flags(args):
         if args.hf is not None:
             raise ValueError("give --hf or --init-official, not both")
@@ -149,7 +160,11 @@ def _run(args, ckpt: Path) -> int:
         log.warning("%s is the model of an interrupted run (step %s of %s)", ckpt, meta.get("step"),
                     meta.get("total_steps"))
     opts = {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
-    task = get_task(args.task, **(opts if args.task == "retrieval" else {}))
+    if args.task == "caption":
+        from .caption import caption_options
+
+        opts = caption_options(args)
+    task = get_task(args.task, **(opts if args.task in ("retrieval", "caption") else {}))
     test = _test_file(args, ckpt.parent if ckpt.name == "model" else ckpt, task)
     if args.images is not None and not Path(args.images).is_dir():
         raise FileNotFoundError(f"image root directory not found: {args.images}")
@@ -163,7 +178,7 @@ def _run(args, ckpt: Path) -> int:
         model = load_pretrained(ckpt, method=method).to(device).eval()
         precision = check_precision(getattr(args, "precision", None) or "fp32", device)
         compiled = maybe_compile(model, getattr(args, "compile", False), device)
-        if args.task != "retrieval" and args.task not in model.task_heads:
+        if args.task not in ("retrieval", "caption") and args.task not in model.task_heads:
             raise ValueError(f"the checkpoint {ckpt} has no {args.task!r} head (heads: {list(model.task_heads)}); "
                              f"fine-tune it with 'vlprune train {args.task}' first")
         task.restore(meta, model)

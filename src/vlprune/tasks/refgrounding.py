@@ -17,7 +17,7 @@ Box choice (``box_scores``): the grid heat upsampled bicubic to the image's orig
 [x, y, w, h] scores sum(heat inside) / sqrt(w h); the best scoring box (the best score starts at -inf: bicubic
 upsampling can go negative) is a hit when its IoU with the ground truth is >= 0.5, IoU with inclusive pixels
 (``iou``, ALBEF's ``computeIoU``). ``random_box_accuracy`` is the expected accuracy of picking a candidate
-uniformly. ``kept_fraction`` is the share of ground-truth-box patches some surviving token still covers.
+uniformly. ``kept_fraction`` is the share of ground-truth-box patches still kept as tokens of their own.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def heat_to_grid(heat: Tensor, source: Optional[Tensor], grid: int) -> Tensor:
 
 
 def kept_fraction(source: Optional[Tensor], box: Box, grid: int, height: int, width: int) -> float:
-    """The share of the patches whose centres lie in ``box`` [x, y, w, h] that some surviving token covers."""
+    """The share of the patches whose centres lie in ``box`` [x, y, w, h] that are still kept (a surviving token
+    stands for the patch alone)."""
     cy = (torch.arange(grid) + 0.5) * height / grid
     cx = (torch.arange(grid) + 0.5) * width / grid
     x, y, w, h = box
@@ -93,7 +94,11 @@ def kept_fraction(source: Optional[Tensor], box: Box, grid: int, height: int, wi
     if not inside.any():  # a box smaller than a patch: the patch under its centre
         inside = torch.zeros(grid, grid, dtype=torch.bool)
         inside[min(int((y + h / 2) * grid / height), grid - 1), min(int((x + w / 2) * grid / width), grid - 1)] = True
-    covered = torch.ones(grid * grid, dtype=torch.bool) if source is None else source[:, 1:].bool().any(0)
+    if source is None:
+        covered = torch.ones(grid * grid, dtype=torch.bool)
+    else:  # kept = a surviving token stands for this patch alone (a fused or merged patch is not kept)
+        src = source[:, 1:].bool()
+        covered = src[src.sum(1) == 1].any(0)
     return float(covered.reshape(grid, grid)[inside].float().mean())
 
 
