@@ -88,3 +88,16 @@ def test_eval_caption_hf_blip_with_pruning(tmp_path, capsys):
         assert out["examples"] == 3 and out["seconds_per_image"] > 0 and "CIDEr" in out
     assert rows["none"]["image_tokens"] == 17
     assert rows["tome"]["image_tokens"] == 13 and rows["evit"]["image_tokens"] < 17
+
+
+def test_demo_rows_with_intervals_and_baselines(caption_run):
+    from vlprune.tasks.caption_rows import caption_rows, grounding_rows
+
+    rows = caption_rows(caption_run, [None, "random"], n_boot=200, tokenizer="python", num_beams=1)
+    assert [r["method"] for r in rows] == ["none", "random", "blind (grey image)"]
+    for r in rows:
+        assert r["CIDEr_low"] <= r["CIDEr"] <= r["CIDEr_high"] and r["metric_tokenizer"] == "python"
+    assert rows[1]["image_tokens"] < rows[0]["image_tokens"]
+    rows = grounding_rows(caption_run, [None], n_boot=200)
+    assert [r["method"] for r in rows] == ["none", "random box"]
+    assert all(r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] for r in rows)

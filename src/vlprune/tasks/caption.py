@@ -136,21 +136,35 @@ class CaptionTask(Task):
         return {"loss": loss, "caption": loss.detach()}
 
     # -- evaluation ------------------------------------------------------------------------------------------
+    def generate_all(self, model, entries, rows, loader, tok, batch_size: int, blind: bool = False):
+        """({image_id: caption}, image tokens summed, new tokens summed) over entries ``rows``; ``blind``: every
+        image replaced by the mean-colour image (zeros after normalisation), the blind-captioner baseline."""
+        gc = self.generate_config(tok)
+        dev = next(model.parameters()).device
+        results: Dict[int, str] = {}
+        tokens = steps = 0.0
+        for s in range(0, len(rows), batch_size):
+            part = rows[s:s + batch_size]
+            images = torch.stack([load_entry_image(loader, entries[i]["image"], i) for i in part]).to(dev)
+            if blind:
+                images = torch.zeros_like(images)
+            caps, image, n = generate_captions(model, images, tok, self.prompt, gc, self.guide)
+            results.update({entries[i]["image_id"]: c for i, c in zip(part, caps)})
+            tokens += image.num_tokens * len(part)
+            steps += n * len(part)
+        return results, tokens, steps
+
+    def references_of(self, entries) -> Dict[int, List[str]]:
+        ids = [e["image_id"] for e in entries]
+        return load_references(self.references, ids) if self.references else {e["image_id"]: list(e["caption"]) for e in entries}
+
     def evaluate_set(self, model, entries, loader, tok, batch_size: int, device, rank: int = 0, world: int = 1,
                      progress=None) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Generate one caption per entry, score them against the entries' captions (or ``references``)."""
-        gc = self.generate_config(tok)
-        results: Dict[int, str] = {}
-        tokens = steps = 0.0
+        refs = self.references_of(entries)  # a bad reference file fails before generating
         t0 = time.perf_counter()
-        mine = list(range(rank, len(entries), world))
-        for s in range(0, len(mine), batch_size):
-            rows = mine[s:s + batch_size]
-            images = torch.stack([load_entry_image(loader, entries[i]["image"], i) for i in rows]).to(device)
-            caps, image, n = generate_captions(model, images, tok, self.prompt, gc, self.guide)
-            results.update({entries[i]["image_id"]: c for i, c in zip(rows, caps)})
-            tokens += image.num_tokens * len(rows)
-            steps += n * len(rows)
+        results, tokens, steps = self.generate_all(model, entries, list(range(rank, len(entries), world)), loader,
+                                                   tok, batch_size)
         seconds = time.perf_counter() - t0
         if world > 1:
             import torch.distributed as dist
@@ -160,8 +174,6 @@ class CaptionTask(Task):
             results = {k: v for p in parts for k, v in p[0].items()}
             tokens, steps, seconds = (sum(p[j] for p in parts) for j in (1, 2, 3))
         ids = [e["image_id"] for e in entries]
-        refs = (load_references(self.references, ids) if self.references else
-                {e["image_id"]: list(e["caption"]) for e in entries})
         metrics, _, used = caption_scores({i: results[i] for i in ids}, refs, self.tokenizer)
         records = [{"image_id": i, "caption": results[i]} for i in ids]
         info = {"examples": len(entries), "image_tokens": tokens / len(entries), "predictions": records,

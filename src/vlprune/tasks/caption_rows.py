@@ -18,12 +18,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data.datasets import load_entry_image
 from ..data.images import ImageLoader
 from ..data.tokenizer import TextTokenizer
 from ..models.build import load_pretrained
 from ..stats import bootstrap_ci
-from .caption import PROMPT, CaptionTask, generate_captions
+from .caption import PROMPT, CaptionTask
 from .caption_metrics import caption_scores
 from .finetune import checkpoint_dir, tokenizer_dir
 
@@ -43,25 +42,13 @@ def _interval(name: str, scores: Sequence[float], n_boot: int) -> Dict[str, floa
 
 @torch.no_grad()
 def caption_scores_of(model, tok, entries, loader, batch_size: int = 32, blind: bool = False,
-                      task: Optional[CaptionTask] = None, metric_tokenizer: str = "auto") -> Dict[str, Any]:
+                      task: Optional[CaptionTask] = None) -> Dict[str, Any]:
     """Corpus scores, per-image CIDEr, seconds per image and image tokens of one captioner on ``entries``."""
     task = task or CaptionTask()
-    gc = task.generate_config(tok)
-    results: Dict[int, str] = {}
-    tokens = 0.0
     t0 = time.perf_counter()
-    for s in range(0, len(entries), batch_size):
-        chunk = entries[s:s + batch_size]
-        images = torch.stack([load_entry_image(loader, e["image"], s + j) for j, e in enumerate(chunk)])
-        images = images.to(next(model.parameters()).device)
-        if blind:
-            images = torch.zeros_like(images)
-        caps, image, _ = generate_captions(model, images, tok, task.prompt, gc, task.guide)
-        results.update({e["image_id"]: c for e, c in zip(chunk, caps)})
-        tokens += image.num_tokens * len(chunk)
+    results, tokens, _ = task.generate_all(model, entries, list(range(len(entries))), loader, tok, batch_size, blind)
     seconds = (time.perf_counter() - t0) / len(entries)
-    refs = {e["image_id"]: list(e["caption"]) for e in entries}
-    corpus, per, used = caption_scores(results, refs, metric_tokenizer)
+    corpus, per, used = caption_scores(results, task.references_of(entries), task.tokenizer)
     return {"corpus": corpus, "per_image_cider": per["CIDEr"], "seconds_per_image": seconds,
             "image_tokens": tokens / len(entries), "metric_tokenizer": used}
 
@@ -84,7 +71,8 @@ def caption_rows(run, methods: Sequence[Any], test: Optional[str] = None, images
         rows.append({"method": name, "method_config": None if rc is None else rc.to_dict(),
                      **_interval("CIDEr", r["per_image_cider"], n_boot), "Bleu_4": r["corpus"]["Bleu_4"],
                      "ROUGE_L": r["corpus"]["ROUGE_L"], "image_tokens": r["image_tokens"],
-                     "seconds_per_image": r["seconds_per_image"], "examples": len(entries)})
+                     "seconds_per_image": r["seconds_per_image"], "examples": len(entries),
+                     "metric_tokenizer": r["metric_tokenizer"]})
     return rows
 
 
