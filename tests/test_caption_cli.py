@@ -46,6 +46,11 @@ def test_train_and_eval_caption_and_grounding(caption_run, capsys, tmp_path):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= out["accuracy"] <= 100 and 0 < out["random_accuracy"] < 100 and out["image_tokens"] < 17
+    png = tmp_path / "heat.png"
+    argv = ["visualize", "--checkpoint", str(caption_run), "--image", str(data / "images" / "000000.png"), "--text",
+            "the red circle", "--heat", "itm", "--method", "evit", "--layers", "2", "--keep", "0.5", "--out", str(png)]
+    assert main(argv) == 0 and png.stat().st_size > 1000
+    assert "grounding heat, 10 image tokens" in capsys.readouterr().out
 
 
 def test_caption_reference_file_of_another_split_and_empty_captions(caption_run, capsys, tmp_path):
