@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,27 @@ def test_gradcam_heat_shapes_and_reduction():
     assert heat.shape == (2, 10) and image.source is not None
     grid = heat_to_grid(heat[0], image.source[0], 4)
     assert float(grid.sum()) == pytest.approx(float(heat[0, 1:].sum()), rel=1e-5)
+
+
+def test_scenes_refs_from_a_hand_made_scenes_file(tmp_path):
+    from vlprune.data.scenes_refs import referring_expression, unique_phrase, write_scenes_refs
+
+    objs = [{"id": 1, "shape": "triangle", "colour": "red", "size": "small", "bbox": [2, 2, 8, 8], "texture": "striped",
+             "material": "wood"},
+            {"id": 2, "shape": "triangle", "colour": "red", "size": "large", "bbox": [20, 2, 30, 12]},
+            {"id": 3, "shape": "circle", "colour": "blue", "size": "small", "bbox": [5, 20, 12, 27], "center": [8.5, 23.5]}]
+    assert unique_phrase(objs[0], objs) == "small triangle"
+    assert unique_phrase(objs[2], objs) == "circle"
+    rng = np.random.default_rng(0)
+    for o in objs:  # every expression picks out its object alone
+        expr = referring_expression(o, objs, rng)
+        assert expr is not None and expr.startswith("the ")
+    scenes = {"image_size": 32, "extra": 1, "scenes": [{"image": f"images/{i:06d}.png", "objects": objs, "lighting": "dim"}
+                                                      for i in range(20)]}
+    (tmp_path / "scenes.json").write_text(json.dumps(scenes))
+    counts = write_scenes_refs(tmp_path)
+    assert counts == {"caption_train": 18 * 3, "caption_test": 2, "grounding_test": 6}
+    g = json.loads((tmp_path / "grounding_test.json").read_text())
+    assert g[0]["candidates"] == [[2, 2, 6, 6], [20, 2, 10, 10], [5, 20, 7, 7]] and g[0]["bbox"] == [2, 2, 6, 6]
+    assert all(e["bbox"] in e["candidates"] for e in g)
+    assert load_grounding(tmp_path / "grounding_test.json")[0]["width"] == 32
