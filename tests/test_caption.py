@@ -139,3 +139,16 @@ def test_reduction_runs_once_before_beams_and_guided_methods_need_a_guide():
         generate_captions(guided, _image(guided, B=1), tok, gc=gc)
     caps, image, _ = generate_captions(guided, _image(guided, B=1), tok, gc=gc, guide="prompt")
     assert image.num_tokens < 17
+
+
+def test_masked_image_tokens_are_not_attended():
+    """A masked training path (learned methods) keeps every token with a keep mask: the decoder must ignore the
+    masked ones exactly as if they were removed."""
+    model = _model()
+    image = model.encode_image(_image(model, B=1))
+    keep = torch.ones(1, 17)
+    keep[0, 3:9] = 0
+    ids = torch.tensor([[2, 7, 8, 9]])
+    masked, _ = decode(model, ids, torch.ones_like(ids), image_kv(model, image.replace(mask=keep)))
+    removed, _ = decode(model, ids, torch.ones_like(ids), image_kv(model, image.replace(x=image.x[:, keep[0] > 0])))
+    torch.testing.assert_close(masked, removed, atol=1e-5, rtol=1e-5)

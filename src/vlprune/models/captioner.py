@@ -67,18 +67,21 @@ class DecoderCache:
     cross_kv: List[Optional[Tuple[Tensor, Tensor]]]
     past_mask: Optional[Tensor] = None  # (B, t) key mask of the tokens decoded so far
     length: int = 0
+    cross_bias: Optional[Tensor] = None  # (B, 1, 1, T) masked-out image tokens of a masked training path, or None
 
     def repeat(self, n: int) -> "DecoderCache":
         """Each row repeated ``n`` times consecutively (beam expansion: row b -> rows b*n .. b*n+n-1)."""
         rep = lambda kv: None if kv is None else tuple(t.repeat_interleave(n, 0) for t in kv)  # noqa: E731
         pm = None if self.past_mask is None else self.past_mask.repeat_interleave(n, 0)
-        return DecoderCache([rep(kv) for kv in self.self_kv], [rep(kv) for kv in self.cross_kv], pm, self.length)
+        cb = None if self.cross_bias is None else self.cross_bias.repeat_interleave(n, 0)
+        return DecoderCache([rep(kv) for kv in self.self_kv], [rep(kv) for kv in self.cross_kv], pm, self.length, cb)
 
     def select(self, rows: Tensor) -> "DecoderCache":
         """Rows ``rows`` (beam search reordering)."""
         sel = lambda kv: None if kv is None else tuple(t[rows] for t in kv)  # noqa: E731
         pm = None if self.past_mask is None else self.past_mask[rows]
-        return DecoderCache([sel(kv) for kv in self.self_kv], [sel(kv) for kv in self.cross_kv], pm, self.length)
+        cb = None if self.cross_bias is None else self.cross_bias[rows]
+        return DecoderCache([sel(kv) for kv in self.self_kv], [sel(kv) for kv in self.cross_kv], pm, self.length, cb)
 
 
 def image_kv(model: nn.Module, image: TokenState) -> DecoderCache:
@@ -92,7 +95,7 @@ def image_kv(model: nn.Module, image: TokenState) -> DecoderCache:
         a = layer.cross
         k, v = a._split(a.kv(image.x), 2).unbind(0)
         cross.append((k, v))
-    return DecoderCache([None] * len(layers), cross)
+    return DecoderCache([None] * len(layers), cross, cross_bias=image.cross_attention_bias(image.x.dtype))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: float) -> Tensor:
@@ -104,7 +107,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: fl
 
 
 def _layer(layer: nn.Module, x: Tensor, bias: Tensor, kv: Optional[Tuple[Tensor, Tensor]],
-           cross: Optional[Tuple[Tensor, Tensor]], train: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+           cross: Optional[Tuple[Tensor, Tensor]], cross_bias: Optional[Tensor],
+           train: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """One post-norm layer (``models.text.TextLayer``'s maths) on new tokens x (B, l, D); ``kv``: cached
     self-attention keys / values of earlier tokens; returns (output, keys / values incl. the new tokens)."""
     a = layer.attn
@@ -118,7 +122,7 @@ def _layer(layer: nn.Module, x: Tensor, bias: Tensor, kv: Optional[Tuple[Tensor,
         if cross is None:
             raise ValueError("a fusion layer needs the image's keys and values (image_kv)")
         cq = c._split(c.q(x), 1)[0]
-        x = layer.cross_ln(x + layer.drop(c.proj(_attend(cq, cross[0], cross[1], None, p))))
+        x = layer.cross_ln(x + layer.drop(c.proj(_attend(cq, cross[0], cross[1], cross_bias, p))))
     return layer.mlp_ln(x + layer.mlp(x)), (k, v)
 
 
@@ -140,10 +144,11 @@ def decode(model: nn.Module, ids: Tensor, mask: Tensor, cache: DecoderCache, use
     train = model.training
     new_kv = []
     for i, layer in enumerate(layers):
-        x, kv = _layer(layer, x, bias, cache.self_kv[i] if use_cache else None, cache.cross_kv[i], train)
+        x, kv = _layer(layer, x, bias, cache.self_kv[i] if use_cache else None, cache.cross_kv[i], cache.cross_bias,
+                       train)
         new_kv.append(kv)
     logits = model.mlm_head(x)
-    return logits, DecoderCache(new_kv, cache.cross_kv, full, start + l)
+    return logits, DecoderCache(new_kv, cache.cross_kv, full, start + l, cache.cross_bias)
 
 
 def lm_loss(logits: Tensor, labels: Tensor, smoothing: float = 0.1) -> Tensor:
