@@ -68,7 +68,7 @@ def encode_for_caption(model, images: Tensor, tok, prompt: str, guide: Optional[
 
 def generate_captions(model, images: Tensor, tok, prompt: str = PROMPT, gc: Optional[GenerateConfig] = None,
                       guide: Optional[str] = None) -> Tuple[List[str], TokenState, int]:
-    """(captions without the prompt, the reduced image state, generated tokens per image on average) of images
+    """(captions without the prompt, the reduced image state, generated tokens in all, eos excluded) of images
     (B, 3, S, S); beam search when ``gc.num_beams`` > 1, else greedy."""
     gc = gc or GenerateConfig(eos=tok.sep_id, pad=tok.pad_id)
     image = encode_for_caption(model, images, tok, prompt, guide)
@@ -77,7 +77,7 @@ def generate_captions(model, images: Tensor, tok, prompt: str = PROMPT, gc: Opti
     seqs = beam_search(model, cache, p, gc) if gc.num_beams > 1 else greedy(model, cache, p, gc)
     gen = strip_generated(seqs, p.shape[1], gc.eos)
     caps = [tok.decode(g).strip() for g in gen]
-    return caps, image, sum(len(g) for g in gen) // max(len(gen), 1)
+    return caps, image, sum(len(g) for g in gen)
 
 
 @register_task("caption")
@@ -151,7 +151,7 @@ class CaptionTask(Task):
             caps, image, n = generate_captions(model, images, tok, self.prompt, gc, self.guide)
             results.update({entries[i]["image_id"]: c for i, c in zip(part, caps)})
             tokens += image.num_tokens * len(part)
-            steps += n * len(part)
+            steps += n
         return results, tokens, steps
 
     def references_of(self, entries) -> Dict[int, List[str]]:
