@@ -84,7 +84,8 @@ def test_eval_caption_hf_blip_with_pruning(tmp_path, capsys):
     test.write_text(json.dumps(entries))
     rows = {}
     for method in (["--method", "none"], ["--method", "tome", "--layers", "2", "--option", "r=4"],
-                   ["--method", "evit", "--layers", "2", "--keep", "0.5"]):
+                   ["--method", "evit", "--layers", "2", "--keep", "0.5"], ["--method", "random", "--layers", "2", "--keep", "0.5"],
+                   ["--method", "dynamicvit", "--layers", "2", "--keep", "0.5"]):  # every method patch offers on BLIP's captioner
         argv = ["eval", "caption", "--hf", str(d), "--test", str(test), "--num-beams", "2", "--max-length", "8",
                 "--min-length", "2", "--prompt", "a ", "--metric-tokenizer", "python", "--quiet", "--json", *method]
         assert main(argv) == 0
@@ -93,6 +94,9 @@ def test_eval_caption_hf_blip_with_pruning(tmp_path, capsys):
         assert out["examples"] == 3 and out["seconds_per_image"] > 0 and "CIDEr" in out
     assert rows["none"]["image_tokens"] == 17
     assert rows["tome"]["image_tokens"] == 13 and rows["evit"]["image_tokens"] < 17
+    assert rows["random"]["image_tokens"] == 9 and rows["dynamicvit"]["image_tokens"] == 9
+    from vlprune.patch.blip import CLASSES
+    assert set(rows) == set(CLASSES["BlipForConditionalGeneration"])
 
 
 def test_demo_rows_with_intervals_and_baselines(caption_run):
