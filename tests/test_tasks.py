@@ -205,7 +205,7 @@ def test_builtin_scenes_data_without_files(scenes, capsys, tmp_path):
 
 def test_bad_inputs(scenes, capsys, runs, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["eval", "caption", "--checkpoint", str(tmp_path)])
+        main(["eval", "segmentation", "--checkpoint", str(tmp_path)])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     ve = run_of(scenes, capsys, runs, "ve")
     cases = [

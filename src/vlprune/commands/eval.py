@@ -19,7 +19,7 @@ from vlprune.tasks.evaluation import EVAL_TASKS, check_task, checkpoint_tasks  #
 from .method_flags import add_image_flags, add_method_flags, image_options, method_config
 from .official import add_official_flags, check_official_flags, convert
 
-TASKS = EVAL_TASKS
+TASKS = EVAL_TASKS + ("grounding",)
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite-predictions", action="store_true", help="replace an existing --predictions file")
     add_official_flags(p, eval_flags=True)
     add_image_flags(p)
+    from .caption import add_caption_flags
+
+    add_caption_flags(p)
     p.set_defaults(run=run)
 
 
@@ -69,6 +72,14 @@ def run(args) -> int:
     from vlprune.guards import check_output_file, eval_inputs
 
     check_output_file(args.predictions, args.overwrite_predictions, "--predictions", eval_inputs(args))
+    if args.task == "grounding":  # vlprune.commands.caption
+        from .caption import run_grounding
+
+        return run_grounding(args)
+    if args.task == "caption" and args.hf is not None:
+        from .caption import run_hf_caption
+
+        return run_hf_caption(args)
     if check_official_flags(args):
         if args.hf is not None:
             raise ValueError("give --hf or --init-official, not both")
@@ -99,14 +110,23 @@ def _run_official(args) -> int:
         return _run(args, Path(d))
 
 
+def _task_options(args) -> dict:
+    if args.task == "retrieval":
+        return {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
+    if args.task == "caption":
+        from .caption import caption_options
+
+        return caption_options(args)
+    return {}
+
+
 def _run(args, ckpt: Path) -> int:
     from vlprune.runtime import thread_info
     from vlprune.guards import check_finite_weights
     from vlprune.tasks.evaluation import evaluate_run
 
-    opts = {"k": args.k, "gallery_chunk": args.gallery_chunk, "search": args.search}
     r = evaluate_run(ckpt, args.task, args.test, method=_method(args), images=args.images,
-                     batch_size=args.batch_size, task_options=opts if args.task == "retrieval" else {},
+                     batch_size=args.batch_size, task_options=_task_options(args),
                      precision=getattr(args, "precision", None) or "fp32", compile=getattr(args, "compile", False),
                      skip_bad_images=args.skip_bad_images, progress=not args.quiet,
                      check_model=check_finite_weights, **image_options(args))

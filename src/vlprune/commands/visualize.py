@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_image_flags(p, skip=False)
+    p.add_argument("--heat", choices=("itm", "align"), default=None,
+                   help="draw the grounding heat of --text instead (Grad-CAM of the ITM score, or patch-word alignment; "
+                   "docs/caption_grounding.md), with any method")
     p.set_defaults(run=run)
 
 
@@ -85,6 +88,10 @@ def run(args) -> int:
     rc = method_config(args)
     model = vlprune.load_pretrained(ckpt) if rc is None else vlprune.load_pretrained(ckpt, method=rc)
     model.eval()
+    if getattr(args, "heat", None):  # vlprune.commands.caption
+        from .caption import visualize_heat
+
+        return visualize_heat(args, model, ckpt, out)
     if not model.reducers():
         raise CLIError("the model has no reduction method installed, so there is nothing to show; pass --method")
     encode = _load_tokenizer(ckpt, model.cfg.text)

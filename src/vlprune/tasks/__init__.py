@@ -4,5 +4,6 @@ from .base import TASKS, StepContext, StepModule, Task, get_task, list_tasks, re
 
 # the built-in tasks, each registering itself on import (a new task adds its module here)
 from . import classify, pretrain, retrieval_task  # noqa: E402,F401,I001
+from . import caption  # noqa: E402,F401,I001  (after the others: list order)
 
 __all__ = ["TASKS", "StepContext", "StepModule", "Task", "get_task", "list_tasks", "register_task"]

@@ -32,7 +32,7 @@ from ..reduce.registry import ReduceConfig
 
 log = logging.getLogger(__name__)
 # the tasks a saved model can be evaluated on
-EVAL_TASKS = ("retrieval", "vqa", "nlvr2", "ve")
+EVAL_TASKS = ("retrieval", "vqa", "nlvr2", "ve", "caption")
 
 
 def image_encoder_gflops(model, images: Tensor, ids: Tensor, mask: Tensor) -> float:
@@ -227,7 +227,7 @@ def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[s
             check_model(model, ckpt)
         precision = check_precision(precision or "fp32", procs.device)
         compiled = maybe_compile(model, compile, procs.device)
-        if task != "retrieval" and task not in model.task_heads:
+        if task not in ("retrieval", "caption") and task not in model.task_heads:
             raise ValueError(f"the checkpoint {ckpt} has no {task!r} head (heads: {list(model.task_heads)}); "
                              f"fine-tune it with 'vlprune train {task}' first")
         t.restore(meta, model)
