@@ -16,5 +16,7 @@ def build_none(cfg: ReduceConfig, model, opts: dict) -> None:
 # The built-in method modules, each registering itself on import; this order (text-guided methods, then the
 # baselines) is the order of list_methods().
 BUILTIN = ("trips", "elip", "tip", "laps", "evit", "tome", "dynamicvit", "random", "lowres")
+BUILTIN += ("fastv", "trips_lvlm", "visionzip")  # only in a patched vision-language LLM (lvlm_only)
 
 from . import trips, elip, tip, laps, evit, tome, dynamicvit, random, lowres  # noqa: E402,F401
+from . import fastv, trips_lvlm, visionzip  # noqa: E402,F401

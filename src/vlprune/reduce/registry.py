@@ -102,6 +102,8 @@ class MethodSpec:
                   task then trains and ranks with that similarity instead of ITC + ITM.
     owns:         model attributes it adds besides the slots (removed with the method, e.g. LAPS's ``laps``).
     clear:        undoes what it set outside the slots and ``owns`` (e.g. lowres's input size), or None.
+    lvlm_only:    it runs only inside a vision-language LLM patched by ``vlprune.patch`` (its slot groups "llm" /
+                  "projector" exist nowhere else), so ``list_methods()`` leaves it out unless asked.
     """
 
     name: str
@@ -119,6 +121,7 @@ class MethodSpec:
     scores_pairs: bool = False
     owns: Tuple[str, ...] = ()
     clear: Optional[Callable[[nn.Module], None]] = None
+    lvlm_only: bool = False
 
     @property
     def runs_in_text_free_stage(self) -> bool:
@@ -149,7 +152,9 @@ _REGISTRY: Dict[str, MethodSpec] = {}
 
 # the reduction slot groups of the built-in models
 GROUPS = {"vision": "a two-stream model's ViT image encoder", "fusion": "a two-stream model's fusion encoder",
-          "joint": "a single-stream model's joint encoder"}
+          "joint": "a single-stream model's joint encoder",
+          "llm": "the decoder layers of a patched vision-language LLM",
+          "projector": "the vision tower's output of a patched vision-language LLM"}
 
 
 def register(name: str, **traits: Any) -> Callable:
@@ -165,9 +170,10 @@ def register(name: str, **traits: Any) -> Callable:
     return deco
 
 
-def list_methods() -> List[str]:
+def list_methods(lvlm: bool = False) -> List[str]:
     """Names of the registered reduction methods: the built-in ones in a fixed order ("none" first, the
-    text-guided methods, then the baselines), then any registered by the user, in registration order."""
+    text-guided methods, then the baselines), then any registered by the user, in registration order.
+    ``lvlm=True`` also lists the methods that run only in a patched vision-language LLM (``lvlm_only``)."""
     from .methods import BUILTIN
 
     _load_builtin()
@@ -175,7 +181,8 @@ def list_methods() -> List[str]:
     rank[f"{__package__}.methods"] = -1  # "none"
     builtin = sorted((n for n, s in _REGISTRY.items() if s.build.__module__ in rank),
                      key=lambda n: rank[_REGISTRY[n].build.__module__])
-    return builtin + [n for n, s in _REGISTRY.items() if s.build.__module__ not in rank]
+    names = builtin + [n for n, s in _REGISTRY.items() if s.build.__module__ not in rank]
+    return names if lvlm else [n for n in names if not _REGISTRY[n].lvlm_only]
 
 
 def get_spec(name: str) -> MethodSpec:

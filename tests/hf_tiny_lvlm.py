@@ -1,0 +1,132 @@
+"""Tiny random LLaVA-style models for the ``vlprune.patch`` LVLM tests (built from configs, nothing downloaded):
+CLIP tower image 32, patch 8 (16 patches), width 32, 3 layers; Llama decoder 2 layers, width 64, 4 heads (2 kv
+heads), vocab 120; image token 100. Prompts: left-padded [text, 16 x <image>, question] rows."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE_ID, PAD_ID, VOCAB, N = 100, 0, 120, 16
+
+
+def llava(seed: int = 0, attn: str = "sdpa", layers: int = 2):
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD_ID,
+                bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                                   image_seq_length=N, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    cfg._attn_implementation = attn
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
+    """(input_ids, attention_mask, pixel_values) for prompts [bos, a text tokens, N image tokens, b text tokens],
+    left-padded to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for a, b in lengths:
+        t = torch.randint(3, IMAGE_ID, (a + b,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), t[:a], torch.full((N,), IMAGE_ID), t[a:]]))
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), PAD_ID)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    px = torch.randn(len(rows), 3, 32, 32, generator=g)
+    return ids, mask, px
+
+
+def one(ids, mask, px, i):
+    """Row i alone, its padding removed."""
+    keep = mask[i].bool()
+    return ids[i:i + 1, keep], mask[i:i + 1, keep], px[i:i + 1]
+
+
+# -- a deliberately naive reference of the LLM-side methods (batch 1, no padding, no cache, full attention maps) --
+def lm_inputs(model, ids, mask, px):
+    """The inputs_embeds the unpatched model feeds its language model for this prompt."""
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=px)
+    finally:
+        hook.remove()
+    return seen["inputs_embeds"]
+
+
+def _full_attention(layer, x, cos, sin):
+    """(1, H, T, T) causal softmax attention of one Llama layer, the whole map, from HF's own RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    a = layer.self_attn
+    T, d = x.shape[1], a.head_dim
+    h = layer.input_layernorm(x)
+    q = a.q_proj(h).view(1, T, -1, d).transpose(1, 2)
+    k = a.k_proj(h).view(1, T, -1, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = (q @ k.transpose(-1, -2)).float() * d ** -0.5
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return s, s.softmax(-1)
+
+
+def naive_llm_logits(model, prompt_ids, px, new_ids, method, layer, keep):
+    """Logits (T, V) of [prompt, new tokens] (one sample) under FastV ("fastv_llm") or TRIPS-LVLM ("trips_llm") at
+    1-based ``layer``, written out layer by layer: the selection from the full attention map's last-prompt row;
+    later layers see the kept tokens only, at their original positions. Returns (logits, chosen (N,) bool)."""
+    import math
+
+    lm = model.model.language_model
+    P = prompt_ids.shape[1]
+    x = torch.cat([lm_inputs(model, prompt_ids, torch.ones_like(prompt_ids), px),
+                   lm.embed_tokens(new_ids)], 1) if new_ids.numel() else lm_inputs(model, prompt_ids,
+                                                                                      torch.ones_like(prompt_ids), px)
+    pos = torch.arange(x.shape[1])[None]
+    img = (prompt_ids[0] == IMAGE_ID).nonzero()[:, 0]
+    chosen = None
+    for i, L in enumerate(lm.layers):
+        cos, sin = lm.rotary_emb(x, pos)
+        if i != layer - 1:
+            x = L(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+            x = x[0] if isinstance(x, tuple) else x
+            continue
+        logits, probs = _full_attention(L, x, cos, sin)
+        if method == "fastv_llm":
+            s = probs[0, :, P - 1].mean(0)[img]
+            k = max(1, int(round(len(img) * keep)))
+        else:
+            s = logits[0, :, P - 1][:, img].softmax(-1).mean(0)
+            k = math.ceil(len(img) * keep)
+        top = sorted(sorted(range(len(img)), key=lambda j: (-float(s[j]), j))[:k])
+        chosen = torch.zeros(len(img), dtype=torch.bool)
+        chosen[top] = True
+        if method == "fastv_llm":
+            x = L(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+            x = x[0] if isinstance(x, tuple) else x
+        else:
+            x = x + L.self_attn(hidden_states=L.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=None)[0]
+        drop = img[~chosen]
+        rows = [j for j in range(x.shape[1]) if j not in set(drop.tolist())]
+        if method == "trips_llm":
+            fused = sum(float(s[j]) * x[0, img[j]] for j in range(len(img)) if not chosen[j])
+            at = int(img[-1]) + 1 - len(drop)  # right after the kept image tokens
+            xs = [x[0, j] for j in rows]
+            ps = [int(pos[0, j]) for j in rows]
+            xs.insert(at, fused)
+            ps.insert(at, int(img[-1]))
+            x = torch.stack(xs)[None]
+            pos = torch.tensor(ps)[None]
+            x = x + L.mlp(L.post_attention_layernorm(x))
+        else:
+            x, pos = x[:, rows], pos[:, rows]
+    return model.lm_head(lm.norm(x))[0], chosen
