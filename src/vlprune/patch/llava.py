@@ -27,11 +27,10 @@ from ..reduce.state import ReduceContext, TokenState
 from . import clip
 from .core import Binding, Patch
 from .layers import EncoderView
-from .lvlm import LLMSlot, LLMState, layer_forward, lm_forward
+from .lvlm import LLMSlot, install_llm
 
 METHODS = ("none", "fastv_llm", "trips_llm", "visionzip", "evit", "tome", "random")
 CLASSES = {"LlavaForConditionalGeneration": METHODS}
-ATTN = ("sdpa", "eager")
 
 
 class ProjectorSlot:
@@ -184,33 +183,6 @@ def restore_prompt(res: Any, ids: Tensor, reduced_len: int) -> Any:
     return res
 
 
-# -- the language model -----------------------------------------------------------------------------------------
-def ids_capture(st: LLMState, fn: Callable) -> Callable:
-    """Wrap the LlavaModel's ``forward`` so the language model's layers see where the image tokens are."""
-
-    @functools.wraps(fn)
-    def forward(*args: Any, **kwargs: Any):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        token = st.ids.set(ids)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            st.ids.reset(token)
-
-    return forward
-
-
-def no_labels(p: Patch, fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def forward(*args: Any, **kwargs: Any):
-        if kwargs.get("labels") is not None:
-            raise ValueError(f"{p.config.name} changes the sequence inside the language model, so a loss over "
-                             "`labels` is not defined; call the patched model without labels")
-        return fn(*args, **kwargs)
-
-    return forward
-
-
 def bind(model: nn.Module) -> Optional[Binding]:
     name = type(model).__name__
     if name not in CLASSES:
@@ -230,19 +202,9 @@ def bind(model: nn.Module) -> Optional[Binding]:
            "laps": "it is not wired into LLaVA", "dynamicvit": "it is not wired into LLaVA", "lowres": "not wired"}
 
     def install(p: Patch) -> None:
-        impl = getattr(lm.config, "_attn_implementation", "sdpa")
         group = p.spec.groups[0] if p.spec.groups else None
         if group == "llm":
-            if impl not in ATTN:
-                raise ValueError(f"{p.config.name} in LLaVA supports attn_implementation {list(ATTN)}, got {impl!r}")
-            st = LLMState()
-            p.lvlm = st  # type: ignore[attr-defined]
-            p.override(lm, "forward", lm_forward(st, lm.forward, cfg.image_token_id, name))
-            for s in slots:
-                p.override(s.layer, "forward", layer_forward(st, s, s.layer.forward,
-                                                             lambda: lm.config._attn_implementation))
-            p.override(inner, "forward", ids_capture(st, inner.forward))
-            p.override(model, "forward", no_labels(p, model.forward))
+            install_llm(p, model, slots, cfg.image_token_id)
         elif group in ("vision", "projector"):
             late = [i + 1 for i, v in enumerate(vb.views) if v.reducer is not None and i + 1 > f]
             if late:

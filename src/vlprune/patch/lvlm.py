@@ -320,5 +320,51 @@ def record_reduction(st: LLMState, c: Call, slot: LLMSlot, src: Tensor, image: T
         saved["stages"].append((slot.index, new_ok))
 
 
-__all__ = ["LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope", "query_row_logits",
+def ids_capture(st: LLMState, fn: Callable) -> Callable:
+    """Wrap the multimodal model's ``forward`` (it gets ``input_ids``) so the decoder layers see where the image
+    tokens are."""
+
+    @functools.wraps(fn)
+    def forward(*args: Any, **kwargs: Any):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        token = st.ids.set(ids)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            st.ids.reset(token)
+
+    return forward
+
+
+def no_labels(p: Patch, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def forward(*args: Any, **kwargs: Any):
+        if kwargs.get("labels") is not None:
+            raise ValueError(f"{p.config.name} changes the sequence inside the language model, so a loss over "
+                             "`labels` is not defined; call the patched model without labels")
+        return fn(*args, **kwargs)
+
+    return forward
+
+
+ATTN = ("sdpa", "eager")
+
+
+def install_llm(p: Any, model: nn.Module, slots: List[LLMSlot], image_token_id: int) -> None:
+    """Set the overrides of an LLM-placed method on a model whose ``model.model`` holds ``language_model``."""
+    inner = model.model
+    lm = inner.language_model
+    impl = getattr(lm.config, "_attn_implementation", "sdpa")
+    if impl not in ATTN:
+        raise ValueError(f"{p.config.name} supports attn_implementation {list(ATTN)} in the language model, got {impl!r}")
+    st = LLMState()
+    p.lvlm = st
+    p.override(lm, "forward", lm_forward(st, lm.forward, image_token_id, type(model).__name__))
+    for s in slots:
+        p.override(s.layer, "forward", layer_forward(st, s, s.layer.forward, lambda: lm.config._attn_implementation))
+    p.override(inner, "forward", ids_capture(st, inner.forward))
+    p.override(model, "forward", no_labels(p, model.forward))
+
+
+__all__ = ["install_llm", "LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope", "query_row_logits",
            "topk_keep_mask", "insert_after_image", "causal_key_mask", "last_real_index"]
