@@ -52,16 +52,16 @@ def one(ids, mask, px, i):
 
 
 # -- a deliberately naive reference of the LLM-side methods (batch 1, no padding, no cache, full attention maps) --
-def lm_inputs(model, ids, mask, px):
-    """The inputs_embeds the unpatched model feeds its language model for this prompt."""
+def lm_inputs(model, inputs):
+    """(inputs_embeds, position_ids or None) the unpatched model feeds its language model for these inputs."""
     seen = {}
     hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, pixel_values=px)
+            model(**inputs)
     finally:
         hook.remove()
-    return seen["inputs_embeds"]
+    return seen["inputs_embeds"], seen.get("position_ids")
 
 
 def _full_attention(layer, x, cos, sin):
@@ -80,24 +80,32 @@ def _full_attention(layer, x, cos, sin):
     return s, s.softmax(-1)
 
 
-def naive_llm_logits(model, prompt_ids, px, new_ids, method, layer, keep):
-    """Logits (T, V) of [prompt, new tokens] (one sample) under FastV ("fastv_llm") or TRIPS-LVLM ("trips_llm") at
-    1-based ``layer``, written out layer by layer: the selection from the full attention map's last-prompt row;
-    later layers see the kept tokens only, at their original positions. Returns (logits, chosen (N,) bool)."""
+def naive_llm_logits(model, inputs, new_ids, method, layer, keep, image_id=IMAGE_ID):
+    """Logits (T, V) of [prompt, new tokens] (one unpadded sample, ``inputs`` the model's keyword inputs) under
+    FastV ("fastv_llm") or TRIPS-LVLM ("trips_llm") at 1-based ``layer``, written out layer by layer: the selection
+    from the full attention map's last-prompt row; later layers see the kept tokens only, at their original
+    positions (Qwen2-VL: its M-RoPE ids, new tokens at the last prompt position + 1, 2, ...). Returns
+    (logits, chosen (N,) bool)."""
     import math
 
     lm = model.model.language_model
+    prompt_ids = inputs["input_ids"]
     P = prompt_ids.shape[1]
-    x = torch.cat([lm_inputs(model, prompt_ids, torch.ones_like(prompt_ids), px),
-                   lm.embed_tokens(new_ids)], 1) if new_ids.numel() else lm_inputs(model, prompt_ids,
-                                                                                      torch.ones_like(prompt_ids), px)
-    pos = torch.arange(x.shape[1])[None]
-    img = (prompt_ids[0] == IMAGE_ID).nonzero()[:, 0]
+    x, pos = lm_inputs(model, inputs)
+    if pos is None:
+        pos = torch.arange(P)[None]
+    if pos.dim() == 3 and pos.shape[0] == 4:
+        pos = pos[1:]
+    t = new_ids.shape[1]
+    if t:
+        x = torch.cat([x, lm.embed_tokens(new_ids)], 1)
+        pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, t + 1)], -1)
+    img = (prompt_ids[0] == image_id).nonzero()[:, 0]
     chosen = None
     for i, L in enumerate(lm.layers):
         cos, sin = lm.rotary_emb(x, pos)
         if i != layer - 1:
-            x = L(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+            x = L(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos if pos.dim() == 2 else None)
             x = x[0] if isinstance(x, tuple) else x
             continue
         logits, probs = _full_attention(L, x, cos, sin)
@@ -111,7 +119,7 @@ def naive_llm_logits(model, prompt_ids, px, new_ids, method, layer, keep):
         chosen = torch.zeros(len(img), dtype=torch.bool)
         chosen[top] = True
         if method == "fastv_llm":
-            x = L(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+            x = L(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos if pos.dim() == 2 else None)
             x = x[0] if isinstance(x, tuple) else x
         else:
             x = x + L.self_attn(hidden_states=L.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=None)[0]
@@ -121,12 +129,64 @@ def naive_llm_logits(model, prompt_ids, px, new_ids, method, layer, keep):
             fused = sum(float(s[j]) * x[0, img[j]] for j in range(len(img)) if not chosen[j])
             at = int(img[-1]) + 1 - len(drop)  # right after the kept image tokens
             xs = [x[0, j] for j in rows]
-            ps = [int(pos[0, j]) for j in rows]
+            cols = list(rows)
             xs.insert(at, fused)
-            ps.insert(at, int(img[-1]))
+            cols.insert(at, int(img[-1]))  # the fused token takes the last image token's position
             x = torch.stack(xs)[None]
-            pos = torch.tensor(ps)[None]
+            pos = pos[..., cols]
             x = x + L.mlp(L.post_attention_layernorm(x))
         else:
-            x, pos = x[:, rows], pos[:, rows]
+            x, pos = x[:, rows], pos[..., rows]
     return model.lm_head(lm.norm(x))[0], chosen
+
+
+# -- Qwen2-VL: image grid (t, h, w) = (1, 8, 8) patches of 4 px -> 16 merged tokens per image ----------------------
+Q_IMAGE, Q_START, Q_END = 110, 111, 112
+
+
+def qwen2_vl(seed: int = 0, layers: int = 2):
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=Q_IMAGE,
+                                     vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    cfg._attn_implementation = "sdpa"
+    cfg.text_config._attn_implementation = "sdpa"
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def qwen_prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
+    """dict(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids), left-padded rows
+    [bos, a text, <vision_start>, 16 x <image>, <vision_end>, b text]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for a, b in lengths:
+        t = torch.randint(3, IMAGE_ID, (a + b,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), t[:a], torch.tensor([Q_START]), torch.full((N,), Q_IMAGE),
+                               torch.tensor([Q_END]), t[a:]]))
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), PAD_ID)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    B = len(rows)
+    px = torch.randn(B * 64, 3 * 2 * 4 * 4, generator=g)
+    grid = torch.tensor([[1, 8, 8]] * B)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid,
+                mm_token_type_ids=(ids == Q_IMAGE).long())
+
+
+def qwen_one(inputs, i):
+    """Row i alone, its padding removed."""
+    keep = inputs["attention_mask"][i].bool()
+    out = {k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return dict(out, pixel_values=inputs["pixel_values"][i * 64:(i + 1) * 64], image_grid_thw=inputs["image_grid_thw"][i:i + 1])

@@ -101,14 +101,15 @@ def test_llm_methods_equal_the_naive_reference(llava, data, method, keep):
     k = round(H.N * keep) if method == "fastv_llm" else -(-H.N * keep // 1)
     assert chosen.shape == (ids.shape[0], H.N) and (chosen.sum(1) == k).all()
     for i in range(ids.shape[0]):
-        pid, _, p = H.one(ids, mask, px, i)
+        pid, pmask, p = H.one(ids, mask, px, i)
+        one = dict(input_ids=pid, attention_mask=pmask, pixel_values=p)
         with torch.no_grad():
-            ref, ref_chosen = H.naive_llm_logits(llava, pid, p, pid[:, :0], method, layer, keep)
+            ref, ref_chosen = H.naive_llm_logits(llava, one, pid[:, :0], method, layer, keep)
             assert torch.equal(chosen[i], ref_chosen)
             torch.testing.assert_close(logits[i, -1], ref[-1], atol=1e-4, rtol=1e-4)
             new = gen[i:i + 1, ids.shape[1]:]
             for t in range(1, 3):
-                step, _ = H.naive_llm_logits(llava, pid, p, new[:, :t], method, layer, keep)
+                step, _ = H.naive_llm_logits(llava, one, new[:, :t], method, layer, keep)
                 assert int(step[-1].argmax()) == int(new[0, t]), (i, t)
 
 

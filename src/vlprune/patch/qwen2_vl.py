@@ -1,0 +1,46 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``: dynamic resolution, M-RoPE): the language-model methods
+(FastV, TRIPS-LVLM), with the machinery of ``lvlm.py``.
+
+Why it works unchanged: the model computes the M-RoPE position ids (``get_rope_index``: text 1-D, image token
+(t, i, j) at start + (t, i, j)) on the full prompt and its rotary embedding merges the three sections into one
+(cos, sin) per token; the reducing layer gathers that (cos, sin) per sample, so a kept image token keeps its
+(t, h, w) rotation and TRIPS-LVLM's fused token takes the last image token's. The first layers cache the full
+prompt, so generate's decode positions (cache length + ``rope_deltas``) stay the unpatched model's.
+The vision-tower methods (VisionZip, EViT, ToMe, random) are not wired into Qwen2-VL: its tower has no [CLS]
+and merges 2 x 2 patches after attention; removing placeholders would also need the M-RoPE indices recomputed
+on the unreduced prompt and gathered (not done here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .core import Binding, Patch
+from .lvlm import LLMSlot, install_llm
+
+METHODS = ("none", "fastv_llm", "trips_llm")
+CLASSES = {"Qwen2VLForConditionalGeneration": METHODS}
+WHY = {m: "the vision-tower methods are not wired into Qwen2-VL (its tower has no [CLS] and merges 2 x 2 patches); "
+          "use fastv_llm or trips_llm" for m in ("visionzip", "evit", "tome", "random", "trips", "elip")}
+
+
+def bind(model: nn.Module) -> Optional[Binding]:
+    name = type(model).__name__
+    if name not in CLASSES:
+        return None
+    cfg = model.config
+    lm = model.model.language_model
+    slots = [LLMSlot(layer, i) for i, layer in enumerate(lm.layers)]
+    tc = cfg.text_config if hasattr(cfg, "text_config") else cfg
+    vc = cfg.vision_config
+
+    def install(p: Patch) -> None:
+        if p.spec.groups and p.spec.groups[0] == "llm":
+            install_llm(p, model, slots, cfg.image_token_id)
+
+    return Binding("qwen2_vl", "llm", slots, vc.embed_dim, tc.hidden_size, 0, CLASSES[name], install, dict(WHY))
+
+
+__all__ = ["bind", "CLASSES"]
