@@ -27,6 +27,17 @@ def llava(seed: int = 0, attn: str = "sdpa", layers: int = 2):
     return model
 
 
+def left_pad(rows):
+    """(ids, mask) of 1-D token rows, left-padded to the longest."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), PAD_ID)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    return ids, mask
+
+
 def prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
     """(input_ids, attention_mask, pixel_values) for prompts [bos, a text tokens, N image tokens, b text tokens],
     left-padded to the longest."""
@@ -35,12 +46,7 @@ def prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
     for a, b in lengths:
         t = torch.randint(3, IMAGE_ID, (a + b,), generator=g)
         rows.append(torch.cat([torch.tensor([1]), t[:a], torch.full((N,), IMAGE_ID), t[a:]]))
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), PAD_ID)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = r
-        mask[i, L - len(r):] = 1
+    ids, mask = left_pad(rows)
     px = torch.randn(len(rows), 3, 32, 32, generator=g)
     return ids, mask, px
 
@@ -172,12 +178,7 @@ def qwen_prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
         t = torch.randint(3, IMAGE_ID, (a + b,), generator=g)
         rows.append(torch.cat([torch.tensor([1]), t[:a], torch.tensor([Q_START]), torch.full((N,), Q_IMAGE),
                                torch.tensor([Q_END]), t[a:]]))
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), PAD_ID)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r):] = r
-        mask[i, L - len(r):] = 1
+    ids, mask = left_pad(rows)
     B = len(rows)
     px = torch.randn(B * 64, 3 * 2 * 4 * 4, generator=g)
     grid = torch.tensor([[1, 8, 8]] * B)
