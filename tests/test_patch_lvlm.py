@@ -192,3 +192,15 @@ def test_errors_name_what_is_supported(llava, data):
         vlprune.patch(llava, "evit", layers=(3,), keep=0.5)
     assert get_patch(llava) is None
     assert "fastv_llm" in vlprune.list_methods(lvlm=True) and "fastv_llm" not in vlprune.list_methods()
+
+
+def test_lvlm_bench_counts_tokens_flops_and_cache(llava):
+    from vlprune.bench.hf_lvlm import format_lvlm_table, run_lvlm_bench
+
+    rows = run_lvlm_bench(llava, [vlprune.ReduceConfig("fastv_llm", layers=(1,), keep=0.5),
+                                  vlprune.ReduceConfig("visionzip", keep=0.25)], text_len=4, flops_only=True)
+    assert [r["kept"] for r in rows] == [16, 8, 4]
+    assert rows[0]["prefill_gflops"] > rows[1]["prefill_gflops"] > 0 and rows[0]["prefill_gflops"] > rows[2]["prefill_gflops"]
+    # prompt = 10 text + 16 image tokens; FastV after layer 1 of 2: layer 1 caches all 26, layer 2 the 10 + 8 kept
+    assert rows[1]["kv_ratio"] == pytest.approx((26 + 18) / 52) and rows[2]["kv_ratio"] == pytest.approx(14 / 26)
+    assert get_patch(llava) is None and "| fastv_llm keep 0.5 layers 1 | 8 / 16 |" in format_lvlm_table(rows)
