@@ -191,3 +191,44 @@ def qwen_one(inputs, i):
     keep = inputs["attention_mask"][i].bool()
     out = {k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     return dict(out, pixel_values=inputs["pixel_values"][i * 64:(i + 1) * 64], image_grid_thw=inputs["image_grid_thw"][i:i + 1])
+
+
+# -- LLaVA-NeXT: images 32 x 64 -> base crop + a 1 x 2 tile grid: 16 + 4 x 8 + 4 newlines = 52 image tokens ------
+NEXT_N = 52
+
+
+def llava_next(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD_ID,
+                bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                                       image_grid_pinpoints=[[32, 64], [64, 32]], vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def next_prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
+    """dict(input_ids, attention_mask, pixel_values (B, 3 crops, 3, 32, 32), image_sizes), left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for a, b in lengths:
+        t = torch.randint(3, IMAGE_ID, (a + b,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), t[:a], torch.full((NEXT_N,), IMAGE_ID), t[a:]]))
+    ids, mask = left_pad(rows)
+    B = len(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(B, 3, 3, 32, 32, generator=g),
+                image_sizes=torch.tensor([[32, 64]] * B))
+
+
+def next_one(inputs, i):
+    keep = inputs["attention_mask"][i].bool()
+    return dict({k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask")},
+                pixel_values=inputs["pixel_values"][i:i + 1], image_sizes=inputs["image_sizes"][i:i + 1])

@@ -178,9 +178,9 @@ def get_patch(model: nn.Module) -> Optional[Patch]:
 
 
 def _bind(model: nn.Module) -> Binding:
-    from . import blip, bridgetower, clip, llava, qwen2_vl, vilt
+    from . import blip, bridgetower, clip, llava, llava_next, qwen2_vl, vilt
 
-    for family in (blip, clip, vilt, bridgetower, llava, qwen2_vl):
+    for family in (blip, clip, vilt, bridgetower, llava, llava_next, qwen2_vl):
         b = family.bind(model)
         if b is not None:
             return b
@@ -191,10 +191,10 @@ def _bind(model: nn.Module) -> Binding:
 
 def supported_classes() -> Dict[str, Tuple[str, ...]]:
     """{HF class name: methods that make sense on it}."""
-    from . import blip, bridgetower, clip, llava, qwen2_vl, vilt
+    from . import blip, bridgetower, clip, llava, llava_next, qwen2_vl, vilt
 
     out: Dict[str, Tuple[str, ...]] = {}
-    for family in (blip, clip, vilt, bridgetower, llava, qwen2_vl):
+    for family in (blip, clip, vilt, bridgetower, llava, llava_next, qwen2_vl):
         out.update(family.CLASSES)
     return out
 

@@ -27,20 +27,25 @@ WHY = {m: "the vision-tower methods are not wired into Qwen2-VL (its tower has n
 
 
 def bind(model: nn.Module) -> Optional[Binding]:
+    return llm_only_bind(model, "qwen2_vl", CLASSES, WHY)
+
+
+def llm_only_bind(model: nn.Module, family: str, classes: dict, why: dict) -> Optional[Binding]:
+    """The binding of a family whose methods all run in the language model (``model.model.language_model``)."""
     name = type(model).__name__
-    if name not in CLASSES:
+    if name not in classes:
         return None
     cfg = model.config
-    lm = model.model.language_model
-    slots = [LLMSlot(layer, i) for i, layer in enumerate(lm.layers)]
+    slots = [LLMSlot(layer, i) for i, layer in enumerate(model.model.language_model.layers)]
     tc = cfg.text_config if hasattr(cfg, "text_config") else cfg
     vc = cfg.vision_config
+    width = getattr(vc, "embed_dim", None) or vc.hidden_size
 
     def install(p: Patch) -> None:
         if p.spec.groups and p.spec.groups[0] == "llm":
             install_llm(p, model, slots, cfg.image_token_id)
 
-    return Binding("qwen2_vl", "llm", slots, vc.embed_dim, tc.hidden_size, 0, CLASSES[name], install, dict(WHY))
+    return Binding(family, "llm", slots, width, tc.hidden_size, 0, classes[name], install, dict(why))
 
 
-__all__ = ["bind", "CLASSES"]
+__all__ = ["bind", "llm_only_bind", "CLASSES"]
