@@ -7,18 +7,18 @@ from __future__ import annotations
 import torch
 
 IMAGE_ID, PAD_ID, VOCAB, N = 100, 0, 120, 16
+CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+            num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+LLAMA = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD_ID,
+             bos_token_id=1, eos_token_id=2)
 
 
 def llava(seed: int = 0, attn: str = "sdpa", layers: int = 2):
     import transformers
 
     torch.manual_seed(seed)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD_ID,
-                bos_token_id=1, eos_token_id=2)
-    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+    cfg = transformers.LlavaConfig(vision_config=CLIP, text_config=dict(LLAMA, num_hidden_layers=layers), image_token_index=IMAGE_ID,
                                    image_seq_length=N, vision_feature_layer=-2,
                                    vision_feature_select_strategy="default")
     cfg._attn_implementation = attn
@@ -201,12 +201,7 @@ def llava_next(seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD_ID,
-                bos_token_id=1, eos_token_id=2)
-    cfg = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+    cfg = transformers.LlavaNextConfig(vision_config=CLIP, text_config=LLAMA, image_token_index=IMAGE_ID,
                                        image_grid_pinpoints=[[32, 64], [64, 32]], vision_feature_layer=-2,
                                        vision_feature_select_strategy="default")
     cfg._attn_implementation = "sdpa"
