@@ -79,7 +79,12 @@ def _full_attention(layer, x, cos, sin):
     h = layer.input_layernorm(x)
     q = a.q_proj(h).view(1, T, -1, d).transpose(1, 2)
     k = a.k_proj(h).view(1, T, -1, d).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if cos.dim() == 4:  # transformers 4.x Qwen2-VL: unmerged M-RoPE sections
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
+
+        q, k = apply_multimodal_rotary_pos_emb(q, k, cos, sin, a.rope_scaling["mrope_section"])
+    else:
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     s = (q @ k.transpose(-1, -2)).float() * d ** -0.5
     s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
@@ -159,6 +164,7 @@ def qwen2_vl(seed: int = 0, layers: int = 2):
     text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # transformers 4.x
                 pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
     cfg = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=Q_IMAGE,
                                      vision_start_token_id=Q_START, vision_end_token_id=Q_END)
@@ -172,6 +178,8 @@ def qwen2_vl(seed: int = 0, layers: int = 2):
 def qwen_prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
     """dict(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids), left-padded rows
     [bos, a text, <vision_start>, 16 x <image>, <vision_end>, b text]."""
+    import transformers
+
     g = torch.Generator().manual_seed(seed)
     rows = []
     for a, b in lengths:
@@ -182,14 +190,16 @@ def qwen_prompts(lengths=((3, 4), (1, 2), (2, 5)), seed: int = 1):
     B = len(rows)
     px = torch.randn(B * 64, 3 * 2 * 4 * 4, generator=g)
     grid = torch.tensor([[1, 8, 8]] * B)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid,
-                mm_token_type_ids=(ids == Q_IMAGE).long())
+    out = dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid)
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x needs the token types for M-RoPE; 4.x refuses them
+        out["mm_token_type_ids"] = (ids == Q_IMAGE).long()
+    return out
 
 
 def qwen_one(inputs, i):
     """Row i alone, its padding removed."""
     keep = inputs["attention_mask"][i].bool()
-    out = {k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out = {k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
     return dict(out, pixel_values=inputs["pixel_values"][i * 64:(i + 1) * 64], image_grid_thw=inputs["image_grid_thw"][i:i + 1])
 
 

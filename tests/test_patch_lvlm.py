@@ -45,6 +45,13 @@ def unpatched(llava, data):
                 llava.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **GEN))
 
 
+def assert_same_new_tokens(batch_row, alone, what):
+    """A batch row's new tokens equal the sample's alone (which may stop at EOS earlier; the row is then padded)."""
+    n = alone.shape[0]
+    assert torch.equal(batch_row[:n], alone), what
+    assert (batch_row[n:] == H.PAD_ID).all(), what
+
+
 def _patch(model, method, opts):
     opts = dict(opts)
     return vlprune.patch(model, method, layers=opts.pop("layers", None), keep=opts.pop("keep", None),
@@ -77,9 +84,9 @@ def test_batch_equals_one_by_one_greedy_and_beam(llava, data, method):
                 assert batch.shape[1] == ids.shape[1] + GEN["max_new_tokens"]
                 assert torch.equal(batch[:, :ids.shape[1]], ids)  # the caller's prompt comes back
                 for i in range(ids.shape[0]):
-                    one = llava.generate(*H.one(ids, mask, px, i)[:1], attention_mask=H.one(ids, mask, px, i)[1],
-                                         pixel_values=px[i:i + 1], **GEN, **extra)
-                    assert torch.equal(batch[i, ids.shape[1]:], one[0, one.shape[1] - GEN["max_new_tokens"]:]), (i, extra)
+                    a, am, p = H.one(ids, mask, px, i)
+                    new = llava.generate(input_ids=a, attention_mask=am, pixel_values=p, **GEN, **extra)[0, a.shape[1]:]
+                    assert_same_new_tokens(batch[i, ids.shape[1]:], new, (i, extra))
     finally:
         vlprune.unpatch(llava)
 

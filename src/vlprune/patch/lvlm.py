@@ -216,7 +216,8 @@ def layer_forward(st: LLMState, slot: LLMSlot, fn: Callable, impl: Callable[[], 
             r = slot.reducer
             if r is None:
                 return fn(hidden_states, **kwargs)
-            return reducing_layer(st, c, slot, r, fn, hidden_states, kwargs, impl())
+            out = reducing_layer(st, c, slot, r, fn, hidden_states, kwargs, impl())
+            return (out,) if returns_tuple(slot.layer) else out  # transformers 4.x Qwen2-VL layers return tuples
         key_ok = decode_key_mask(st, c, slot.index)
         if key_ok is not None:
             kwargs["attention_mask"] = as_impl(key_ok[:, None, None, :], impl(), hidden_states.dtype)
@@ -237,8 +238,30 @@ def decode_key_mask(st: LLMState, c: Call, index: int) -> Optional[Tensor]:
     return torch.cat([stages[-1], c.mask2d[:, saved["length"]:].bool()], 1)
 
 
+def returns_tuple(layer: nn.Module) -> bool:
+    import inspect
+
+    return "tuple" in str(inspect.signature(type(layer).forward).return_annotation)
+
+
 def first(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
+
+
+def merged_rope(layer: nn.Module, t: Tensor) -> Tensor:
+    """(cos or sin) as one (B, L, d) tensor: transformers 4.x Qwen2-VL passes the three M-RoPE sections unmerged,
+    (3, B, L, d), and merges them in the attention with ``mrope_section``; 5.x passes them merged."""
+    if t.dim() != 4:
+        return t
+    section = list(layer.self_attn.rope_scaling["mrope_section"]) * 2
+    return torch.cat([m[i % 3] for i, m in enumerate(t.split(section, dim=-1))], dim=-1)
+
+
+def gather_pe(t: Tensor, idx: Tensor) -> Tensor:
+    """(cos or sin) gathered along the sequence: (B or 1, L, d), or (3, B or 1, L, d) unmerged M-RoPE."""
+    if t.dim() == 4:
+        return torch.stack([gather_seq(part, idx) for part in t])
+    return gather_seq(t, idx)
 
 
 def guide_logits(layer: nn.Module, x: Tensor, pe: Tuple[Tensor, Tensor], last: Tensor) -> Tensor:
@@ -248,7 +271,7 @@ def guide_logits(layer: nn.Module, x: Tensor, pe: Tuple[Tensor, Tensor], last: T
     d = attn.head_dim
     B, L, _ = x.shape
     h = layer.input_layernorm(x)
-    cos, sin = (t.expand(B, *t.shape[1:]) for t in pe)
+    cos, sin = (t.expand(B, *t.shape[1:]) for t in (merged_rope(layer, u) for u in pe))
     hq = h[torch.arange(B), last][:, None]  # (B, 1, D)
     q = attn.q_proj(hq).view(B, 1, -1, d).transpose(1, 2)  # (B, H, 1, d)
     bi = torch.arange(B)
@@ -311,7 +334,7 @@ def record_reduction(st: LLMState, c: Call, slot: LLMSlot, src: Tensor, image: T
     c.key_ok = new_ok
     c.image_now = image.gather(1, src)
     cos, sin = kwargs["position_embeddings"]
-    c.pe = (gather_seq(cos, src), gather_seq(sin, src))
+    c.pe = (gather_pe(cos, src), gather_pe(sin, src))
     pos = kwargs.get("position_ids")
     c.pos = None if pos is None or pos.dim() != 2 else gather_seq(pos[..., None], src)[..., 0]
     c.mask4d = causal_key_mask(new_ok, impl, dtype)
