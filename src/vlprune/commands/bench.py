@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     src.add_argument("--model", default="tiny", help="model preset or config JSON (random weights)")
     src.add_argument("--checkpoint", default=None, help="a run directory saved by vlprune (instead of --model)")
     src.add_argument("--hf", default=None, metavar="DIR_OR_ID", help="a Hugging Face model, patched by vlprune.patch")
-    src.add_argument("--hf-arch", default=None, help="a real HF architecture with random weights: blip-base, clip-b16, vilt-b32, bridgetower-base")
+    src.add_argument("--hf-arch", default=None, help="a real HF architecture with random weights: blip-base, clip-b16, vilt-b32, bridgetower-base; vision-language LLMs: llava-1.5-0.5b, llava-1.5-7b, llava-small")
+    p.add_argument("--new-tokens", type=int, default=16, help="vision-language LLMs: tokens generated for the decode speed")
     add_method_flags(p, several=True, method_help="a method to measure; none (the baseline) is always measured")
     p.add_argument("--image-size", type=int, default=None, help="input size (position embeddings interpolated)")
     p.add_argument("--text-len", type=int, default=40, help="caption length in tokens (random ids)")
@@ -75,6 +76,11 @@ def run(args) -> int:
 
     progress.bars = not args.quiet  # progress bars over the timed rounds (vlprune.bench.throughput.calls_bar)
 
+    if args.hf_arch:  # a vision-language LLM: prefill, decode and KV cache (vlprune.bench.hf_lvlm)
+        from vlprune.bench.hf_lvlm import LVLM_ARCHS, run_command as run_lvlm
+
+        if args.hf_arch in LVLM_ARCHS:
+            return run_lvlm(args, method_configs(args, several=True), progress)
     if args.hf or args.hf_arch:  # a Hugging Face model, patched against unpatched (vlprune.bench.hf)
         from vlprune.bench.hf import run_command
 

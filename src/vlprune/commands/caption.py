@@ -141,24 +141,3 @@ def run_grounding(args) -> int:
                          | {"method": name, "method_config": None if mc is None else mc.to_dict(),
                             "mode": args.grounding_mode}))
     return 0
-
-
-def visualize_heat(args, model, ckpt, out) -> int:
-    """``visualize --heat``: the grounding heat of ``--text`` on ``--image`` under the model's method."""
-    from vlprune.data.images import DEFAULT_MAX_PIXELS
-    from vlprune.tasks.refgrounding import alignment_heat, gradcam_heat, heat_to_grid, save_heat_overlay
-
-    from .method_flags import image_options
-    from .visualize import _load_image, _load_tokenizer
-
-    encode = _load_tokenizer(ckpt, model.cfg.text)
-    ids, mask = encode(args.text, model.cfg.text.max_len)
-    images, disp = _load_image(Path(args.image), model.cfg.vision,
-                               image_options(args).get("max_image_pixels", DEFAULT_MAX_PIXELS))
-    heat, image = (gradcam_heat if args.heat == "itm" else alignment_heat)(model, images, ids, mask)
-    grid = int(round(model.cfg.vision.num_patches ** 0.5))
-    g = heat_to_grid(heat[0].float(), None if image.source is None else image.source[0], grid)
-    rc = model.method_config
-    save_heat_overlay(disp, g, out, title=f"{rc.name if rc else 'no reduction'} ({args.heat}): \"{args.text}\"")
-    print(f"wrote {out} (grounding heat, {image.num_tokens} image tokens)")
-    return 0

@@ -88,8 +88,7 @@ def run(args) -> int:
     rc = method_config(args)
     model = vlprune.load_pretrained(ckpt) if rc is None else vlprune.load_pretrained(ckpt, method=rc)
     model.eval()
-    if getattr(args, "heat", None):  # vlprune.commands.caption
-        from .caption import visualize_heat
+    if getattr(args, "heat", None):  # the grounding heat (docs/caption_grounding.md)
 
         return visualize_heat(args, model, ckpt, out)
     if not model.reducers():
@@ -105,4 +104,24 @@ def run(args) -> int:
     title = f"{rc.name if rc else 'method'}: \"{args.text}\""
     n = save_overlay(disp, panels, out, title=title)
     print(f"wrote {out} ({n - 1} reduction layer(s))")
+    return 0
+
+
+def visualize_heat(args, model, ckpt, out) -> int:
+    """``visualize --heat``: the grounding heat of ``--text`` on ``--image`` under the model's method."""
+    from vlprune.data.images import DEFAULT_MAX_PIXELS
+    from vlprune.tasks.refgrounding import alignment_heat, gradcam_heat, heat_to_grid, save_heat_overlay
+
+    from .method_flags import image_options
+
+    encode = _load_tokenizer(ckpt, model.cfg.text)
+    ids, mask = encode(args.text, model.cfg.text.max_len)
+    images, disp = _load_image(Path(args.image), model.cfg.vision,
+                               image_options(args).get("max_image_pixels", DEFAULT_MAX_PIXELS))
+    heat, image = (gradcam_heat if args.heat == "itm" else alignment_heat)(model, images, ids, mask)
+    grid = int(round(model.cfg.vision.num_patches ** 0.5))
+    g = heat_to_grid(heat[0].float(), None if image.source is None else image.source[0], grid)
+    rc = model.method_config
+    save_heat_overlay(disp, g, out, title=f"{rc.name if rc else 'no reduction'} ({args.heat}): \"{args.text}\"")
+    print(f"wrote {out} (grounding heat, {image.num_tokens} image tokens)")
     return 0

@@ -19,7 +19,7 @@ from .core import get_patch, guidance, load_patch, patch, supported_classes, unp
 
 # the Hugging Face families, each registering itself on import, in the order ``patch`` tries them; a new family is
 # one module here (and a tiny test config in tests/hf_tiny.py)
-from . import blip, clip, vilt, bridgetower  # noqa: E402,F401,I001
+from . import blip, clip, vilt, bridgetower, llava, llava_next, qwen2_vl  # noqa: E402,F401,I001
 
 
 class _CallableModule(types.ModuleType):

@@ -55,7 +55,7 @@ class Offer:
 
     def methods(self) -> Tuple[str, ...]:
         """The registered methods that run on this class, in ``list_methods()`` order."""
-        return tuple(m for m in list_methods() if self.fits(get_spec(m)))
+        return tuple(m for m in list_methods(lvlm=True) if self.fits(get_spec(m)))
 
     def why_not(self, method: str) -> str:
         """Why ``method`` does not run here (one phrase)."""

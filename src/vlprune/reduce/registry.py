@@ -109,6 +109,8 @@ class MethodSpec:
     point:        ``point(name, f, schedule, vision) -> ReduceConfig``: the operating point that keeps about ``f`` of
                   the image tokens with the layers of ``schedule`` (a dict with "layers" and maybe "keep", on a
                   model whose ViT config is ``vision``), for sweeps such as the demo's; None: not swept.
+    lvlm_only:    it runs only inside a vision-language LLM patched by ``vlprune.patch`` (its slot groups "llm" /
+                  "projector" exist nowhere else), so ``list_methods()`` leaves it out unless asked.
     """
 
     name: str
@@ -129,6 +131,7 @@ class MethodSpec:
     reads_attention: bool = True
     title: str = ""
     point: Optional[Callable[..., "ReduceConfig"]] = None
+    lvlm_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.title:
@@ -166,7 +169,9 @@ _REGISTRY = METHODS._items  # the dict itself (tests add a method for one test w
 
 # the reduction slot groups of the built-in models
 GROUPS = {"vision": "a two-stream model's ViT image encoder", "fusion": "a two-stream model's fusion encoder",
-          "joint": "a single-stream model's joint encoder"}
+          "joint": "a single-stream model's joint encoder",
+          "llm": "the decoder layers of a patched vision-language LLM",
+          "projector": "the vision tower's output of a patched vision-language LLM"}
 
 
 def register(name: str, **traits: Any) -> Callable:
@@ -180,10 +185,12 @@ def register(name: str, **traits: Any) -> Callable:
     return deco
 
 
-def list_methods() -> List[str]:
+def list_methods(lvlm: bool = False) -> List[str]:
     """Names of the registered reduction methods: the built-in ones in a fixed order ("none" first, the
-    text-guided methods, then the baselines), then any registered by the user, in registration order."""
-    return METHODS.names()
+    text-guided methods, then the baselines), then any registered by the user, in registration order.
+    ``lvlm=True`` also lists the methods that run only in a patched vision-language LLM (``lvlm_only``)."""
+    names = METHODS.names()
+    return names if lvlm else [n for n in names if not METHODS.get(n).lvlm_only]
 
 
 def get_spec(name: str) -> MethodSpec:

@@ -1,0 +1,57 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``: dynamic resolution, M-RoPE): the language-model methods
+(FastV, TRIPS-LVLM), with the machinery of ``lvlm.py``.
+
+Why it works unchanged: the model computes the M-RoPE position ids (``get_rope_index``: text 1-D, image token
+(t, i, j) at start + (t, i, j)) on the full prompt and its rotary embedding merges the three sections into one
+(cos, sin) per token; the reducing layer gathers that (cos, sin) per sample, so a kept image token keeps its
+(t, h, w) rotation and TRIPS-LVLM's fused token takes the last image token's. The first layers cache the full
+prompt, so generate's decode positions (cache length + ``rope_deltas``) stay the unpatched model's.
+The vision-tower methods (VisionZip, EViT, ToMe, random) are not wired into Qwen2-VL: its tower has no [CLS]
+and merges 2 x 2 patches after attention; removing placeholders would also need the M-RoPE indices recomputed
+on the unreduced prompt and gathered (not done here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .base import Binding, Offer, Patch, register_family
+from .lvlm import LLMSlot, install_llm
+
+WHY = {m: "the vision-tower methods are not wired into Qwen2-VL (its tower has no [CLS] and merges 2 x 2 patches); "
+          "use fastv_llm or trips_llm" for m in ("visionzip", "evit", "tome", "random", "trips", "elip")}
+LLM_GUIDE = "the prompt guides the selection inside the language model"
+CLASSES = {"Qwen2VLForConditionalGeneration": Offer({"llm": True}, guide=LLM_GUIDE, reasons=WHY)}
+
+
+@register_family("qwen2_vl", CLASSES)
+def bind(model: nn.Module) -> Optional[Binding]:
+    return llm_only_bind(model, "qwen2_vl", CLASSES)
+
+
+def llm_offer(why: dict) -> Offer:
+    """The offer of a class whose methods all run in the language model (slot group "llm")."""
+    return Offer({"llm": True}, guide=LLM_GUIDE, reasons=dict(why))
+
+
+def llm_only_bind(model: nn.Module, family: str, classes: dict) -> Optional[Binding]:
+    """The binding of a family whose methods all run in the language model (``model.model.language_model``)."""
+    name = type(model).__name__
+    if name not in classes:
+        return None
+    cfg = model.config
+    slots = [LLMSlot(layer, i) for i, layer in enumerate(model.model.language_model.layers)]
+    tc = cfg.text_config if hasattr(cfg, "text_config") else cfg
+    vc = cfg.vision_config
+    width = getattr(vc, "embed_dim", None) or vc.hidden_size
+
+    def install(p: Patch) -> None:
+        if p.spec.groups and p.spec.groups[0] == "llm":
+            install_llm(p, model, slots, cfg.image_token_id)
+
+    return Binding(family, "llm", slots, width, tc.hidden_size, 0, classes[name], install)
+
+
+__all__ = ["bind", "llm_only_bind", "CLASSES"]

@@ -1,0 +1,77 @@
+"""vlprune.patch on tiny random Qwen2-VL (M-RoPE) and LLaVA-NeXT (any-resolution tiles) from tests/hf_tiny_lvlm.py:
+identity at keep 1.0, FastV and TRIPS-LVLM against the naive layer-by-layer reference with the model's own
+position ids (selection, logits, cached greedy steps), batch = one by one, and the methods they do not take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import vlprune  # noqa: E402
+from vlprune.patch import get_patch  # noqa: E402
+
+import hf_tiny_lvlm as H  # noqa: E402
+from test_patch_lvlm import assert_same_new_tokens  # noqa: E402
+
+GEN = dict(max_new_tokens=3, do_sample=False)
+
+
+FAMILIES = {"qwen2_vl": (H.qwen2_vl, H.qwen_prompts, H.qwen_one, H.Q_IMAGE),
+            "llava_next": (H.llava_next, H.next_prompts, H.next_one, H.IMAGE_ID)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    build, prompts, one, image_id = FAMILIES[request.param]
+    return build(), prompts(), one, image_id
+
+
+@pytest.mark.parametrize("method", ["fastv_llm", "trips_llm"])
+def test_keep_one_is_the_unpatched_model(family, method):
+    model, data, _, _ = family
+    with torch.no_grad():
+        ref, gen = model(**data).logits, model.generate(**data, **GEN)
+        vlprune.patch(model, method, keep=1.0)
+        try:
+            logits, out = model(**data).logits, model.generate(**data, **GEN)
+        finally:
+            vlprune.unpatch(model)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out, gen)
+
+
+@pytest.mark.parametrize("method,keep", [("fastv_llm", 0.5), ("trips_llm", 0.25)])
+def test_equals_the_naive_reference_and_one_by_one(family, method, keep):
+    model, data, one_of, image_id = family
+    vlprune.patch(model, method, layers=(1,), keep=keep)
+    try:
+        with torch.no_grad():
+            logits = model(**data).logits
+            chosen = get_patch(model).lvlm.last_kept[0][1]
+            gen = model.generate(**data, **GEN)
+            L = data["input_ids"].shape[1]
+            for i in range(gen.shape[0]):
+                one = one_of(data, i)
+                alone = model.generate(**one, **GEN)
+                assert_same_new_tokens(gen[i, L:], alone[0, one["input_ids"].shape[1]:], i)
+    finally:
+        vlprune.unpatch(model)
+    for i in range(gen.shape[0]):
+        one = one_of(data, i)
+        with torch.no_grad():
+            ref, ref_chosen = H.naive_llm_logits(model, one, one["input_ids"][:, :0], method, 1, keep, image_id)
+            assert torch.equal(chosen[i], ref_chosen)
+            torch.testing.assert_close(logits[i, -1], ref[-1], atol=1e-4, rtol=1e-4)
+            new = gen[i:i + 1, L:]
+            for t in range(1, GEN["max_new_tokens"]):
+                step, _ = H.naive_llm_logits(model, one, new[:, :t], method, 1, keep, image_id)
+                assert int(step[-1].argmax()) == int(new[0, t]), (i, t)
+
+
+def test_vision_methods_are_refused_with_the_reason(family):
+    model = family[0]
+    with pytest.raises(ValueError, match=f"not supported on {type(model).__name__}.*use fastv_llm or trips_llm"):
+        vlprune.patch(model, "visionzip")
+    assert type(model).__name__ in vlprune.patch.supported_classes()
