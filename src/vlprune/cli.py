@@ -23,7 +23,7 @@ from .errors import CLIError, Terminated, exit_code  # noqa: F401  (CLIError re-
 from .version import __version__
 
 # sub-command modules under vlprune.commands, in help order
-COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo"]
+COMMANDS = ["info", "data", "train", "eval", "bench", "visualize", "demo", "reproduce"]
 GLOBAL_DEFAULTS = {"debug": False, "verbose": False, "quiet": False, "threads": None, "precision": None,
                    "compile": False}
 # the sub-commands that run a model and honour --precision / --compile
