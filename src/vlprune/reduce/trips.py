@@ -87,7 +87,7 @@ class TripsReducer(RateReducer):
         return text_relevant_plan(a, k)
 
 
-@register("trips", groups=("vision", "joint"), placement="mid (option: pre)", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP,
+@register("trips", groups=("vision", "joint"), placement="mid", layers=DEFAULT_LAYERS, keep=DEFAULT_KEEP,
           options=OPTIONS, text_guided=True)
 def build_trips(cfg: ReduceConfig, model: nn.Module, opts: dict) -> None:
     """Install TRIPS (two-stream: in the ViT layers; single-stream: TRIPS-S in the joint layers)."""
