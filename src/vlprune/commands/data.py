@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     x.add_argument("pattern", help="local shards, e.g. 'shards/{000000..000099}.tar'")
     x.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json")
     x.set_defaults(run=run_manifest)
+    from .prepare import add_subparser
+
+    add_subparser(dsub)
 
 
 def run(args) -> int:
