@@ -96,7 +96,7 @@ def test_eval_caption_hf_blip_with_pruning(tmp_path, capsys):
     assert rows["tome"]["image_tokens"] == 13 and rows["evit"]["image_tokens"] < 17
     assert rows["random"]["image_tokens"] == 9 and rows["dynamicvit"]["image_tokens"] == 9
     from vlprune.patch.blip import CLASSES
-    assert set(rows) == set(CLASSES["BlipForConditionalGeneration"])
+    assert set(rows) == set(CLASSES["BlipForConditionalGeneration"].methods())
 
 
 def test_demo_rows_with_intervals_and_baselines(caption_run):
