@@ -130,3 +130,46 @@ def test_from_hf_errors(hf_dirs, tmp_path):
         vlprune.from_hf(vision=root / "clip", text=tmp_path / "weird")
     with pytest.raises(ValueError, match="leaves none for the fusion encoder"):
         vlprune.from_hf(vision=root / "clip", text=root / "bert", text_layers=4)
+
+
+def test_corrupt_hf_checkpoint_names_the_file(hf_dirs, tmp_path):
+    """A bad config.json or a truncated weight file is a ValueError (CLI exit 2) that names the file."""
+    import shutil
+
+    root = hf_dirs[0]
+    bad = tmp_path / "bad_config"
+    shutil.copytree(root / "clip", bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: not a readable JSON config"):
+        read_checkpoint(bad)
+    nested = tmp_path / "nested"
+    shutil.copytree(root / "clip", nested)
+    (nested / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match=r"config\.json"):
+        read_checkpoint(nested)
+    cut = tmp_path / "truncated"
+    shutil.copytree(root / "clip", cut)
+    w = next(cut.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{w.name}: cannot read the weights"):
+        vlprune.from_hf(vision=cut, text=root / "bert")
+
+
+def test_eval_hf_truncated_weights_exit_2(hf_dirs, tmp_path, capsys):
+    """``--hf`` on a directory whose weights were cut short: exit 2 and a message naming the directory."""
+    import shutil
+
+    from vlprune.cli import main
+
+    cut = tmp_path / "clip_cut"
+    shutil.copytree(hf_dirs[0] / "clip", cut)
+    w = next(cut.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:100])
+    from vlprune.patch.hub import load_hf
+
+    with pytest.raises(ValueError, match=r"clip_cut.*(truncated or corrupt)"):
+        load_hf(str(cut))
+    (tmp_path / "t.json").write_text(json.dumps([{"image": "a.png", "caption": ["a red cube"]}]))
+    rc = main(["eval", "retrieval", "--hf", str(cut), "--test", str(tmp_path / "t.json")])
+    assert rc == 2
+    assert "clip_cut" in capsys.readouterr().err

@@ -58,21 +58,33 @@ def resolve(path_or_id: str) -> Path:
 
 
 def read_checkpoint(d: Path) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
+    """(config.json as a dict, the state dict) of a Hugging Face checkpoint directory; a corrupt config or a truncated
+    weight file is a ValueError that names the file."""
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"no config.json in Hugging Face checkpoint {d}")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not a readable JSON config ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: a config must be a JSON object, got {type(config).__name__}")
     st = sorted(d.glob("*.safetensors"))
-    if st:
-        from safetensors.torch import load_file
-
-        state: Dict[str, Tensor] = {}
-        for f in st:
-            state.update(load_file(str(f)))
-    elif (d / "pytorch_model.bin").is_file():
-        state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    files = [str(f) for f in st] if st else [str(d / "pytorch_model.bin")]
+    if not st and not (d / "pytorch_model.bin").is_file():
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {d}")
+    state: Dict[str, Tensor] = {}
+    for f in files:
+        try:
+            if st:
+                from safetensors.torch import load_file
+
+                state.update(load_file(f))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # safetensors' SafetensorError, pickle / zip errors of a truncated .bin
+            raise ValueError(f"{f}: cannot read the weights, the file is truncated or corrupt "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
     return config, state
 
 
