@@ -110,7 +110,8 @@ def run(args) -> int:
 def visualize_heat(args, model, ckpt, out) -> int:
     """``visualize --heat``: the grounding heat of ``--text`` on ``--image`` under the model's method."""
     from vlprune.data.images import DEFAULT_MAX_PIXELS
-    from vlprune.tasks.refgrounding import alignment_heat, gradcam_heat, heat_to_grid, save_heat_overlay
+    from vlprune.tasks.refgrounding import alignment_heat, gradcam_heat, heat_to_grid
+    from vlprune.viz.overlay import save_heat_overlay
 
     from .method_flags import image_options
 

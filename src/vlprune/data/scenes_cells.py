@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-CELL_SHAPES = ("circle", "square", "triangle", "diamond")
+from .scenes_text import SHAPES as CELL_SHAPES
+from .scenes_text import _pick
 # colours kept inside [40, 215] so that a pattern of +-PATTERN_AMP is not clipped (it keeps the mean colour)
 CELL_COLOURS = {
     "red": (205, 45, 45),
@@ -41,10 +42,6 @@ PATTERN_AMP = 38.0
 CELL_SIZES = {"small": 0.30, "large": 0.42}  # radius as a fraction of the cell side
 CELL_QUESTION_TYPES = ("pattern", "exists", "count", "left")
 Obj = Dict[str, Any]
-
-
-def _pick(rng: np.random.Generator, seq: Sequence):
-    return seq[int(rng.integers(len(seq)))]
 
 
 def _colour_groups(rng: np.random.Generator, n: int) -> List[str]:

@@ -16,6 +16,7 @@ from ..stats import bootstrap_ci, interp_at, paired_bootstrap
 from ..tasks.grounding import lift_values, split_scores
 from .profiles import METHODS, label
 from .summary import ALPHA, compare, fmt_p
+from .summary import _name as summary_name
 
 # the targets the built-in benchmark must meet (issue "Done when"): points, points, points, ratio
 TARGETS = {"unpruned_over_blind": 25.0, "type_over_blind": 10.0, "lowres_below_unpruned": 10.0, "objects_to_budget": 2.0}
@@ -25,8 +26,8 @@ CARD = "card.json"
 
 
 def _name(m: str) -> str:
-    return {"evit": "EViT", "trips": "TRIPS", "tome": "ToMe", "elip": "ELIP", "dynamicvit": "DynamicViT",
-            "lowres": "lowres", "none": "unpruned"}.get(m, m)
+    """The method's declared title (``summary._name``); the unpruned row and lowres as the tables name them."""
+    return {"none": "unpruned", "lowres": "lowres"}.get(m) or summary_name(m)
 
 
 def _iv(xs: Sequence[float], n_boot: int, scale: float = 1.0) -> Dict[str, Optional[float]]:

@@ -264,38 +264,3 @@ def evaluate_grounding(model: nn.Module, entries: Sequence[Dict[str, Any]], load
 
 __all__ = ["iou", "box_scores", "pick_box", "heat_to_grid", "kept_fraction", "random_box_accuracy", "gradcam_heat",
            "alignment_heat", "load_grounding", "ground_batch", "evaluate_grounding"]
-
-
-# -- overlay -------------------------------------------------------------------------------------------------------
-def save_heat_overlay(image: np.ndarray, grid: Tensor, out, title: Optional[str] = None,
-                      boxes: Sequence[Box] = (), choice: Optional[int] = None) -> None:
-    """A PNG of the (H, W, 3) image in [0, 1] beside it with the patch heat (g, g) upsampled on top, candidate
-    boxes outlined (the chosen one in red). ``vlprune visualize --heat`` draws it."""
-    from pathlib import Path
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    H, W = image.shape[:2]
-    heat = upsample(grid, H, W).numpy()
-    fig = Figure(figsize=(6.4, 3.7))
-    FigureCanvasAgg(fig)
-    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    a.imshow(image)
-    a.set_title("input", fontsize=9)
-    b.imshow(image)
-    b.imshow(heat, cmap="jet", alpha=0.5)
-    b.set_title("grounding heat", fontsize=9)
-    for i, (x, y, w, h) in enumerate(boxes):
-        b.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, lw=1.5 if i == choice else 0.8,
-                              edgecolor="red" if i == choice else "white"))
-    for ax in (a, b):
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, format="png")

@@ -70,6 +70,16 @@ def _grid_lines(ax, p: Panel, H: int, W: int) -> None:
         ax.add_collection(LineCollection(segs, colors="white", linewidths=1.0, alpha=0.9))
 
 
+def _save(fig, out: Union[str, Path], title: Optional[str], dpi: int, rect=(0, 0, 1, 1)) -> None:
+    """Title, tight layout (inside ``rect``) and a PNG at ``out`` (its folder made)."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=rect)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+
+
 def draw_overlay(image, panels: Sequence[Panel], title: Optional[str] = None, cols: int = 4):
     """A matplotlib Figure (Agg): the input image, then one panel per reduction with the patches marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -134,12 +144,7 @@ def save_comparison(image, rows: Sequence[Tuple[str, Sequence[Panel]]], out: Uni
             _grid_lines(ax, p, img.shape[0], img.shape[1])
             ax.set_title(p.title, fontsize=7)
             ax.set_xticks([]), ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, format="png")
+    _save(fig, out, title, dpi=100)
     return len(rows), cols
 
 
@@ -179,13 +184,37 @@ def save_question_grid(image, questions: Sequence[Tuple[str, Optional[np.ndarray
                                                                              label="asked-about object")] + [
         Patch(color=TINTS[s][:3], alpha=TINTS[s][3], label=STATUS_NAMES[s]) for s in (FUSED, MERGED, DROPPED)]
     fig.legend(handles=legend, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, format="png")
+    _save(fig, out, title, dpi=100, rect=(0, 0.04, 1, 1))
     return len(questions), cols
 
 
-__all__ = ["Panel", "save_comparison", "save_question_grid", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
+def save_heat_overlay(image: np.ndarray, grid: torch.Tensor, out, title: Optional[str] = None,
+                      boxes: Sequence[Sequence[float]] = (), choice: Optional[int] = None) -> None:
+    """A PNG of the (H, W, 3) image in [0, 1] beside it with the patch heat (g, g) upsampled on top, candidate
+    boxes outlined (the chosen one in red). ``vlprune visualize --heat`` draws it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    H, W = image.shape[:2]
+    from ..tasks.refgrounding import upsample
+
+    heat = upsample(grid, H, W).numpy()
+    fig = Figure(figsize=(6.4, 3.7))
+    FigureCanvasAgg(fig)
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    a.imshow(image)
+    a.set_title("input", fontsize=9)
+    b.imshow(image)
+    b.imshow(heat, cmap="jet", alpha=0.5)
+    b.set_title("grounding heat", fontsize=9)
+    for i, (x, y, w, h) in enumerate(boxes):
+        b.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, lw=1.5 if i == choice else 0.8,
+                              edgecolor="red" if i == choice else "white"))
+    for ax in (a, b):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _save(fig, out, title, dpi=110)
+
+
+__all__ = ["Panel", "save_heat_overlay", "save_comparison", "save_question_grid", "patch_status", "trace_records", "draw_overlay", "save_overlay", "DROPPED", "STATUS_NAMES"]
