@@ -61,10 +61,10 @@ def _method(args):
 
 
 def run(args) -> int:
+    from vlprune.config import check_pos_int
     from vlprune.models.build import checkpoint_dir
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_pos_int("--batch-size", args.batch_size)
     if args.gallery_chunk < 0:
         raise ValueError(f"--gallery-chunk must be >= 0, got {args.gallery_chunk}")
     if args.predictions is not None and args.task == "retrieval":
@@ -132,11 +132,11 @@ def _run(args, ckpt: Path) -> int:
                      check_model=check_finite_weights, **image_options(args))
     if r.rank != 0:
         return 0
-    info, dropped, test = r.info, r.dropped, r.test
-    metrics = r.metrics
-    preds = info.pop("predictions", None)
     if args.predictions is not None:
-        Path(args.predictions).write_text(json.dumps(r.task.prediction_records(r.entries, preds)))
+        Path(args.predictions).write_text(json.dumps(r.records()))
+    info, dropped, test = dict(r.info), r.dropped, r.test
+    metrics = r.metrics
+    info.pop("predictions", None)
     rc = r.method
     name = "none" if rc is None else rc.name
     print(f"{args.task} on {test} ({info['examples']} examples), method {name if rc is None else rc.to_dict()}")

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..tasks.evaluation import evaluate_run, load_run
+
 log = logging.getLogger(__name__)
 TOKENIZER = "tokenizer"
 BLIND_IMAGE = "blind.png"
@@ -72,53 +74,23 @@ def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
 
 
-def load_run(run: Path, method: Any = "saved"):
-    """(model in eval mode, tokenizer, saved config) of a training run, with ``method`` installed."""
-    from ..data.tokenizer import TextTokenizer
-    from ..models.build import load_pretrained, read_config
-    from ..tasks.finetune import checkpoint_dir, tokenizer_dir
-
-    ckpt = checkpoint_dir(run)
-    model = load_pretrained(ckpt, method=method).eval()
-    return model, TextTokenizer.from_dir(tokenizer_dir(ckpt)), read_config(ckpt)
-
-
 def eval_vqa(run: Path, method: Any, data: Path, test_file: str, batch: int, progress: bool) -> Dict[str, Any]:
     """VQA accuracy, per-question scores (0..1, test-file order), image GFLOPs and tokens of ``run`` with
-    ``method`` at inference ("saved" = the method it was trained with, None = none)."""
-    from ..data.images import ImageLoader
-    from ..tasks.base import get_task
-    from ..tasks.evaluation import evaluate
-    from ..tasks.metrics import vqa_score
-
-    model, tok, meta = load_run(run, method)
-    task = get_task("vqa")
-    task.restore(meta, model)
-    entries = task.load_test(data / test_file)
-    metrics, info = evaluate(task, model, entries, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
-                             progress=progress)
-    preds = info["predictions"]
-    scores = [vqa_score(p, e["answer"]) for p, e in zip(preds, entries)]
-    return {"accuracy": metrics["accuracy"], "scores": scores, "gflops": info["gflops"],
-            "image_tokens": info["image_tokens"], "examples": len(entries),
-            "predictions": task.prediction_records(entries, preds)}
+    ``method`` at inference ("saved" = the method it was trained with, None = none), measured by
+    ``tasks.evaluation.evaluate_run``: the path ``vlprune eval`` takes."""
+    r = evaluate_run(run, "vqa", data / test_file, method=method, batch_size=batch, progress=progress)
+    return {"accuracy": r.metrics["accuracy"], "scores": r.scores(), "gflops": r.info["gflops"],
+            "image_tokens": r.info["image_tokens"], "examples": len(r.entries), "predictions": r.records()}
 
 
 def eval_retrieval(run: Path, method: Any, data: Path, k: int, batch: int, progress: bool,
                    limit: int = 0) -> Dict[str, Any]:
-    """Two-stage retrieval on the first ``limit`` test images (0 = all) with ``method`` at inference."""
-    from ..data.images import ImageLoader
-    from ..tasks.base import get_task
-    from ..tasks.evaluation import evaluate
-
-    model, tok, _ = load_run(run, method)
-    task = get_task("retrieval", k=k)
-    entries = task.load_test(data / "retrieval_test.json")
-    entries = entries[:limit] if limit else entries
-    metrics, info = evaluate(task, model, entries, ImageLoader.for_model(model.cfg.vision, data), tok, batch,
-                             progress=progress)
-    return {**metrics, "gflops": info["gflops"], "image_tokens": info["image_tokens"], "images": len(entries),
-            "captions": info.get("captions")}
+    """Two-stage retrieval on the first ``limit`` test images (0 = all) with ``method`` at inference, measured by
+    ``tasks.evaluation.evaluate_run``."""
+    r = evaluate_run(run, "retrieval", data / "retrieval_test.json", method=method, batch_size=batch,
+                     task_options={"k": k}, limit=limit, progress=progress)
+    return {**r.metrics, "gflops": r.info["gflops"], "image_tokens": r.info["image_tokens"],
+            "images": len(r.entries), "captions": r.info.get("captions")}
 
 
 def retrieval_chance(data: Path, limit: int = 0) -> float:

@@ -9,9 +9,11 @@ count); the whole joint encoder of a single-stream model; both images of an NLVR
 
 ``evaluate_run(checkpoint, task, test, method=...)`` is the one evaluation path of a saved model: it reads the
 checkpoint (a run directory or a ``save_pretrained`` directory), checks that it was trained for the task, loads the
-test file (default: the run's scenes test split), the tokenizer and the images, and runs ``evaluate``, under DDP when
-started by ``torchrun``. ``vlprune eval`` is this function plus printing; other callers (the demo, scripts) use
-it to measure exactly as the CLI does.
+test file (default: the run's scenes test split), the model with its tokenizer (``load_run``) and the images, and
+runs ``evaluate``, under DDP when started by ``torchrun``. ``vlprune eval`` is this function plus printing; the demo
+calls it too (its accuracies, per-question scores and predictions are ``RunEvaluation.scores()`` and
+``.records()``), so both measure the same way. ``load_run`` is also what the demo's grounding and overlays load a
+run with.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ..config import check_pos_int
 from ..data.datasets import Collate
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..flopcount import flop_counter_mode
@@ -103,8 +106,7 @@ def evaluate(task, model, entries, loader, tok, batch_size: int = 32, device=Non
     """(metrics, info) of ``model`` (put in eval mode) on test ``entries``; info has "examples", "gflops",
     "image_tokens", for the classification tasks "predictions" (one per entry, in order), and task-specific
     figures."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_pos_int("batch_size", batch_size)
     device = device or next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
@@ -171,8 +173,8 @@ def resolve_test_file(test: Optional[Union[str, Path]], run_dir: Path, task) -> 
 class RunEvaluation:
     """What ``evaluate_run`` measured: the metrics and ``info`` of ``evaluate`` (examples, gflops, image_tokens,
     predictions for the classification tasks, ...), the model's method, the test file and its entries (after
-    ``skip_bad_images``), the entries skipped, the precision and whether the model was compiled. ``rank`` is this
-    process's (only rank 0 reports)."""
+    ``limit`` and ``skip_bad_images``), the entries skipped, the precision and whether the model was compiled.
+    ``rank`` is this process's (only rank 0 reports)."""
 
     task: Any
     test: Path
@@ -185,27 +187,68 @@ class RunEvaluation:
     compiled: bool = False
     rank: int = 0
 
+    def _predictions(self) -> List[Any]:
+        preds = self.info.get("predictions")
+        if preds is None:
+            raise ValueError(f"task {self.task.name!r} gives no per-example predictions (only vqa, nlvr2, ve do)")
+        return preds
+
+    def records(self) -> List[Dict[str, Any]]:
+        """The per-example predictions in the annotation file's terms (``vlprune eval --predictions`` writes these:
+        vqa ``[{question_id, answer}]``, nlvr2 / ve ``[{index, prediction}]``)."""
+        return self.task.prediction_records(self.entries, self._predictions())
+
+    def scores(self) -> List[float]:
+        """Each example's score in [0, 1], in test-file order, whose mean is the accuracy / 100: the VQA score
+        (``metrics.vqa_score``) for vqa, 1.0 for a correct label and 0.0 otherwise for nlvr2 / ve."""
+        from .metrics import vqa_score
+
+        preds = self._predictions()
+        if self.task.name == "vqa":
+            return [vqa_score(p, e["answer"]) for p, e in zip(preds, self.entries)]
+        return [float(p == self.task.label_of(e)) for p, e in zip(preds, self.entries)]
+
+
+def load_run(checkpoint: Union[str, Path], method: Union[str, None, ReduceConfig] = "saved",
+             device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Dict[str, Any]]:
+    """(model in eval mode on ``device``, its tokenizer, its config.json) of a saved model (a run directory or a
+    ``save_pretrained`` directory) with ``method`` installed ("saved": the one it was trained with; None or "none":
+    no reduction; a name or ReduceConfig: that method). The tokenizer must fit the model's text config."""
+    from ..data.tokenizer import TextTokenizer
+    from ..models.build import checkpoint_dir, load_pretrained, read_config, tokenizer_dir
+
+    ckpt = checkpoint_dir(checkpoint)
+    meta = read_config(ckpt)
+    tdir = tokenizer_dir(ckpt)
+    if tdir is None:
+        raise FileNotFoundError(f"no tokenizer found with the checkpoint {ckpt}")
+    model = load_pretrained(ckpt, method=method).to(device).eval()
+    tok = TextTokenizer.from_dir(tdir)
+    tok.check_model(model.cfg.text)
+    return model, tok, meta
+
 
 def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[str, Path]] = None, *,
                  method: Union[str, None, ReduceConfig] = "saved", images: Optional[Union[str, Path]] = None,
                  batch_size: int = 32, task_options: Optional[Dict[str, Any]] = None, precision: str = "fp32",
                  compile: bool = False, skip_bad_images: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 allow_outside_root: bool = False, progress: bool = False,
+                 allow_outside_root: bool = False, limit: int = 0, progress: bool = False,
                  check_model: Optional[Callable[[Any, Path], None]] = None) -> RunEvaluation:
     """Evaluate a saved model on ``task`` (one of ``EVAL_TASKS``) with ``method`` at inference ("saved": the one it
-    was trained with; None or "none": no reduction; a name or ReduceConfig: that method). ``test``: an annotation
-    file (default: the run's scenes test split); ``images``: its image root (default: the file's folder).
-    ``task_options`` go to the task (e.g. retrieval's ``k``, ``gallery_chunk``, ``search``). Under ``torchrun`` the
-    test set is split across the ranks and gathered. ``check_model(model, checkpoint)``, if given, runs on the loaded
-    model before anything is evaluated (``vlprune eval`` refuses non-finite weights there)."""
+    was trained with; None or "none": no reduction; a name or ReduceConfig: that method, e.g. ``lowres`` at an
+    image size). ``test``: an annotation file (default: the run's scenes test split); ``images``: its image root
+    (default: the file's folder); ``limit``: only the first ``limit`` test entries (0 = all). ``task_options`` go to
+    the task (e.g. retrieval's ``k``, ``gallery_chunk``, ``search``). Under ``torchrun`` the test set is split across
+    the ranks and gathered. ``check_model(model, checkpoint)``, if given, runs on the loaded model before anything
+    is evaluated (``vlprune eval`` refuses non-finite weights there)."""
     from ..data.datasets import check_image_paths, readable_entries
     from ..data.images import ImageLoader
-    from ..data.tokenizer import TextTokenizer
     from ..distributed import finish_distributed, setup_distributed
-    from ..models.build import checkpoint_dir, load_pretrained, read_config, tokenizer_dir
+    from ..models.build import checkpoint_dir, read_config
     from ..runtime import check_precision, maybe_compile, precision_context
     from .base import get_task
 
+    check_pos_int("limit", limit, minimum=0)
     ckpt = checkpoint_dir(checkpoint)
     meta = read_config(ckpt)
     check_task(meta, task, ckpt)
@@ -217,12 +260,10 @@ def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[s
     if images is not None and not Path(images).is_dir():
         raise FileNotFoundError(f"image root directory not found: {images}")
     entries = t.load_test(test)
-    tdir = tokenizer_dir(ckpt)
-    if tdir is None:
-        raise FileNotFoundError(f"no tokenizer found with the checkpoint {ckpt}")
+    entries = entries[:limit] if limit else entries
     procs = setup_distributed()
     try:
-        model = load_pretrained(ckpt, method=method).to(procs.device).eval()
+        model, tok, _ = load_run(ckpt, method, procs.device)
         if check_model is not None:
             check_model(model, ckpt)
         precision = check_precision(precision or "fp32", procs.device)
@@ -231,8 +272,6 @@ def evaluate_run(checkpoint: Union[str, Path], task: str, test: Optional[Union[s
             raise ValueError(f"the checkpoint {ckpt} has no {task!r} head (heads: {list(model.task_heads)}); "
                              f"fine-tune it with 'vlprune train {task}' first")
         t.restore(meta, model)
-        tok = TextTokenizer.from_dir(tdir)
-        tok.check_model(model.cfg.text)
         loader = ImageLoader.for_model(model.cfg.vision, Path(images) if images else test.parent, max_image_pixels,
                                        allow_outside_root)
         check_image_paths(entries, loader)
