@@ -53,7 +53,7 @@ def test_global_flags_after_the_subcommand(capsys, monkeypatch):
     assert calls == [1, 2]
     with pytest.raises(ValueError, match="unknown model preset"):
         main(["info", "--model", "huge", "--debug"])
-    assert main(["info", "--threads", "0"]) == 2 and "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["info", "--threads", "0"]) == 2 and "--threads must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_help_shows_defaults_and_one_method_syntax(capsys):

@@ -142,11 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             for flag, dest in (("--precision", "precision"), ("--compile", "compile")):
                 if getattr(args, dest) != GLOBAL_DEFAULTS[dest]:
                     raise ValueError(f"{flag} is for {', '.join(RUNTIME_COMMANDS)}; 'vlprune {args.command}' does not use it")
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        if args.command != "demo":  # the demo sets its own threads (default: the available cores)
-            from .runtime import apply_threads
+        from .runtime import apply_threads, check_threads
 
+        if args.threads is not None:
+            check_threads(args.threads)
+        if args.command != "demo":  # the demo sets its own threads (default: the available cores)
             apply_threads(args.threads)
         return int(args.run(args) or 0)
     except (KeyboardInterrupt, Terminated) as e:

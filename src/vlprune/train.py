@@ -153,11 +153,16 @@ def _mixed_seed(*parts: int) -> int:
     return h
 
 
-def resume_differences(saved: TrainConfig, cfg: TrainConfig) -> List[str]:
-    """The fields outside ``RESUMABLE_CHANGES`` where ``cfg`` differs from the run's ``saved`` config, each as
-    "name (saved X, now Y)": a resume with any of them is refused."""
-    return [f"{f.name} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})" for f in fields(TrainConfig)
+def refused_fields(saved: TrainConfig, cfg: TrainConfig) -> List[str]:
+    """The names of the fields outside ``RESUMABLE_CHANGES`` where ``cfg`` differs from the run's ``saved`` config,
+    in field order: a resume with any of them is refused (by ``train(resume=True)`` and ``vlprune train --resume``)."""
+    return [f.name for f in fields(TrainConfig)
             if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+
+
+def resume_differences(saved: TrainConfig, cfg: TrainConfig) -> List[str]:
+    """``refused_fields`` each as "name (saved X, now Y)"."""
+    return [f"{n} (saved {getattr(saved, n)!r}, now {getattr(cfg, n)!r})" for n in refused_fields(saved, cfg)]
 
 
 def read_train_config(path: Path) -> TrainConfig:

@@ -161,58 +161,71 @@ def _precision(args) -> str:
     return getattr(args, "precision", None) or "auto"
 
 
-# flag dest -> TrainConfig field, for the flags that shape a run (a resume may not change them)
-_SHAPING = {"train": "train", "val": "val", "images": "images", "model": "model", "init": "init",
-            "batch_size": "batch_size", "accum": "accum", "lr": "lr", "lr_mult": "lr_mult",
-            "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "precision",
-            "precision": "precision",
-            "seed": "seed", "tokenizer": "tokenizer", "scenes_images": "scenes_images", "scenes_seed": "scenes_seed",
-            "skip_bad_images": "skip_bad_images", "shuffle_buffer": "shuffle_buffer"}
-# flag dest -> TrainConfig field, for the flags a resume may change
-_RESUMABLE = {"steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
-              "ckpt_every": "ckpt_every", "threads": "threads", "save_total_limit": "save_total_limit",
-              "max_image_pixels": "max_image_pixels", "allow_outside_root": "allow_outside_root",
-              "compile": "compile"}
+# flag dest -> the TrainConfig field it sets. Whether a resume may change it is train.RESUMABLE_CHANGES's rule (the
+# one list, also the API's); the positional task, the method flags and the task options are compared field by field.
+FLAG_FIELDS = {"train": "train", "val": "val", "images": "images", "model": "model", "init": "init",
+               "batch_size": "batch_size", "accum": "accum", "lr": "lr", "lr_mult": "lr_mult",
+               "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "no_amp": "precision",
+               "precision": "precision", "seed": "seed", "tokenizer": "tokenizer", "scenes_images": "scenes_images",
+               "scenes_seed": "scenes_seed", "skip_bad_images": "skip_bad_images", "shuffle_buffer": "shuffle_buffer",
+               "steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
+               "ckpt_every": "ckpt_every", "threads": "threads", "save_total_limit": "save_total_limit",
+               "max_image_pixels": "max_image_pixels", "allow_outside_root": "allow_outside_root",
+               "compile": "compile", "quiet": "progress", "accept_changed_inputs": "accept_changed_inputs"}
+METHOD_FLAGS = "--method/--layers/--keep/--option"
+
+
+def resumable_flags() -> list:
+    """The flags a resume may change: those whose field is in ``train.RESUMABLE_CHANGES``."""
+    from vlprune.train import RESUMABLE_CHANGES
+
+    return sorted("--" + d.replace("_", "-") for d, f in FLAG_FIELDS.items() if f in RESUMABLE_CHANGES)
 
 
 def _resume_config(args, path: Path):
-    """The saved config with the resumable flags that were typed; any typed flag that shapes the run and differs
-    from the saved value is refused, listing each one with its saved and its new value."""
+    """The saved config with the flags that were typed; a change that ``train.resume_differences`` refuses (a
+    field outside ``RESUMABLE_CHANGES``) is refused here too, listing each typed flag with its saved and its new
+    value."""
     from vlprune.commands.method_flags import DEST
     from vlprune.config import from_dict, to_dict
     from vlprune.fileio import read_json
-    from vlprune.train import TrainConfig
+    from vlprune.train import TrainConfig, refused_fields
 
     saved = from_dict(TrainConfig, read_json(path, "run config"), str(path))
     given = getattr(args, "given", None)
-    if given is None:  # not from vlprune.cli.main: take the resumable flags that are set
-        given = {dest for dest in _RESUMABLE if getattr(args, dest, None) is not None}
-    typed = {dest for dest in _SHAPING if dest in given}
+    if given is None:  # not from vlprune.cli.main: take the flags that are set and that a resume may change
+        given = {dest for dest in FLAG_FIELDS if getattr(args, dest, None) is not None} & {
+            d.lstrip("-").replace("-", "_") for d in resumable_flags()}
     fresh = _fresh_config(args)
-    old, new = to_dict(saved), to_dict(fresh)
-    diff = []
-    if args.task != saved.task:
-        diff.append(("task", saved.task, args.task))
-    for dest in sorted(typed):
-        name = _SHAPING[dest]
-        if old[name] != new[name]:
-            diff.append(("--" + dest.replace("_", "-"), old[name], new[name]))
-    if DEST in given and old["method"] != new["method"]:
-        diff.append(("--method/--layers/--keep/--option", old["method"], new["method"]))
-    for key, value in new["task_options"].items():
-        typed_option = key in _pairs(args.loss, "--loss") or (key in OPTION_FLAGS and key in given)
-        if typed_option and old["task_options"].get(key) != value:
-            diff.append((f"task option {key}", old["task_options"].get(key), value))
-    if diff:
-        rows = "; ".join(f"{name}: saved {a!r}, given {b!r}" for name, a, b in diff)
-        raise ValueError(f"cannot resume {path.parent}: arguments differ from {path} ({rows}). Resume with the "
-                         f"saved arguments, or train into a new --out; only {', '.join('--' + d.replace('_', '-') for d in sorted(_RESUMABLE))} may change")
-    changes = {field: getattr(fresh, field) for dest, field in _RESUMABLE.items() if dest in given}
+    typed = {dest: FLAG_FIELDS[dest] for dest in given if dest in FLAG_FIELDS}
+    changes = {field: getattr(fresh, field) for field in typed.values()}
+    changes["task"] = fresh.task
+    if DEST in given:
+        changes["method"] = fresh.method
+    options = {k: v for k, v in fresh.task_options.items()
+               if k in _pairs(args.loss, "--loss") or (k in OPTION_FLAGS and k in given)}
+    changes["task_options"] = {**saved.task_options, **options}
     if "steps" in changes or "epochs" in changes:
         changes["steps"], changes["epochs"] = fresh.steps, fresh.epochs
     changes["progress"] = not args.quiet
     changes["accept_changed_inputs"] = fresh.accept_changed_inputs  # never inherited from the saved config
-    return replace(saved, **changes)
+    cfg = replace(saved, **changes)
+    refused = refused_fields(saved, cfg)
+    if refused:
+        old, new = to_dict(saved), to_dict(cfg)
+        rows = []
+        for name in refused:
+            if name == "task_options":
+                rows += [(f"task option {k}", old[name].get(k), v) for k, v in new[name].items()
+                         if old[name].get(k) != v]
+            else:
+                label = {"task": "task", "method": METHOD_FLAGS}.get(name) or "/".join(
+                    "--" + d.replace("_", "-") for d, f in sorted(typed.items()) if f == name) or name
+                rows.append((label, old[name], new[name]))
+        text = "; ".join(f"{name}: saved {a!r}, given {b!r}" for name, a, b in rows)
+        raise ValueError(f"cannot resume {path.parent}: arguments differ from {path} ({text}). Resume with the "
+                         f"saved arguments, or train into a new --out; only {', '.join(resumable_flags())} may change")
+    return cfg
 
 
 def _task_options(args) -> dict:
