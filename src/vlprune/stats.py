@@ -12,7 +12,7 @@ Means and intervals are in the scores' own unit (multiply 0/1 scores by 100 for 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -150,10 +150,5 @@ def interp_at(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[fl
     return float(np.interp(x, ux, uy))
 
 
-def ci_tuple(iv: Interval, scale: float = 100.0) -> Tuple[float, float, float]:
-    """(mean, low, high) scaled (0/1 scores -> percent)."""
-    return iv.mean * scale, iv.low * scale, iv.high * scale
-
-
 __all__ = ["Interval", "Paired", "McNemar", "bootstrap_ci", "paired_bootstrap", "mcnemar", "binom_two_sided",
-           "chance_recall", "ci_tuple", "interp_at", "EXACT_BELOW"]
+           "chance_recall", "interp_at", "EXACT_BELOW"]
