@@ -175,11 +175,15 @@ FLAG_FIELDS = {"train": "train", "val": "val", "images": "images", "model": "mod
 METHOD_FLAGS = "--method/--layers/--keep/--option"
 
 
-def resumable_flags() -> list:
-    """The flags a resume may change: those whose field is in ``train.RESUMABLE_CHANGES``."""
+def _resumable_dests() -> set:
     from vlprune.train import RESUMABLE_CHANGES
 
-    return sorted("--" + d.replace("_", "-") for d, f in FLAG_FIELDS.items() if f in RESUMABLE_CHANGES)
+    return {d for d, f in FLAG_FIELDS.items() if f in RESUMABLE_CHANGES}
+
+
+def resumable_flags() -> list:
+    """The flags a resume may change: those whose field is in ``train.RESUMABLE_CHANGES``."""
+    return sorted("--" + d.replace("_", "-") for d in _resumable_dests())
 
 
 def _resume_config(args, path: Path):
@@ -194,8 +198,7 @@ def _resume_config(args, path: Path):
     saved = from_dict(TrainConfig, read_json(path, "run config"), str(path))
     given = getattr(args, "given", None)
     if given is None:  # not from vlprune.cli.main: take the flags that are set and that a resume may change
-        given = {dest for dest in FLAG_FIELDS if getattr(args, dest, None) is not None} & {
-            d.lstrip("-").replace("-", "_") for d in resumable_flags()}
+        given = {dest for dest in _resumable_dests() if getattr(args, dest, None) is not None}
     fresh = _fresh_config(args)
     typed = {dest: FLAG_FIELDS[dest] for dest in given if dest in FLAG_FIELDS}
     changes = {field: getattr(fresh, field) for field in typed.values()}

@@ -245,7 +245,7 @@ def _log_step(run: RunState, meter: _Meter, bar) -> Optional[Dict[str, Any]]:
 
 def _validate(run: RunState) -> Dict[str, float]:
     """Evaluate the final model on ``cfg.val`` (images under the training image root); logged to metrics.jsonl."""
-    from .tasks.evaluation import evaluate
+    from ..tasks.evaluation import evaluate
 
     cfg, (rank, world, device) = run.cfg, run.procs[:3]
     entries = run.task.load_test(cfg.val)
