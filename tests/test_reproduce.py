@@ -139,3 +139,19 @@ def test_resized_init_interpolates_position_embeddings(tmp_path):
     out = resized_init(str(tmp_path / "ckpt"), 64, tmp_path / "big")
     model = load_pretrained(f"{out}/model")
     assert model.cfg.vision.image_size == 64 and model.state_dict()["vision.embeddings.pos_embed"].shape[1] == 1 + 64
+
+
+def test_stage_grad_checkpointing_reaches_the_run(data, tmp_path):
+    recipe = load_recipe("laps-vit224")
+    recipe["stages"] = [s for s in recipe["stages"] if s["name"] == "retrieval-flickr"]
+    recipe["stages"][0]["grad_checkpointing"] = True
+    path = tmp_path / "ck.json"
+    path.write_text(json.dumps(recipe))
+    run = tmp_path / "run"
+    assert main(["--threads", "1", "--quiet", "reproduce", str(path), "--data", str(data), "--out", str(run),
+                 "--max-steps", "1", "--model", "tiny"]) == 0
+    saved = json.loads((run / "retrieval-flickr" / "train_config.json").read_text())
+    assert saved["grad_checkpointing"] is True
+    recipe["stages"][0]["grad_checkpointing"] = "yes"
+    with pytest.raises(ValueError, match="field 'grad_checkpointing' must be true or false, got 'yes'"):
+        validate_recipe(recipe, "r.json")

@@ -52,6 +52,7 @@ from .data.shards import is_shard_spec
 from .data.tokenizer import TextTokenizer
 from .distributed import (Procs, all_reduce_mean, any_rank, barrier, finish_distributed, setup_distributed,
                           wrap_ddp)
+from .models.base import set_grad_checkpointing
 from .models.build import (build_model, checkpoint_dir, load_init, load_state_strict, model_config, read_config,
                            save_pretrained, tokenizer_dir)
 from .optim import param_groups, warmup_cosine
@@ -108,6 +109,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
     precision: str = "auto"  # fp32 / bf16 / fp16: autocast on any device; "auto": bf16 (else fp16 + GradScaler) on CUDA only
     compile: bool = False  # torch.compile the model's layers (vlprune.runtime.maybe_compile)
+    grad_checkpointing: bool = False  # activation checkpointing of every block (models.base.set_grad_checkpointing)
     accept_changed_inputs: bool = False  # resume although an input file changed (vlprune.guards.check_inputs)
     # the old switch, accepted from earlier train_config.json files and callers: amp=False is precision "fp32"
     amp: InitVar[Optional[bool]] = None
@@ -390,6 +392,7 @@ def _setup(cfg: TrainConfig, task, mcfg: ModelConfig, model, *, init_meta: Optio
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
     amp_dtype = _autocast(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp_dtype == torch.float16) else None
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     maybe_compile(model, cfg.compile, device)
     wrapped = StepModule(model, task)
     if world > 1:

@@ -8,7 +8,7 @@ A recipe is a JSON file in this package (``RECIPE.json``)::
     method         {"name", "layers", "keep", "options"}: the paper's reduction (a stage may set "method": null)
     stages         [{name, task, train: [DATA/SPLIT, ...], val, answers, init, image_size, epochs, batch (global),
                      lr, min_lr, warmup_steps | warmup_fraction, weight_decay, grad_clip, k, teacher, tip_stage,
-                     note, runnable, why}]
+                     grad_checkpointing, note, runnable, why}]
     reported       [{what, METRIC: value, ...}]: the numbers as published, with where they come from
 
 ``train`` / ``val`` / ``answers`` name what ``vlprune data prepare`` writes under ``--data``: ``coco/train`` is
@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
 STAGE_KEYS = {"name", "task", "train", "val", "answers", "init", "image_size", "epochs", "batch", "lr", "min_lr",
               "warmup_steps", "warmup_fraction", "weight_decay", "grad_clip", "k", "teacher", "tip_stage", "note",
-              "runnable", "why", "method"}
+              "runnable", "why", "method", "grad_checkpointing"}
 RECIPE_KEYS = {"name", "title", "paper", "tables", "model", "method", "settings_source", "stages", "reported", "init"}
 
 
@@ -54,6 +54,9 @@ def _check_stage(s: Dict[str, Any], where: str, names: List[str]) -> None:
         v = s.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{where}: stage {s['name']} field {key!r} must be an integer >= 1, got {v!r}")
+    if not isinstance(s.get("grad_checkpointing", False), bool):
+        raise ValueError(f"{where}: stage {s['name']} field 'grad_checkpointing' must be true or false, got "
+                         f"{s['grad_checkpointing']!r}")
     if not (isinstance(s.get("lr"), (int, float)) and s["lr"] > 0):
         raise ValueError(f"{where}: stage {s['name']} field 'lr' must be > 0, got {s.get('lr')!r}")
     init = s.get("init")

@@ -154,6 +154,7 @@ def stage_config(p: StagePlan, data: Path, out: Path, model: str, init: Optional
         opts["k"] = s["k"]
     per_process = batch if batch is not None else p.batch // world
     lr = float(s["lr"])
+    options = {"grad_checkpointing": bool(s.get("grad_checkpointing", False)), **options}  # a run's option wins
     return TrainConfig(
         task=p.task, train=train, val=val, model=model, init=init, method=reduce_config(p.method, miniature),
         steps=p.steps, batch_size=per_process, lr=lr, min_lr_ratio=float(s.get("min_lr", 0.1 * lr)) / lr,
