@@ -155,3 +155,21 @@ def test_stage_grad_checkpointing_reaches_the_run(data, tmp_path):
     recipe["stages"][0]["grad_checkpointing"] = "yes"
     with pytest.raises(ValueError, match="field 'grad_checkpointing' must be true or false, got 'yes'"):
         validate_recipe(recipe, "r.json")
+
+
+def test_reported_numbers_are_verified_or_null():
+    verified = {name: [e for e in load_recipe(name)["reported"] if e["verified"]] for name in RECIPES}
+    assert [e["values"]["flickr T2I R@1"] for e in verified["laps-vit224"]] == [62.5]
+    assert "CrossmodalGroup/LAPS" in verified["laps-vit224"][0]["source"]
+    good = load_recipe("tip-vilt")
+    bad = json.loads(json.dumps(good))
+    bad["reported"][0]["values"]["vqa test-dev"] = 71.3  # a number nobody checked
+    with pytest.raises(ValueError, match="is not verified: its values must be null"):
+        validate_recipe(bad, "r.json")
+    bad = json.loads(json.dumps(good))
+    bad["reported"][0]["verified"] = True
+    with pytest.raises(ValueError, match="is verified, so every value must be a number"):
+        validate_recipe(bad, "r.json")
+    bad["reported"][0]["values"] = {"vqa test-dev": 71.3}
+    with pytest.raises(ValueError, match="names no 'source'"):
+        validate_recipe(bad, "r.json")
