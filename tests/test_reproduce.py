@@ -173,3 +173,19 @@ def test_reported_numbers_are_verified_or_null():
     bad["reported"][0]["values"] = {"vqa test-dev": 71.3}
     with pytest.raises(ValueError, match="names no 'source'"):
         validate_recipe(bad, "r.json")
+
+
+def test_stage_stopped_before_its_first_checkpoint_starts_again(data, tmp_path):
+    """What a restarted process (torchrun --max-restarts) meets: the stage directory of a run killed before its
+    first checkpoint. The same command starts that stage again instead of refusing the directory."""
+    import shutil
+
+    args = ["--threads", "1", "--quiet", "reproduce", "laps-vit224", "--data", str(data), "--out",
+            str(tmp_path / "run"), "--max-steps", "1", "--model", "tiny", "--stage", "retrieval-flickr"]
+    assert main(args) == 0
+    stage = tmp_path / "run" / "retrieval-flickr"
+    for p in [stage / "model", stage / "latest", *stage.glob("checkpoint-*")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert (stage / "train_config.json").is_file()
+    assert main(args) == 0
+    assert json.loads((stage / "model" / "config.json").read_text())["step"] == 1

@@ -202,7 +202,10 @@ def run_plan(recipe: Dict[str, Any], plans: List[StagePlan], data: Path, out: Pa
             stage_model = write_model_config(model_cfg, p.image_size, out / "data" / p.name / "model.json")
         cfg = stage_config(p, data, out, stage_model, stage_init, world, miniature, batch, options or {})
         say(f"stage {p.name}: {p.task}, {p.steps} steps -> {stage_out}" + (" (resuming)" if state == "resume" else ""))
-        results[p.name] = train(cfg, stage_out, resume=state == "resume")
+        # "new" with the directory there: a run stopped before its first checkpoint (a killed process, a restart
+        # under torchrun --max-restarts) starts again; train() refuses to clear a directory vlprune did not write
+        fresh = state == "new" and stage_out.exists()
+        results[p.name] = train(cfg, stage_out, resume=state == "resume", overwrite=fresh)
         if results[p.name]["interrupted"]:
             say(f"stage {p.name} interrupted; run the same command again to continue")
             break
