@@ -6,6 +6,13 @@ keys of every micro-batch this rank saw.
 
     python -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \
         --rdzv-endpoint 127.0.0.1:29400 --rdzv-id job tests/multinode_worker.py OUT [SHARD_PATTERN MODEL_JSON]
+
+``elastic OUT MODEL_JSON TRAIN_JSON`` (under ``torchrun --standalone --nproc-per-node 2 --max-restarts 1``): trains
+4 steps uninterrupted into OUT/full (skipped once done), then the same run into OUT/part, resuming from its
+newest checkpoint when there is one. In the group's first attempt, the rank ``VLPRUNE_KILL_RANK`` dies by
+``os._exit`` right after optimiser step ``VLPRUNE_KILL_STEP`` (as a crashed or OOM-killed process would, without
+any clean-up); torchrun then stops the other rank and starts the group again. Each attempt of each rank writes
+OUT/elastic-RANK-ATTEMPT.json.
 """
 
 import json
@@ -24,7 +31,36 @@ from test_distributed import B, _run  # noqa: E402
 from vlprune.tasks.base import StepModule  # noqa: E402
 
 
+def elastic(out: str, model_json: str, train_json: str) -> None:
+    from pathlib import Path
+
+    from vlprune.checkpoint import has_checkpoint, load_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # one group for both runs (train() then leaves it alone)
+    rank, attempt = dist.get_rank(), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    kill_rank, kill_step = int(os.environ["VLPRUNE_KILL_RANK"]), int(os.environ["VLPRUNE_KILL_STEP"])
+    cfg = tr.TrainConfig(model=model_json, train=train_json, steps=4, batch_size=2, log_every=1, ckpt_every=1,
+                         seed=4, threads=1)
+    full, part = Path(out) / "full", Path(out) / "part"
+    if not (full / "model" / "config.json").is_file():
+        tr.train(cfg, full)
+
+    def die(step, record):
+        if attempt == 0 and rank == kill_rank and step == kill_step:
+            os._exit(17)
+
+    resume = has_checkpoint(part)
+    start = load_checkpoint(part)["step"] if resume else 0
+    res = tr.train(cfg, part, resume=resume, callback=die)
+    with open(os.path.join(out, f"elastic-{rank}-{attempt}.json"), "w") as f:
+        json.dump({"rank": rank, "attempt": attempt, "resumed_from": start, "steps": res["steps"]}, f)
+    dist.destroy_process_group()
+
+
 def main() -> None:
+    if sys.argv[1] == "elastic":
+        return elastic(*sys.argv[2:5])
     out = sys.argv[1]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

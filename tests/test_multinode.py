@@ -3,7 +3,9 @@ step equals one process on the concatenated batch (as tests/test_distributed.py 
 processes), and training on tar shards gives each node its own, disjoint share of the epoch, in the order the
 shard reader defines for that rank; a run killed on both nodes after step 1 and resumed trains on the same
 micro-batches on every rank and ends bitwise equal to the uninterrupted run; large-gallery retrieval split over
-the two nodes gives the metrics of one process. Opt-in: ``pytest -m slow tests/test_multinode.py``."""
+the two nodes gives the metrics of one process. Elastic restart: under ``torchrun --max-restarts 1`` one of two
+ranks dies mid-run, torchrun restarts the group, the run resumes from its newest checkpoint and ends bitwise equal
+to the uninterrupted run. Opt-in: ``pytest -m slow tests/test_multinode.py``."""
 
 from __future__ import annotations
 
@@ -91,3 +93,29 @@ def test_two_nodes_c10d_step_equals_single_process(tmp_path):
     a, b = load_checkpoint(tmp_path / "run")["model"], load_checkpoint(tmp_path / "part")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow  # torchrun's agent and two workers, started twice: ~30 s on 2 busy cores
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("kill_rank", [1])
+def test_elastic_restart_after_one_rank_dies(tmp_path, kill_rank):
+    generate(tmp_path / "sc", images=16, seed=2, image_size=32)
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "--monitor-interval", "0.2", str(WORKER), "elastic", str(tmp_path),
+           str(tmp_path / "model.json"), str(tmp_path / "sc" / "pretrain.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+           "VLPRUNE_KILL_RANK": str(kill_rank), "VLPRUNE_KILL_STEP": "2", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    log = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, log[-6000:]
+    # the first attempt never finished on any rank (the killed one died, torchrun stopped the other); the second
+    # attempt resumed on both ranks from the same checkpoint: step 1 or 2, whichever rank 0 had written
+    assert not list(tmp_path.glob("elastic-*-0.json")), log[-4000:]
+    info = [json.loads((tmp_path / f"elastic-{r}-1.json").read_text()) for r in (0, 1)]
+    assert info[0]["resumed_from"] == info[1]["resumed_from"] in (1, 2)
+    assert all(i["steps"] == 4 for i in info)
+    a, b = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "part")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)

@@ -139,3 +139,53 @@ def test_resized_init_interpolates_position_embeddings(tmp_path):
     out = resized_init(str(tmp_path / "ckpt"), 64, tmp_path / "big")
     model = load_pretrained(f"{out}/model")
     assert model.cfg.vision.image_size == 64 and model.state_dict()["vision.embeddings.pos_embed"].shape[1] == 1 + 64
+
+
+def test_stage_grad_checkpointing_reaches_the_run(data, tmp_path):
+    recipe = load_recipe("laps-vit224")
+    recipe["stages"] = [s for s in recipe["stages"] if s["name"] == "retrieval-flickr"]
+    recipe["stages"][0]["grad_checkpointing"] = True
+    path = tmp_path / "ck.json"
+    path.write_text(json.dumps(recipe))
+    run = tmp_path / "run"
+    assert main(["--threads", "1", "--quiet", "reproduce", str(path), "--data", str(data), "--out", str(run),
+                 "--max-steps", "1", "--model", "tiny"]) == 0
+    saved = json.loads((run / "retrieval-flickr" / "train_config.json").read_text())
+    assert saved["grad_checkpointing"] is True
+    recipe["stages"][0]["grad_checkpointing"] = "yes"
+    with pytest.raises(ValueError, match="field 'grad_checkpointing' must be true or false, got 'yes'"):
+        validate_recipe(recipe, "r.json")
+
+
+def test_reported_numbers_are_verified_or_null():
+    verified = {name: [e for e in load_recipe(name)["reported"] if e["verified"]] for name in RECIPES}
+    assert [e["values"]["flickr T2I R@1"] for e in verified["laps-vit224"]] == [62.5]
+    assert "CrossmodalGroup/LAPS" in verified["laps-vit224"][0]["source"]
+    good = load_recipe("tip-vilt")
+    bad = json.loads(json.dumps(good))
+    bad["reported"][0]["values"]["vqa test-dev"] = 71.3  # a number nobody checked
+    with pytest.raises(ValueError, match="is not verified: its values must be null"):
+        validate_recipe(bad, "r.json")
+    bad = json.loads(json.dumps(good))
+    bad["reported"][0]["verified"] = True
+    with pytest.raises(ValueError, match="is verified, so every value must be a number"):
+        validate_recipe(bad, "r.json")
+    bad["reported"][0]["values"] = {"vqa test-dev": 71.3}
+    with pytest.raises(ValueError, match="names no 'source'"):
+        validate_recipe(bad, "r.json")
+
+
+def test_stage_stopped_before_its_first_checkpoint_starts_again(data, tmp_path):
+    """What a restarted process (torchrun --max-restarts) meets: the stage directory of a run killed before its
+    first checkpoint. The same command starts that stage again instead of refusing the directory."""
+    import shutil
+
+    args = ["--threads", "1", "--quiet", "reproduce", "laps-vit224", "--data", str(data), "--out",
+            str(tmp_path / "run"), "--max-steps", "1", "--model", "tiny", "--stage", "retrieval-flickr"]
+    assert main(args) == 0
+    stage = tmp_path / "run" / "retrieval-flickr"
+    for p in [stage / "model", stage / "latest", *stage.glob("checkpoint-*")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert (stage / "train_config.json").is_file()
+    assert main(args) == 0
+    assert json.loads((stage / "model" / "config.json").read_text())["step"] == 1

@@ -134,6 +134,43 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DDP(module, device_ids=ids, find_unused_parameters=True, **kw)
 
 
+def wrap_fsdp(module: torch.nn.Module, device: torch.device) -> List[torch.nn.Parameter]:
+    """Shard ``module`` in place over all ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``): each
+    transformer block (every submodule whose class has ``grad_checkpointing``: ViT, text, fusion and ViLT layers)
+    is its own unit, gathered just before it runs and freed after. ALBEF's momentum copies and the encoders and
+    projections they follow are units too, so that the EMA update (run inside the forward pass) works on equal
+    shards of both sides and is kept. The rest (heads, task heads) is the root unit, so ``module`` must be what
+    the training loop calls (``StepModule``). Scalar parameters
+    (ALBEF's ``temp``) cannot be sharded: they stay whole on every rank and are returned; call
+    ``average_gradients`` on them after each backward pass, before the optimiser step. Gradients of sharded
+    parameters are averaged over ranks by FSDP itself, as DDP does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for m in module.modules():
+        if m is not module and hasattr(type(m), "grad_checkpointing"):
+            fully_shard(m, mesh=mesh)
+    for m in list(module.modules()):  # ALBEF's momentum copies and the encoders they follow: a unit each
+        copies = getattr(m, "momentum_encoders", None)
+        for name, copy in (copies.items() if isinstance(copies, torch.nn.ModuleDict) else ()):
+            fully_shard(copy, mesh=mesh)
+            fully_shard(getattr(m, name), mesh=mesh)
+    scalars = [p for p in module.parameters() if p.dim() == 0 and not hasattr(p, "device_mesh")]
+    fully_shard(module, mesh=mesh, ignored_params=set(scalars))
+    return scalars
+
+
+def average_gradients(params: List[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over ranks in place (those ``wrap_fsdp`` left unsharded)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size()
+
+
 def all_reduce_mean(x: Tensor) -> Tensor:
     """Mean over ranks of a (detached) tensor, for logging."""
     if world_size() == 1:

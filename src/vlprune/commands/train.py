@@ -70,6 +70,8 @@ def add_parser(sub) -> None:
     g.add_argument("--epochs", type=int, default=None, help="passes over the data (1 when neither --steps nor --epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing: keep only each "
+                   "transformer block's input and recompute the block in the backward pass (less memory, ~1/3 more compute)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the preset's recipe: small/tiny from scratch 3e-4 for pretrain, "
                    "1e-3 for a downstream task; 2e-4 with --init; 1e-4 otherwise)")
@@ -139,6 +141,7 @@ def _fresh_config(args):
         scenes_seed=args.scenes_seed, skip_bad_images=args.skip_bad_images, progress=not args.quiet,
         threads=getattr(args, "threads", None), **image_options(args), shuffle_buffer=args.shuffle_buffer,
         precision=_precision(args), compile=getattr(args, "compile", False),
+        grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)),
         **({} if args.save_total_limit is None else {"save_total_limit": args.save_total_limit}),
     )
 
@@ -171,7 +174,8 @@ FLAG_FIELDS = {"train": "train", "val": "val", "images": "images", "model": "mod
                "steps": "steps", "epochs": "epochs", "workers": "num_workers", "log_every": "log_every",
                "ckpt_every": "ckpt_every", "threads": "threads", "save_total_limit": "save_total_limit",
                "max_image_pixels": "max_image_pixels", "allow_outside_root": "allow_outside_root",
-               "compile": "compile", "quiet": "progress", "accept_changed_inputs": "accept_changed_inputs"}
+               "compile": "compile", "grad_checkpointing": "grad_checkpointing", "quiet": "progress",
+               "accept_changed_inputs": "accept_changed_inputs"}
 METHOD_FLAGS = "--method/--layers/--keep/--option"
 
 

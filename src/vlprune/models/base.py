@@ -1,19 +1,21 @@
 """What both model families share (ALBEF-style two-stream, ViLT-style single-stream): the reduction-slot mixin
-(``ReductionSlots``), the result of a text-guided pass over image-caption pairs (``PairEncoding``) and BERT's MLM
-head."""
+(``ReductionSlots``), the result of a text-guided pass over image-caption pairs (``PairEncoding``), BERT's MLM
+head and activation checkpointing of the transformer blocks (``set_grad_checkpointing``, ``run_block``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..reduce.registry import clear_method_state
-from ..reduce.state import TokenState
+from ..reduce.state import ReduceContext, TokenState
 from .attention import activation
 
 
@@ -83,4 +85,62 @@ class ReductionSlots:
         return out
 
 
-__all__ = ["PairEncoding", "MLMHead", "ReductionSlots"]
+# -- activation checkpointing ----------------------------------------------------------------------------------
+# A block (ViT layer, text / fusion layer, ViLT joint layer) has the class attribute ``grad_checkpointing = False``;
+# ``set_grad_checkpointing`` sets it per instance and the encoders call their blocks through ``run_block``. A
+# checkpointed block keeps only its inputs during the forward pass and runs again in the backward pass to rebuild
+# what its gradients need. Running again must reproduce the first run exactly, reduction included:
+# - dropout and draws from torch's global generators: torch.utils.checkpoint restores those (preserve_rng_state);
+# - draws from the run's own generator (``ReduceContext.generator``: random's indices, DynamicViT's and TiP's
+#   Gumbel noise): each run of the block draws from a private copy of that generator taken before the first run,
+#   and the run's generator is then advanced to where the first run left the copy. So the recomputation draws the
+#   same numbers, and the generator ends where it would have without checkpointing.
+# Reductions return new TokenStates and keep no state in their modules, so running a block twice has no other effect.
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing of every transformer block of ``model`` on or off; returns the number of
+    blocks. It acts in training only (``model.train()`` with gradients enabled); inference runs as before."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    blocks = [m for m in model.modules() if hasattr(type(m), "grad_checkpointing")]
+    for m in blocks:
+        m.grad_checkpointing = enabled
+    return len(blocks)
+
+
+def _context_arg(args: tuple) -> Optional[int]:
+    """The position of the ReduceContext carrying a generator among ``args``, or None."""
+    for i, a in enumerate(args):
+        if isinstance(a, ReduceContext) and a.generator is not None:
+            return i
+    return None
+
+
+def run_block(block: nn.Module, *args: Any) -> Any:
+    """``block(*args)``, checkpointed (torch.utils.checkpoint, use_reentrant=False) when the block's
+    ``grad_checkpointing`` is on, it is in training mode and gradients are enabled."""
+    if not (block.grad_checkpointing and block.training and torch.is_grad_enabled()):
+        return block(*args)
+    i = _context_arg(args)
+    if i is None:
+        return checkpoint(block, *args, use_reentrant=False)
+    gen = args[i].generator
+    start = gen.get_state()
+    end: List[Tensor] = []
+
+    def replay(*a: Any) -> Any:
+        g = torch.Generator(device=gen.device)
+        g.set_state(start)
+        a = a[:i] + (dataclasses.replace(a[i], generator=g),) + a[i + 1:]
+        out = block(*a)
+        if not end:
+            end.append(g.get_state())
+        return out
+
+    out = checkpoint(replay, *args, use_reentrant=False)
+    gen.set_state(end[0])
+    return out
+
+
+__all__ = ["PairEncoding", "MLMHead", "ReductionSlots", "run_block", "set_grad_checkpointing"]

@@ -17,6 +17,7 @@ from ..config import TextConfig
 from ..reduce.slots import SlotInput
 from ..reduce.state import ReduceContext, TokenState
 from .attention import Attention, Mlp, padding_bias
+from .base import run_block
 from .vit import _init_weights
 
 
@@ -58,6 +59,8 @@ class TextEmbeddings(nn.Module):
 
 class TextLayer(nn.Module):
     """A post-norm BERT layer; with ``cross_dim`` it also cross-attends to image tokens (a fusion layer)."""
+
+    grad_checkpointing = False  # models.base.set_grad_checkpointing
 
     def __init__(self, cfg: TextConfig, cross_dim: Optional[int] = None):
         super().__init__()
@@ -109,7 +112,7 @@ class TextEncoder(nn.Module):
         x = self.embeddings(ids, token_type)
         bias = padding_bias(mask, x.dtype)
         for layer in self.layers:
-            x, _ = layer(x, bias)
+            x, _ = run_block(layer, x, bias)
         return x
 
 
@@ -135,5 +138,5 @@ class FusionEncoder(nn.Module):
         bias = padding_bias(mask, text.dtype)
         x = text
         for i, layer in enumerate(self.layers):
-            x, image = layer(x, bias, image, ctx.at(i, self))
+            x, image = run_block(layer, x, bias, image, ctx.at(i, self))
         return x, image

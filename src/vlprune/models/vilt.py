@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..reduce.slots import SlotInput
 from ..reduce.state import LayerTrace, ReduceContext, TokenState, policy_bias
-from .base import MLMHead, PairEncoding, ReductionSlots
+from .base import MLMHead, PairEncoding, ReductionSlots, run_block
 from .attention import Attention, Mlp
 from .text import TextEmbeddings, check_text
 from .vit import ImageEmbeddings, _init_weights
@@ -53,6 +53,8 @@ def joint_bias(text_mask: Tensor, image: TokenState, dtype: torch.dtype) -> Tens
 
 
 class JointLayer(nn.Module):
+    grad_checkpointing = False  # models.base.set_grad_checkpointing
+
     def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, dropout: float = 0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(width, eps=eps)
@@ -145,7 +147,7 @@ class ViLT(nn.Module, ReductionSlots):
         image = TokenState.start(img, trace=trace)
         ctx = ReduceContext(generator=generator, num_patches=image.num_tokens - 1)
         for i, layer in enumerate(self.layers):
-            text, image = layer(text, mask, image, ctx.at(i, self))
+            text, image = run_block(layer, text, mask, image, ctx.at(i, self))
         text = self.norm(text)
         image = image.replace(x=self.norm(image.x))
         pooled = torch.tanh(self.pooler(text[:, 0]))

@@ -19,10 +19,13 @@ from ..config import VisionConfig
 from ..reduce.slots import SlotInput
 from ..reduce.state import ReduceContext, TokenState
 from .attention import Attention, Mlp
+from .base import run_block
 
 
 class ViTLayer(nn.Module):
     """One pre-norm transformer layer with a reduction slot (``self.reducer``, None when empty)."""
+
+    grad_checkpointing = False  # models.base.set_grad_checkpointing
 
     def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float, qkv_bias: bool = True):
         super().__init__()
@@ -155,7 +158,7 @@ class VisionTransformer(nn.Module):
         state = TokenState.start(self.embed(images, interpolate_pos), trace=trace)
         ctx = dataclasses.replace(ctx, num_patches=state.num_tokens - 1)
         for i, layer in enumerate(self.layers):
-            state = layer(state, ctx.at(i, self))
+            state = run_block(layer, state, ctx.at(i, self))
         if final_norm:
             state = state.replace(x=self.norm(state.x))
         return state

@@ -8,8 +8,11 @@ A recipe is a JSON file in this package (``RECIPE.json``)::
     method         {"name", "layers", "keep", "options"}: the paper's reduction (a stage may set "method": null)
     stages         [{name, task, train: [DATA/SPLIT, ...], val, answers, init, image_size, epochs, batch (global),
                      lr, min_lr, warmup_steps | warmup_fraction, weight_decay, grad_clip, k, teacher, tip_stage,
-                     note, runnable, why}]
-    reported       [{what, METRIC: value, ...}]: the numbers as published, with where they come from
+                     grad_checkpointing, note, runnable, why}]
+    reported       [{what, verified, values: {METRIC: value} | null, source | fill_from + why_null}]: the numbers
+                   as published. ``verified: true`` entries were read from the named ``source`` (a paper table or an
+                   official README) and every value is a number; the others hold only nulls, with ``fill_from``
+                   naming the table to copy them from and ``why_null`` saying why they are not filled in
 
 ``train`` / ``val`` / ``answers`` name what ``vlprune data prepare`` writes under ``--data``: ``coco/train`` is
 ``DATA/coco/train.json``; a pre-training set (``pretrain-4m``) means its shards. ``init`` is ``"stage:NAME"`` (the
@@ -27,7 +30,7 @@ HERE = Path(__file__).parent
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2", "ve")
 STAGE_KEYS = {"name", "task", "train", "val", "answers", "init", "image_size", "epochs", "batch", "lr", "min_lr",
               "warmup_steps", "warmup_fraction", "weight_decay", "grad_clip", "k", "teacher", "tip_stage", "note",
-              "runnable", "why", "method"}
+              "runnable", "why", "method", "grad_checkpointing"}
 RECIPE_KEYS = {"name", "title", "paper", "tables", "model", "method", "settings_source", "stages", "reported", "init"}
 
 
@@ -54,6 +57,9 @@ def _check_stage(s: Dict[str, Any], where: str, names: List[str]) -> None:
         v = s.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{where}: stage {s['name']} field {key!r} must be an integer >= 1, got {v!r}")
+    if not isinstance(s.get("grad_checkpointing", False), bool):
+        raise ValueError(f"{where}: stage {s['name']} field 'grad_checkpointing' must be true or false, got "
+                         f"{s['grad_checkpointing']!r}")
     if not (isinstance(s.get("lr"), (int, float)) and s["lr"] > 0):
         raise ValueError(f"{where}: stage {s['name']} field 'lr' must be > 0, got {s.get('lr')!r}")
     init = s.get("init")
@@ -63,6 +69,28 @@ def _check_stage(s: Dict[str, Any], where: str, names: List[str]) -> None:
                          f"earlier stage ({names})")
     if s.get("teacher") is not None and s["teacher"] not in names:
         raise ValueError(f"{where}: stage {s['name']} teacher {s['teacher']!r} is not an earlier stage ({names})")
+
+
+def _check_reported(entries: Any, where: str) -> None:
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: needs a non-empty 'reported' list")
+    for e in entries:
+        what = e.get("what") if isinstance(e, dict) else None
+        if not isinstance(what, str) or not isinstance(e.get("verified"), bool):
+            raise ValueError(f"{where}: each reported entry needs a string 'what' and a true/false 'verified', got {e!r}")
+        values = e.get("values")
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"{where}: reported {what!r}: 'values' must be an object or null, got {values!r}")
+        numbers = [v for v in (values or {}).values() if v is not None]
+        if e["verified"]:
+            if not values or len(numbers) != len(values) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+                raise ValueError(f"{where}: reported {what!r} is verified, so every value must be a number")
+            if not isinstance(e.get("source"), str) or not e["source"]:
+                raise ValueError(f"{where}: reported {what!r} is verified but names no 'source'")
+        elif numbers or not e.get("fill_from") or not e.get("why_null"):
+            raise ValueError(f"{where}: reported {what!r} is not verified: its values must be null, with "
+                             f"'fill_from' and 'why_null' saying where to copy them from and why they are missing")
 
 
 def validate_recipe(data: Any, where: str) -> Dict[str, Any]:
@@ -85,6 +113,7 @@ def validate_recipe(data: Any, where: str) -> Dict[str, Any]:
         if s["name"] in names:
             raise ValueError(f"{where}: stage name {s['name']!r} used twice")
         names.append(s["name"])
+    _check_reported(data.get("reported"), where)
     return data
 
 

@@ -154,6 +154,7 @@ def stage_config(p: StagePlan, data: Path, out: Path, model: str, init: Optional
         opts["k"] = s["k"]
     per_process = batch if batch is not None else p.batch // world
     lr = float(s["lr"])
+    options = {"grad_checkpointing": bool(s.get("grad_checkpointing", False)), **options}  # a run's option wins
     return TrainConfig(
         task=p.task, train=train, val=val, model=model, init=init, method=reduce_config(p.method, miniature),
         steps=p.steps, batch_size=per_process, lr=lr, min_lr_ratio=float(s.get("min_lr", 0.1 * lr)) / lr,
@@ -201,7 +202,10 @@ def run_plan(recipe: Dict[str, Any], plans: List[StagePlan], data: Path, out: Pa
             stage_model = write_model_config(model_cfg, p.image_size, out / "data" / p.name / "model.json")
         cfg = stage_config(p, data, out, stage_model, stage_init, world, miniature, batch, options or {})
         say(f"stage {p.name}: {p.task}, {p.steps} steps -> {stage_out}" + (" (resuming)" if state == "resume" else ""))
-        results[p.name] = train(cfg, stage_out, resume=state == "resume")
+        # "new" with the directory there: a run stopped before its first checkpoint (a killed process, a restart
+        # under torchrun --max-restarts) starts again; train() refuses to clear a directory vlprune did not write
+        fresh = state == "new" and stage_out.exists()
+        results[p.name] = train(cfg, stage_out, resume=state == "resume", overwrite=fresh)
         if results[p.name]["interrupted"]:
             say(f"stage {p.name} interrupted; run the same command again to continue")
             break

@@ -50,6 +50,7 @@ from ..data.datasets import Collate
 from ..data.shards import is_shard_spec
 from ..data.tokenizer import TextTokenizer
 from ..distributed import Procs, barrier, finish_distributed, setup_distributed, wrap_ddp
+from ..models.base import set_grad_checkpointing
 from ..models.build import build_model, checkpoint_dir, load_init, model_config, read_config, tokenizer_dir
 from ..optim import param_groups, warmup_cosine
 from ..guards import check_inputs, exists_hint, no_checkpoint_hint, record_inputs
@@ -203,6 +204,7 @@ def _setup(cfg: TrainConfig, task, mcfg: ModelConfig, model, *, init_meta: Optio
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, cfg.min_lr_ratio))
     amp_dtype = _autocast(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and amp_dtype == torch.float16) else None
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     maybe_compile(model, cfg.compile, device)
     wrapped = StepModule(model, task)
     if world > 1:

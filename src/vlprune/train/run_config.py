@@ -19,7 +19,8 @@ CONFIG_FILE = "train_config.json"
 # The one list of the TrainConfig fields a resume may change (``resume_differences`` checks the others; the CLI's
 # ``train --resume`` accepts the flags of these fields only).
 RESUMABLE_CHANGES = ("steps", "epochs", "progress", "num_workers", "log_every", "ckpt_every", "threads",
-                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile", "accept_changed_inputs")
+                     "save_total_limit", "max_image_pixels", "allow_outside_root", "compile", "grad_checkpointing",
+                     "accept_changed_inputs")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # tar shards (--train "shards/{000000..000099}.tar"): samples in the shuffle buffer
     precision: str = "auto"  # fp32 / bf16 / fp16: autocast on any device; "auto": bf16 (else fp16 + GradScaler) on CUDA only
     compile: bool = False  # torch.compile the model's layers (vlprune.runtime.maybe_compile)
+    grad_checkpointing: bool = False  # activation checkpointing of every block (models.base.set_grad_checkpointing)
     accept_changed_inputs: bool = False  # resume although an input file changed (vlprune.guards.check_inputs)
     # the old switch, accepted from earlier train_config.json files and callers: amp=False is precision "fp32"
     amp: InitVar[Optional[bool]] = None
