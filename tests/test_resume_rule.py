@@ -23,7 +23,8 @@ CHANGED = {"train": ["--train", "other.json"], "val": ["--val", "val.json"], "im
            "workers": ["--workers", "1"], "log_every": ["--log-every", "3"], "ckpt_every": ["--ckpt-every", "4"],
            "threads": ["--threads", "2"], "save_total_limit": ["--save-total-limit", "3"],
            "max_image_pixels": ["--max-image-pixels", "1000"], "allow_outside_root": ["--allow-outside-root"],
-           "compile": ["--compile"], "quiet": ["--quiet"], "accept_changed_inputs": ["--accept-changed-inputs"]}
+           "compile": ["--compile"], "grad_checkpointing": ["--grad-checkpointing"],
+           "quiet": ["--quiet"], "accept_changed_inputs": ["--accept-changed-inputs"]}
 # train flags that set no TrainConfig field of their own: the run directory and mode, the method flags and task
 # options (compared field by field), the official-checkpoint conversion (it becomes --init), logging
 NOT_FIELDS = {"out", "resume", "overwrite", "loss", DEST, "help", "debug", "verbose", "format", "image_size",

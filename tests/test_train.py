@@ -177,7 +177,7 @@ def test_cli_resume_refuses_changed_arguments(scenes, tmp_path, capsys):
     for args, parts in changed:
         assert main(args + ["--out", out, "--resume", "--steps", "3", "--quiet"]) == 2, args
         err = capsys.readouterr().err
-        assert f"cannot resume {out}" in err and "only --accept-changed-inputs, --allow-outside-root, --ckpt-every, --compile, --epochs, --log-every, --max-image-pixels, --quiet, --save-total-limit, --steps, --threads, --workers may" in err
+        assert f"cannot resume {out}" in err and "only --accept-changed-inputs, --allow-outside-root, --ckpt-every, --compile, --epochs, --grad-checkpointing, --log-every, --max-image-pixels, --quiet, --save-total-limit, --steps, --threads, --workers may" in err
         for part in parts:
             assert part in err, (part, err)
     assert (tmp_path / "run" / "train_config.json").read_text() == saved  # nothing was touched
