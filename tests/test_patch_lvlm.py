@@ -20,6 +20,7 @@ GEN = dict(max_new_tokens=4, do_sample=False)
 CASES = {
     "fastv_llm": (dict(keep=1.0), dict(keep=0.5)),
     "trips_llm": (dict(keep=1.0), dict(keep=0.5)),
+    "sparsevlm": (dict(layers=(1, 2), keep=(1.0, 1.0)), dict(layers=(1, 2), keep=(0.5, 0.25))),
     "visionzip": (dict(keep=1.0), dict(keep=0.5)),
     "evit": (dict(layers=(1,), keep=1.0), dict(layers=(1,), keep=0.5)),
     "tome": (dict(layers=(1,), options={"r": 0}), dict(layers=(1, 2), options={"r": 4})),

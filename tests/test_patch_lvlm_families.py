@@ -28,12 +28,13 @@ def family(request):
     return build(), prompts(), one, image_id
 
 
-@pytest.mark.parametrize("method", ["fastv_llm", "trips_llm"])
-def test_keep_one_is_the_unpatched_model(family, method):
+@pytest.mark.parametrize("method,how", [("fastv_llm", dict(keep=1.0)), ("trips_llm", dict(keep=1.0)),
+                                        ("sparsevlm", dict(layers=(1, 2), keep=(1.0, 1.0)))])
+def test_keep_one_is_the_unpatched_model(family, method, how):
     model, data, _, _ = family
     with torch.no_grad():
         ref, gen = model(**data).logits, model.generate(**data, **GEN)
-        vlprune.patch(model, method, keep=1.0)
+        vlprune.patch(model, method, **how)
         try:
             logits, out = model(**data).logits, model.generate(**data, **GEN)
         finally:
@@ -45,19 +46,8 @@ def test_keep_one_is_the_unpatched_model(family, method):
 @pytest.mark.parametrize("method,keep", [("fastv_llm", 0.5), ("trips_llm", 0.25)])
 def test_equals_the_naive_reference_and_one_by_one(family, method, keep):
     model, data, one_of, image_id = family
-    vlprune.patch(model, method, layers=(1,), keep=keep)
-    try:
-        with torch.no_grad():
-            logits = model(**data).logits
-            chosen = get_patch(model).lvlm.last_kept[0][1]
-            gen = model.generate(**data, **GEN)
-            L = data["input_ids"].shape[1]
-            for i in range(gen.shape[0]):
-                one = one_of(data, i)
-                alone = model.generate(**one, **GEN)
-                assert_same_new_tokens(gen[i, L:], alone[0, one["input_ids"].shape[1]:], i)
-    finally:
-        vlprune.unpatch(model)
+    logits, kept, gen = patched_batch_and_alone(model, data, one_of, method, layers=(1,), keep=keep)
+    chosen, L = kept[0][1], data["input_ids"].shape[1]
     for i in range(gen.shape[0]):
         one = one_of(data, i)
         with torch.no_grad():
@@ -68,6 +58,24 @@ def test_equals_the_naive_reference_and_one_by_one(family, method, keep):
             for t in range(1, GEN["max_new_tokens"]):
                 step, _ = H.naive_llm_logits(model, one, new[:, :t], method, 1, keep, image_id)
                 assert int(step[-1].argmax()) == int(new[0, t]), (i, t)
+
+
+def patched_batch_and_alone(model, data, one_of, method, **how):
+    """Under the patch: (logits, the kept records, generated batch); each row's new tokens equal its prompt alone's."""
+    vlprune.patch(model, method, **how)
+    try:
+        with torch.no_grad():
+            logits = model(**data).logits
+            kept = get_patch(model).lvlm.last_kept
+            gen = model.generate(**data, **GEN)
+            L = data["input_ids"].shape[1]
+            for i in range(gen.shape[0]):
+                one = one_of(data, i)
+                alone = model.generate(**one, **GEN)
+                assert_same_new_tokens(gen[i, L:], alone[0, one["input_ids"].shape[1]:], i)
+    finally:
+        vlprune.unpatch(model)
+    return logits, kept, gen
 
 
 def test_vision_methods_are_refused_with_the_reason(family):

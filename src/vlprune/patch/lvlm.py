@@ -59,13 +59,6 @@ def last_real_index(mask2d: Tensor) -> Tensor:
     return torch.where(mask2d.bool(), pos, torch.full_like(pos, -1)).max(1).values
 
 
-def query_row_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """q (B, H, d) one query per sample, k (B, Hkv, L, d) keys (grouped heads repeated) -> logits (B, H, L), fp32."""
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-    return torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
-
-
 def row_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
     """logits (B, H, L), allowed (B, L) bool keys -> softmax over the allowed keys (FastV's whole causal row)."""
     return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
@@ -86,18 +79,33 @@ def kept_index(keep: Tensor) -> Tensor:
     return keep.nonzero()[:, 1].view(B, -1)
 
 
+def insert_after(src: Tensor, slot: Tensor, fill: Tensor, c: int = 1) -> Tensor:
+    """src (B, Lk) kept indices -> (B, Lk + c): ``c`` copies of ``fill`` (B,) inserted at column ``slot`` (B,)."""
+    B, Lk = src.shape
+    col = torch.arange(Lk + c, device=src.device).expand(B, -1)
+    here = src.gather(1, col.clamp(max=Lk - 1))
+    prev = src.gather(1, (col - c).clamp(min=0))
+    s = slot[:, None]
+    return torch.where(col < s, here, torch.where(col < s + c, fill[:, None], prev))
+
+
 def insert_after_image(src: Tensor, image: Tensor) -> Tuple[Tensor, Tensor]:
     """src (B, Lk) kept indices; image (B, L) -> (src' (B, Lk + 1) with the last image token's index inserted right
     after the kept image tokens, slot (B,) where it went): the fused token's place and position."""
-    B, Lk = src.shape
     L = image.shape[1]
     last_img = torch.where(image, torch.arange(L, device=src.device), -1).max(1).values  # (B,)
     slot = (src <= last_img[:, None]).sum(1)  # (B,)
-    col = torch.arange(Lk + 1, device=src.device).expand(B, -1)
-    prev = src.gather(1, (col - 1).clamp(min=0))
-    here = src.gather(1, col.clamp(max=Lk - 1))
-    out = torch.where(col < slot[:, None], here, torch.where(col == slot[:, None], last_img[:, None], prev))
-    return out, slot
+    return insert_after(src, slot, last_img), slot
+
+
+def shift_rope(t: Tuple[Tensor, Tensor], shift: Tensor, inv_freq: Tensor) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) of positions p -> those of p - shift, by the angle-difference identities: shift (B, T) tokens,
+    inv_freq (d / 2,); cos / sin (B, T, d) or unmerged M-RoPE (3, B, T, d) (every section moves by the same shift)."""
+    ang = shift.float()[..., None] * inv_freq.float().to(shift.device)  # (B, T, d / 2)
+    ang = torch.cat([ang, ang], -1)
+    cs, sn = ang.cos(), ang.sin()
+    cos, sin = t
+    return ((cos.float() * cs + sin.float() * sn).to(cos.dtype), (sin.float() * cs - cos.float() * sn).to(sin.dtype))
 
 
 def causal_key_mask(key_ok: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -138,6 +146,8 @@ class Call:
     mask4d: Optional[Tensor] = None
     image_now: Optional[Tensor] = None  # (B, T) image positions in the current (reduced) sequence
     kept: List[Tuple[int, Tensor]] = field(default_factory=list)  # (layer index, chosen (B, N)) records
+    embeds: Optional[Tensor] = None  # (B, L, D) the language model's input embeddings (prefill)
+    raters: Optional[Tensor] = None  # (B, T) SparseVLM's rater tokens in the current sequence
 
 
 class LLMState:
@@ -149,6 +159,7 @@ class LLMState:
         self.ids: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_ids_{id(self)}", default=None)
         self.by_cache: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
         self.last_kept: List[Tuple[int, Tensor]] = []  # the last prefill's (layer, chosen image tokens (B, N))
+        self.inv_freq: Callable[[], Tensor] = lambda: None  # the language model's RoPE frequencies (SparseVLM)
 
 
 def cache_of(kwargs: Dict[str, Any]) -> Any:
@@ -188,7 +199,7 @@ def lm_forward(st: LLMState, fn: Callable, image_token_id: int, what: str) -> Ca
                 raise ValueError(f"{what}: a language-model reduction needs input_ids (to find the image tokens), "
                                  "not inputs_embeds alone")
             image = ids == image_token_id
-        token = st.call.set(Call(past == 0, mask2d, image, cache))
+        token = st.call.set(Call(past == 0, mask2d, image, cache, embeds=emb if past == 0 else None))
         try:
             return fn(*args, **kwargs)
         finally:
@@ -218,24 +229,28 @@ def layer_forward(st: LLMState, slot: LLMSlot, fn: Callable, impl: Callable[[], 
                 return fn(hidden_states, **kwargs)
             out = reducing_layer(st, c, slot, r, fn, hidden_states, kwargs, impl())
             return (out,) if returns_tuple(slot.layer) else out  # transformers 4.x Qwen2-VL layers return tuples
-        key_ok = decode_key_mask(st, c, slot.index)
+        key_ok, shift = decode_key_mask(st, c, slot.index)
         if key_ok is not None:
             kwargs["attention_mask"] = as_impl(key_ok[:, None, None, :], impl(), hidden_states.dtype)
+        if shift is not None:
+            kwargs["position_embeddings"] = shift_rope(kwargs["position_embeddings"], shift[:, None], st.inv_freq())
         return fn(hidden_states, **kwargs)
 
     return forward
 
 
-def decode_key_mask(st: LLMState, c: Call, index: int) -> Optional[Tensor]:
-    """At decode, the key mask (B, cache + new) of decoder layer ``index`` when its cache holds a reduced prompt:
-    [the kept prompt keys' padding mask, the generated tokens'] (None: the layer caches the whole prompt)."""
+def decode_key_mask(st: LLMState, c: Call, index: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """At decode, for decoder layer ``index`` when its cache holds a reduced prompt: the key mask (B, cache + new)
+    [the kept prompt keys' padding mask, the generated tokens'] and the position shift (B,) of a method that
+    renumbers positions (None, None: the layer caches the whole prompt)."""
     saved = st.by_cache.get(c.cache) if c.cache is not None else None
     if saved is None:
-        return None
-    stages = [ok for at, ok in saved["stages"] if at < index]
+        return None, None
+    stages = [s for s in saved["stages"] if s[0] < index]
     if not stages:
-        return None
-    return torch.cat([stages[-1], c.mask2d[:, saved["length"]:].bool()], 1)
+        return None, None
+    _, ok, shift = stages[-1]
+    return torch.cat([ok, c.mask2d[:, saved["length"]:].bool()], 1), shift
 
 
 def returns_tuple(layer: nn.Module) -> bool:
@@ -265,26 +280,34 @@ def gather_pe(t: Tensor, idx: Tensor) -> Tensor:
 
 
 def guide_logits(layer: nn.Module, x: Tensor, pe: Tuple[Tensor, Tensor], last: Tensor) -> Tensor:
-    """The last real prompt token's attention logits over every key of this layer, (B, H, L), one row per sample:
-    q = RoPE(W_q norm(x_last)), K = RoPE(W_k norm(x)) (the layer's own projections)."""
+    """The last real prompt token's attention logits over every key of this layer, (B, H, L), one row per sample."""
+    return rows_logits(layer, x, pe, last[:, None])[:, :, 0]
+
+
+def rows_logits(layer: nn.Module, x: Tensor, pe: Tuple[Tensor, Tensor], rows: Tensor) -> Tensor:
+    """The attention logits of a few query rows over every key of this layer, (B, H, R, L), fp32, rows (B, R):
+    q = RoPE(W_q norm(x_rows)), K = RoPE(W_k norm(x)) (the layer's own projections; never the L x L map)."""
     attn = layer.self_attn
     d = attn.head_dim
     B, L, _ = x.shape
+    R = rows.shape[1]
     h = layer.input_layernorm(x)
     cos, sin = (t.expand(B, *t.shape[1:]) for t in (merged_rope(layer, u) for u in pe))
-    hq = h[torch.arange(B), last][:, None]  # (B, 1, D)
-    q = attn.q_proj(hq).view(B, 1, -1, d).transpose(1, 2)  # (B, H, 1, d)
-    bi = torch.arange(B)
-    q = apply_rope(q, cos[bi, last][:, None], sin[bi, last][:, None])[:, :, 0]
-    k = attn.k_proj(h).view(B, L, -1, d).transpose(1, 2)
-    k = apply_rope(k, cos, sin)
-    return query_row_logits(q, k, d ** -0.5)
+    q = attn.q_proj(gather_seq(h, rows)).view(B, R, -1, d).transpose(1, 2)  # (B, H, R, d)
+    q = apply_rope(q, gather_seq(cos, rows), gather_seq(sin, rows))
+    k = apply_rope(attn.k_proj(h).view(B, L, -1, d).transpose(1, 2), cos, sin)
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+    return torch.einsum("bhrd,bhld->bhrl", q.float(), k.float()) * d ** -0.5
 
 
 def reducing_layer(st: LLMState, c: Call, slot: LLMSlot, r: nn.Module, fn: Callable, x: Tensor,
                    kwargs: Dict[str, Any], impl: str) -> Tensor:
     """The layer that reduces (prefill): FastV ("post": the whole layer, then drop) or TRIPS-LVLM ("mid": the
     attention residual, drop + fuse, then the MLP)."""
+    custom = getattr(r, "reduce_layer", None)
+    if custom is not None:  # SparseVLM: its own selection (reduce/sparsevlm.py)
+        return custom(st, c, slot, fn, x, kwargs, impl)
     B, L, _ = x.shape
     key_ok = c.key_ok if c.key_ok is not None else c.mask2d[:, -L:].bool()
     image = c.image if c.key_ok is None else c.image_now
@@ -327,9 +350,10 @@ def reducing_layer(st: LLMState, c: Call, slot: LLMSlot, r: nn.Module, fn: Calla
 
 
 def record_reduction(st: LLMState, c: Call, slot: LLMSlot, src: Tensor, image: Tensor, key_ok: Tensor,
-                     kwargs: Dict[str, Any], impl: str, dtype: torch.dtype) -> None:
+                     kwargs: Dict[str, Any], impl: str, dtype: torch.dtype, shift: Optional[Tensor] = None) -> None:
     """After a reduction: the kept sequence's key mask, positions, (cos, sin) and 4-D mask for the later layers,
-    and (with a cache) the key masks decoding needs."""
+    and (with a cache) the key masks decoding needs. ``shift`` (B, T): positions renumbered to p - shift (SparseVLM);
+    None: kept tokens keep their positions."""
     new_ok = key_ok.gather(1, src)
     c.key_ok = new_ok
     c.image_now = image.gather(1, src)
@@ -337,10 +361,13 @@ def record_reduction(st: LLMState, c: Call, slot: LLMSlot, src: Tensor, image: T
     c.pe = (gather_pe(cos, src), gather_pe(sin, src))
     pos = kwargs.get("position_ids")
     c.pos = None if pos is None or pos.dim() != 2 else gather_seq(pos[..., None], src)[..., 0]
+    if shift is not None:
+        c.pe = shift_rope(c.pe, shift, st.inv_freq())
+        c.pos = None if c.pos is None else c.pos - shift
     c.mask4d = causal_key_mask(new_ok, impl, dtype)
     if c.cache is not None:
         saved = st.by_cache.setdefault(c.cache, {"length": c.mask2d.shape[1], "stages": []})
-        saved["stages"].append((slot.index, new_ok))
+        saved["stages"].append((slot.index, new_ok, None if shift is None else shift[:, -1]))
 
 
 def ids_capture(st: LLMState, fn: Callable) -> Callable:
@@ -381,6 +408,7 @@ def install_llm(p: Any, model: nn.Module, slots: List[LLMSlot], image_token_id: 
     if impl not in ATTN:
         raise ValueError(f"{p.config.name} supports attn_implementation {list(ATTN)} in the language model, got {impl!r}")
     st = LLMState()
+    st.inv_freq = lambda: lm.rotary_emb.inv_freq
     p.lvlm = st
     p.override(lm, "forward", lm_forward(st, lm.forward, image_token_id, type(model).__name__))
     for s in slots:
@@ -389,5 +417,5 @@ def install_llm(p: Any, model: nn.Module, slots: List[LLMSlot], image_token_id: 
     p.override(model, "forward", no_labels(p, model.forward))
 
 
-__all__ = ["install_llm", "LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope", "query_row_logits",
-           "topk_keep_mask", "insert_after_image", "causal_key_mask", "last_real_index"]
+__all__ = ["install_llm", "LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope",
+           "topk_keep_mask", "insert_after_image", "insert_after", "rows_logits", "shift_rope", "causal_key_mask", "last_real_index"]
