@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from itertools import combinations
+from statistics import fmean
 from typing import Dict, Sequence
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
@@ -94,12 +95,10 @@ def vqa_answer_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 
 def vqa_open_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
-    """Mean VQA accuracy in percent over questions."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
-    if not predictions:
-        raise ValueError("no predictions to score")
-    return 100.0 * sum(vqa_answer_accuracy(p, a) for p, a in zip(predictions, answers)) / len(predictions)
+    """Mean VQA accuracy in percent over questions (one prediction and one answer list each, at least one)."""
+    if len(predictions) != len(answers) or not predictions:
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions: need one per question")
+    return 100.0 * fmean(map(vqa_answer_accuracy, predictions, answers))
 
 
 __all__ = ["normalize_vqa_answer", "vqa_answer_accuracy", "vqa_open_accuracy", "strip_punctuation",
