@@ -1,6 +1,7 @@
 """vlprune.patch on tiny random Qwen2-VL (M-RoPE) and LLaVA-NeXT (any-resolution tiles) from tests/hf_tiny_lvlm.py:
 identity at keep 1.0, FastV and TRIPS-LVLM against the naive layer-by-layer reference with the model's own
-position ids (selection, logits, cached greedy steps), batch = one by one, and the methods they do not take."""
+position ids (selection, logits, cached greedy steps), batch = one by one (the tower methods and the ones they
+do not take: test_patch_lvlm_towers.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ def family(request):
 @pytest.mark.parametrize("method,how", [("fastv_llm", dict(keep=1.0)), ("trips_llm", dict(keep=1.0)),
                                         ("sparsevlm", dict(layers=(1, 2), keep=(1.0, 1.0)))])
 def test_keep_one_is_the_unpatched_model(family, method, how):
-    model, data, _, _ = family
+    assert_keep_one_is_unpatched(family[0], family[1], method, how)
+
+
+def assert_keep_one_is_unpatched(model, data, method, how):
+    """Logits and generated tokens under the patch equal the unpatched model's."""
     with torch.no_grad():
         ref, gen = model(**data).logits, model.generate(**data, **GEN)
         vlprune.patch(model, method, **how)
@@ -66,7 +71,8 @@ def patched_batch_and_alone(model, data, one_of, method, **how):
     try:
         with torch.no_grad():
             logits = model(**data).logits
-            kept = get_patch(model).lvlm.last_kept
+            st = getattr(get_patch(model), "lvlm", None)
+            kept = st.last_kept if st is not None else None
             gen = model.generate(**data, **GEN)
             L = data["input_ids"].shape[1]
             for i in range(gen.shape[0]):
@@ -76,10 +82,3 @@ def patched_batch_and_alone(model, data, one_of, method, **how):
     finally:
         vlprune.unpatch(model)
     return logits, kept, gen
-
-
-def test_vision_methods_are_refused_with_the_reason(family):
-    model = family[0]
-    with pytest.raises(ValueError, match=f"not supported on {type(model).__name__}.*use fastv_llm or trips_llm"):
-        vlprune.patch(model, "visionzip")
-    assert type(model).__name__ in vlprune.patch.supported_classes()
