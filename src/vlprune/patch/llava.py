@@ -27,12 +27,12 @@ from ..reduce.state import ReduceContext, TokenState
 from . import clip
 from .base import Binding, Offer, Patch, register_family
 from .layers import EncoderView
-from .lvlm import LLMSlot, install_llm
+from .lvlm import LLMSlot, install_llm, no_tower_guide
 
 # the slot groups: "llm" (FastV, TRIPS-LVLM), "vision" (CLIP tower: EViT, ToMe, random), "projector" (VisionZip)
 OFFER = Offer({"llm": True, "vision": True, "projector": True},
               guide="the prompt guides the selection inside the language model",
-              excluded={"trips": "use trips_llm (the prompt guides the selection inside the language model)",
+              excluded={"trips": no_tower_guide("LLaVA"),
                         "elip": "it needs the text encoder's guide; use trips_llm",
                         "dynamicvit": "it is not wired into LLaVA", "lowres": "it is not wired into LLaVA"},
               reasons={"tip": "it needs a cross-modal encoder", "laps": "it is not wired into LLaVA"})

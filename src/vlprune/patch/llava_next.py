@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from . import clip
 from .base import Binding, Offer, Patch, register_family
 from .llava import ProjectorSlot, install_tower
-from .lvlm import LLMSlot, install_llm
+from .lvlm import LLMSlot, install_llm, no_tower_guide
 from .qwen2_vl import LLM_GUIDE
 
-EXCLUDED = {"trips": "use trips_llm or sparsevlm (the prompt guides the selection inside the language model)",
+EXCLUDED = {"trips": no_tower_guide("LLaVA-NeXT"),
             "elip": "it needs the text encoder's guide; use trips_llm or sparsevlm",
             "dynamicvit": "it is not wired into LLaVA-NeXT", "lowres": "it is not wired into LLaVA-NeXT"}
 WHY = {"visionzip": "its per-crop token order on LLaVA-NeXT's tiles is not implemented; use fastv_llm, sparsevlm or a "

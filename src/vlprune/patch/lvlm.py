@@ -397,6 +397,13 @@ def no_labels(p: Patch, fn: Callable) -> Callable:
     return forward
 
 
+def no_tower_guide(family: str) -> str:
+    """Why TRIPS / ELIP-style text-guided selection cannot run in an LVLM's vision tower."""
+    return (f"{family} has no text encoder in the vision tower's space (the prompt is embedded by the language "
+            "model, after the projector), so no text guide reaches the tower; use trips_llm (TRIPS-style selection "
+            "guided by the prompt inside the language model) or sparsevlm")
+
+
 ATTN = ("sdpa", "eager")
 
 
@@ -417,5 +424,5 @@ def install_llm(p: Any, model: nn.Module, slots: List[LLMSlot], image_token_id: 
     p.override(model, "forward", no_labels(p, model.forward))
 
 
-__all__ = ["install_llm", "LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope",
+__all__ = ["install_llm", "no_tower_guide", "LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope",
            "topk_keep_mask", "insert_after_image", "insert_after", "rows_logits", "shift_rope", "causal_key_mask", "last_real_index"]

@@ -19,7 +19,7 @@ from typing import Optional
 from torch import nn
 
 from .base import Binding, Offer, Patch, register_family
-from .lvlm import LLMSlot, install_llm
+from .lvlm import LLMSlot, install_llm, no_tower_guide
 
 _USE = "; use fastv_llm, trips_llm or sparsevlm (in the language model)"
 _GRID = ("Qwen2-VL's tower merges every 2 x 2 group of neighbouring patches after its last layer and places them "
@@ -27,7 +27,7 @@ _GRID = ("Qwen2-VL's tower merges every 2 x 2 group of neighbouring patches afte
 WHY = {"evit": "it ranks patches by the [CLS] attention and Qwen2-VL's vision tower has no [CLS]" + _USE,
        "visionzip": "it needs the [CLS] attention, which Qwen2-VL's vision tower does not have" + _USE,
        "tome": _GRID, "random": _GRID, "dynamicvit": _GRID, "lowres": "it is not wired into Qwen2-VL" + _USE,
-       "trips": "the prompt guides the selection inside the language model" + _USE,
+       "trips": no_tower_guide("Qwen2-VL"),
        "elip": "it needs a text encoder's guide" + _USE}
 LLM_GUIDE = "the prompt guides the selection inside the language model"
 CLASSES = {"Qwen2VLForConditionalGeneration": Offer({"llm": True}, guide=LLM_GUIDE, reasons=WHY)}
