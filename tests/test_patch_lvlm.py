@@ -212,3 +212,8 @@ def test_lvlm_bench_counts_tokens_flops_and_cache(llava):
     # prompt = 10 text + 16 image tokens; FastV after layer 1 of 2: layer 1 caches all 26, layer 2 the 10 + 8 kept
     assert rows[1]["kv_ratio"] == pytest.approx((26 + 18) / 52) and rows[2]["kv_ratio"] == pytest.approx(14 / 26)
     assert get_patch(llava) is None and "| fastv_llm keep 0.5 layers 1 | 8 / 16 |" in format_lvlm_table(rows)
+    # SparseVLM at layers 1, 2: layer 1 caches all 26, layer 2 the 10 text + 8 kept + 1 recycled; 4 kept at the end
+    sv = run_lvlm_bench(llava, [vlprune.ReduceConfig("sparsevlm", layers=(1, 2), keep=(0.5, 0.25))], text_len=4,
+                        flops_only=True)[1]
+    assert sv["kept"] == 4 and sv["kv_ratio"] == pytest.approx((26 + 19) / 52)
+    assert sv["prefill_gflops"] < rows[0]["prefill_gflops"]
