@@ -65,6 +65,7 @@ def _direct_answers(d, ann, root, method):
     out = []
     for e in json.loads(ann.read_text()):
         x = proc(images=[open_image(root / e["image"])], text=[lvlm_prompt(proc, e["question"])], return_tensors="pt")
+        x.pop("token_type_ids", None)  # a BERT tokenizer under transformers 4.x; the LLM takes none
         with torch.no_grad():
             g = model.generate(**x, max_new_tokens=10, do_sample=False)
         out.append(proc.batch_decode(g[:, x["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())

@@ -119,7 +119,7 @@ def evaluate_vqa(model: nn.Module, processor: Any, entries: Sequence[Dict[str, A
         images = [open_image(image_root / e["image"]) for e in chunk]
         texts = [lvlm_prompt(processor, e["question"]) if lvlm else e["question"] for e in chunk]
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        inputs = {k: v.to(dev) for k, v in inputs.items() if not (lvlm and k == "token_type_ids")}  # LLMs take none
         with torch.inference_mode():
             answers, counts = _answers(model, processor, inputs, max_new_tokens)
         preds += answers
