@@ -50,7 +50,7 @@ def saved(tmp_path_factory):
     return H.save_llava_with_processor(root / "llava"), hf_tiny.vqa_files(root), root
 
 
-def _direct_answers(d, ann, root, method):
+def _direct_answers(d, ann, root, method, cls="LlavaForConditionalGeneration"):
     """The answers of the (patched) model question by question through the Python API."""
     import transformers
 
@@ -58,7 +58,7 @@ def _direct_answers(d, ann, root, method):
     from vlprune.data.images import open_image
     from vlprune.tasks.hf_vqa import lvlm_prompt
 
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
+    model = getattr(transformers, cls).from_pretrained(d).eval()
     if method is not None:
         vlprune.patch(model, *method[:1], **method[1])
     proc = transformers.AutoProcessor.from_pretrained(d)
@@ -91,6 +91,22 @@ def test_eval_vqa_hf_on_a_tiny_llava(saved, capsys, tmp_path, flags, method, tok
     truth = [e["answer"] for e in json.loads(ann.read_text())]
     assert out["examples"] == 4 and out["accuracy"] == pytest.approx(vqa_open_accuracy(got, truth))
     assert out["image_tokens"] == tokens
+
+
+@pytest.mark.parametrize("flags,method,tokens,batch", [
+    ([], None, None, "3"),  # two image sizes in a batch: the model's own packing
+    (["--method", "evit", "--layers", "1", "--keep", "0.5"], ("evit", dict(layers=(1,), keep=0.5)), 27, "1"),
+])
+def test_eval_vqa_hf_on_a_tiny_llava_next(saved, capsys, tmp_path, flags, method, tokens, batch):
+    _, ann, root = saved
+    d = H.save_llava_with_processor(tmp_path / "next", next_=True)
+    preds = tmp_path / "preds.json"
+    assert main(["eval", "vqa", "--hf", str(d), *flags, "--test", str(ann), "--images", str(root), "--batch-size",
+                 batch, "--predictions", str(preds), "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = [p["answer"] for p in json.loads(preds.read_text())]
+    assert got == _direct_answers(d, ann, root, method, "LlavaNextForConditionalGeneration")
+    assert out["image_tokens"] == tokens  # 3 crops x (8 kept + 1 fused) per image
 
 
 def test_eval_vqa_hf_errors(saved, capsys, tmp_path):

@@ -81,7 +81,8 @@ def bind(model: nn.Module) -> Optional[Binding]:
         one = px[:1, :1].flatten(0, 1) if px.dim() == 5 else px[:1]
         tower(one)  # one crop: how many tokens each crop keeps
         k = p.last_tokens
-        return (None if k == full else k * crops_per_image(model, sizes)), None
+        p.image_tokens = k * crops_per_image(model, sizes)  # per image, as the language model gets them
+        return (None if k == full else p.image_tokens), None
 
     def install(p: Patch) -> None:
         group = p.spec.groups[0] if p.spec.groups else None

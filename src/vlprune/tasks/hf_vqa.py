@@ -93,9 +93,8 @@ def _lvlm_answers(model: nn.Module, processor: Any, inputs: Dict[str, Any], max_
     st = getattr(p, "lvlm", None) if p is not None else None
     if st is not None and st.last_kept:
         return answers, st.last_kept[-1][1].sum(1).tolist()
-    if p is not None and p.last_tokens is not None:
-        return answers, [p.last_tokens] * len(answers)
-    return answers, []
+    per_image = getattr(p, "image_tokens", None) or getattr(p, "last_tokens", None)  # LLaVA-NeXT: all its crops
+    return answers, [per_image] * len(answers) if per_image is not None else []
 
 
 def evaluate_vqa(model: nn.Module, processor: Any, entries: Sequence[Dict[str, Any]], image_root: Path,
