@@ -237,3 +237,34 @@ def next_one(inputs, i):
     keep = inputs["attention_mask"][i].bool()
     return dict({k: inputs[k][i:i + 1, keep] for k in ("input_ids", "attention_mask")},
                 pixel_values=inputs["pixel_values"][i:i + 1], image_sizes=inputs["image_sizes"][i:i + 1])
+
+
+def save_llava_with_processor(directory, seed: int = 0, next_: bool = False):
+    """The tiny LLaVA (``next_``: LLaVA-NeXT, 1 x 2 / 2 x 1 tiles) saved with a local processor (CLIP image processor
+    at 32 px; a BERT word-piece tokenizer whose 120-entry vocabulary puts "<image>" at IMAGE_ID and "[PAD]" at
+    PAD_ID; no chat template) to ``directory``."""
+    import inspect
+
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "user", "assistant", ":", "what", "color", "is", "the",
+             "cube", "red", "blue", "how", "many", "two", "yes", "no", "?", "answer", "question", "using", "a",
+             "single", "word", "or", "phrase", "."]
+    vocab = words + [f"w{i}" for i in range(len(words), VOCAB)]
+    vocab[IMAGE_ID] = "<image>"
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters  # 5.x: vocab=, 4.x: vocab_file=
+    tok = transformers.BertTokenizerFast(**{"vocab" if "vocab" in params else "vocab_file": str(directory / "vocab.txt")})
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    size = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    how = dict(tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if next_:
+        ip = transformers.LlavaNextImageProcessor(**size, image_grid_pinpoints=[[32, 64], [64, 32]])
+        proc, model = transformers.LlavaNextProcessor(image_processor=ip, **how), llava_next(seed)
+    else:
+        ip = transformers.CLIPImageProcessor(**size)
+        proc, model = transformers.LlavaProcessor(image_processor=ip, **how), llava(seed)
+    model.save_pretrained(directory)
+    proc.save_pretrained(directory)
+    return directory

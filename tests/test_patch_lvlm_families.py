@@ -1,6 +1,7 @@
 """vlprune.patch on tiny random Qwen2-VL (M-RoPE) and LLaVA-NeXT (any-resolution tiles) from tests/hf_tiny_lvlm.py:
 identity at keep 1.0, FastV and TRIPS-LVLM against the naive layer-by-layer reference with the model's own
-position ids (selection, logits, cached greedy steps), batch = one by one, and the methods they do not take."""
+position ids (selection, logits, cached greedy steps), batch = one by one (the tower methods and the ones they
+do not take: test_patch_lvlm_towers.py)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,17 @@ def family(request):
     return build(), prompts(), one, image_id
 
 
-@pytest.mark.parametrize("method", ["fastv_llm", "trips_llm"])
-def test_keep_one_is_the_unpatched_model(family, method):
-    model, data, _, _ = family
+@pytest.mark.parametrize("method,how", [("fastv_llm", dict(keep=1.0)), ("trips_llm", dict(keep=1.0)),
+                                        ("sparsevlm", dict(layers=(1, 2), keep=(1.0, 1.0)))])
+def test_keep_one_is_the_unpatched_model(family, method, how):
+    assert_keep_one_is_unpatched(family[0], family[1], method, how)
+
+
+def assert_keep_one_is_unpatched(model, data, method, how):
+    """Logits and generated tokens under the patch equal the unpatched model's."""
     with torch.no_grad():
         ref, gen = model(**data).logits, model.generate(**data, **GEN)
-        vlprune.patch(model, method, keep=1.0)
+        vlprune.patch(model, method, **how)
         try:
             logits, out = model(**data).logits, model.generate(**data, **GEN)
         finally:
@@ -45,19 +51,8 @@ def test_keep_one_is_the_unpatched_model(family, method):
 @pytest.mark.parametrize("method,keep", [("fastv_llm", 0.5), ("trips_llm", 0.25)])
 def test_equals_the_naive_reference_and_one_by_one(family, method, keep):
     model, data, one_of, image_id = family
-    vlprune.patch(model, method, layers=(1,), keep=keep)
-    try:
-        with torch.no_grad():
-            logits = model(**data).logits
-            chosen = get_patch(model).lvlm.last_kept[0][1]
-            gen = model.generate(**data, **GEN)
-            L = data["input_ids"].shape[1]
-            for i in range(gen.shape[0]):
-                one = one_of(data, i)
-                alone = model.generate(**one, **GEN)
-                assert_same_new_tokens(gen[i, L:], alone[0, one["input_ids"].shape[1]:], i)
-    finally:
-        vlprune.unpatch(model)
+    logits, kept, gen = patched_batch_and_alone(model, data, one_of, method, layers=(1,), keep=keep)
+    chosen, L = kept[0][1], data["input_ids"].shape[1]
     for i in range(gen.shape[0]):
         one = one_of(data, i)
         with torch.no_grad():
@@ -70,8 +65,20 @@ def test_equals_the_naive_reference_and_one_by_one(family, method, keep):
                 assert int(step[-1].argmax()) == int(new[0, t]), (i, t)
 
 
-def test_vision_methods_are_refused_with_the_reason(family):
-    model = family[0]
-    with pytest.raises(ValueError, match=f"not supported on {type(model).__name__}.*use fastv_llm or trips_llm"):
-        vlprune.patch(model, "visionzip")
-    assert type(model).__name__ in vlprune.patch.supported_classes()
+def patched_batch_and_alone(model, data, one_of, method, **how):
+    """Under the patch: (logits, the kept records, generated batch); each row's new tokens equal its prompt alone's."""
+    vlprune.patch(model, method, **how)
+    try:
+        with torch.no_grad():
+            logits = model(**data).logits
+            st = getattr(get_patch(model), "lvlm", None)
+            kept = st.last_kept if st is not None else None
+            gen = model.generate(**data, **GEN)
+            L = data["input_ids"].shape[1]
+            for i in range(gen.shape[0]):
+                one = one_of(data, i)
+                alone = model.generate(**one, **GEN)
+                assert_same_new_tokens(gen[i, L:], alone[0, one["input_ids"].shape[1]:], i)
+    finally:
+        vlprune.unpatch(model)
+    return logits, kept, gen

@@ -27,7 +27,7 @@ def run_hf(args) -> int:
     from vlprune.tasks.hf_vqa import evaluate_vqa, load_processor
 
     if args.task not in ("vqa", "retrieval"):
-        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT) and retrieval (BLIP ITM, CLIP ITC, ViLT and BridgeTower pair scoring); got task {args.task!r}")
+        raise ValueError(f"--hf evaluates vqa (BLIP, ViLT, LLaVA, LLaVA-NeXT, Qwen2-VL) and retrieval (BLIP ITM, CLIP ITC, ViLT and BridgeTower pair scoring); got task {args.task!r}")
     if args.test is None or not Path(args.test).is_file():
         raise FileNotFoundError(f"--hf needs --test, a {args.task} annotation file; not found: {args.test}")
     root = Path(args.images) if args.images else Path(args.test).parent
@@ -35,6 +35,8 @@ def run_hf(args) -> int:
         raise FileNotFoundError(f"image root directory not found: {root}")
     entries = load_retrieval(args.test, "test") if args.task == "retrieval" else load_vqa(args.test)
     model = load_hf(args.hf)
+    if args.task == "vqa" and args.predictions is None:
+        _need_answers(model, entries, args.test)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     rc = method_config(args)
@@ -57,6 +59,21 @@ def run_hf(args) -> int:
                           "examples": res["examples"], "image_tokens": res["image_tokens"], "seconds": res["seconds"],
                           "model": args.hf}))
     return 0
+
+
+def _need_answers(model, entries, test) -> None:
+    """A vision-language LLM's open-ended answers are scored against every entry's "answer" list: refuse a file
+    without them unless the run only writes predictions."""
+    from vlprune.tasks.hf_vqa import LVLM_CLASSES
+
+    if type(model).__name__ not in LVLM_CLASSES:
+        return
+    for i, e in enumerate(entries):
+        a = e.get("answer")
+        if not isinstance(a, list) or not a or not all(isinstance(x, str) for x in a):
+            raise ValueError(f"{test}: entry {i} has no \"answer\" list of strings (the annotators' answers, got "
+                             f"{a!r}); the VQA accuracy of {type(model).__name__} needs one per question (give "
+                             "--predictions FILE to only write the answers)")
 
 
 def _retrieval(args, model, entries, root: Path, rc) -> int:

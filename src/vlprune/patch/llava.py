@@ -27,12 +27,12 @@ from ..reduce.state import ReduceContext, TokenState
 from . import clip
 from .base import Binding, Offer, Patch, register_family
 from .layers import EncoderView
-from .lvlm import LLMSlot, install_llm
+from .lvlm import LLMSlot, install_llm, no_tower_guide
 
 # the slot groups: "llm" (FastV, TRIPS-LVLM), "vision" (CLIP tower: EViT, ToMe, random), "projector" (VisionZip)
 OFFER = Offer({"llm": True, "vision": True, "projector": True},
               guide="the prompt guides the selection inside the language model",
-              excluded={"trips": "use trips_llm (the prompt guides the selection inside the language model)",
+              excluded={"trips": no_tower_guide("LLaVA"),
                         "elip": "it needs the text encoder's guide; use trips_llm",
                         "dynamicvit": "it is not wired into LLaVA", "lowres": "it is not wired into LLaVA"},
               reasons={"tip": "it needs a cross-modal encoder", "laps": "it is not wired into LLaVA"})
@@ -137,9 +137,11 @@ def tower_forward(p: Patch, views: List[Any], proj: ProjectorSlot, f: int, full:
     return forward
 
 
-def before_llm_call(p: Patch, fn: Callable, tower: nn.Module, cache: contextvars.ContextVar, image_id: int,
-                    pad_id: int, generate: bool) -> Callable:
-    """Wrap ``forward`` / ``generate``: run the tower once, drop the unused placeholders, call, restore the prompt."""
+def before_llm_call(fn: Callable, count: Callable[[Tensor, Dict[str, Any]], Tuple[Optional[int], Any]],
+                    cache: contextvars.ContextVar, image_id: int, pad_id: int, generate: bool) -> Callable:
+    """Wrap ``forward`` / ``generate``: learn how many image features the patched tower gives per image (``count``:
+    (k or None when unchanged, a tower output to reuse or None)), drop the unused placeholders, call, restore the
+    prompt."""
     sig = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -156,8 +158,9 @@ def before_llm_call(p: Patch, fn: Callable, tower: nn.Module, cache: contextvars
         ids, px = kwargs.get("input_ids"), kwargs.get("pixel_values")
         if ids is None or px is None:
             return fn(**kwargs)
-        out = tower(px)
-        k = p.last_tokens
+        k, hit = count(px, kwargs)
+        if k is None:
+            return fn(**kwargs)
         keep = placeholder_keep(ids, image_id, k)
         if bool(keep.all()):
             return fn(**kwargs)
@@ -166,7 +169,7 @@ def before_llm_call(p: Patch, fn: Callable, tower: nn.Module, cache: contextvars
         new["attention_mask"] = select_columns(mask if mask is not None else torch.ones_like(ids), keep, 0)
         if kwargs.get("labels") is not None:
             new["labels"] = select_columns(kwargs["labels"], keep, -100)
-        token = cache.set((px, out))
+        token = cache.set(hit)
         try:
             res = fn(**new)
         finally:
@@ -174,6 +177,24 @@ def before_llm_call(p: Patch, fn: Callable, tower: nn.Module, cache: contextvars
         return restore_prompt(res, ids, new["input_ids"].shape[1]) if generate else res
 
     return wrapper
+
+
+def install_tower(p: Patch, model: nn.Module, vb: Any, proj: ProjectorSlot, count: Callable) -> None:
+    """The overrides of a tower-side method (groups "vision", "projector") on a LLaVA-style model: the tower's
+    ``forward`` and the model's ``forward`` / ``generate`` (``count`` as in ``before_llm_call``)."""
+    cfg, tower = model.config, model.model.vision_tower
+    f = feature_layer(model, len(vb.views))
+    late = [i + 1 for i, v in enumerate(vb.views) if v.reducer is not None and i + 1 > f]
+    if late:
+        raise ValueError(f"{p.config.name}: vision layer(s) {late} come after LLaVA's feature layer {f}, whose output "
+                         f"the projector reads; choose layers in [1, {f}]")
+    cache: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_tower_{id(p)}", default=None)
+    full = cfg.vision_feature_select_strategy == "full"
+    p.override(tower, "forward", tower_forward(p, vb.views, proj, f, full, cache, tower))
+    pad = cfg.text_config.pad_token_id if getattr(cfg.text_config, "pad_token_id", None) is not None else 0
+    for meth in ("forward", "generate"):
+        p.override(model, meth, before_llm_call(getattr(model, meth), lambda px, kw: count(p, px, kw, tower), cache,
+                                                cfg.image_token_id, pad, meth == "generate"))
 
 
 def restore_prompt(res: Any, ids: Tensor, reduced_len: int) -> Any:
@@ -202,27 +223,20 @@ def bind(model: nn.Module) -> Optional[Binding]:
     slots = [LLMSlot(layer, i) for i, layer in enumerate(lm.layers)]
     proj = ProjectorSlot()
     cfg = model.config
-    f = feature_layer(model, len(vb.views))
-    full = cfg.vision_feature_select_strategy == "full"
+
+    def count(p: Patch, px: Tensor, kwargs: Dict[str, Any], tower: nn.Module) -> Tuple[int, Any]:
+        out = tower(px)  # once; the model's own call reuses it
+        return p.last_tokens, (px, out)
 
     def install(p: Patch) -> None:
         group = p.spec.groups[0] if p.spec.groups else None
         if group == "llm":
             install_llm(p, model, slots, cfg.image_token_id)
         elif group in ("vision", "projector"):
-            late = [i + 1 for i, v in enumerate(vb.views) if v.reducer is not None and i + 1 > f]
-            if late:
-                raise ValueError(f"{p.config.name}: vision layer(s) {late} come after LLaVA's feature layer {f}, whose "
-                                 f"output the projector reads; choose layers in [1, {f}]")
-            cache: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_tower_{id(p)}", default=None)
-            p.override(tower, "forward", tower_forward(p, vb.views, proj, f, full, cache, tower))
-            pad = cfg.text_config.pad_token_id if getattr(cfg.text_config, "pad_token_id", None) is not None else 0
-            for meth in ("forward", "generate"):
-                p.override(model, meth, before_llm_call(p, getattr(model, meth), tower, cache, cfg.image_token_id, pad,
-                                                        meth == "generate"))
+            install_tower(p, model, vb, proj, count)
 
     return Binding("llava", "llm", slots, vb.vision_width, cfg.text_config.hidden_size, vb.num_patches,
                    CLASSES[name], install, more={"vision": vb.views, "projector": [proj]})
 
 
-__all__ = ["bind", "CLASSES", "placeholder_keep", "select_columns"]
+__all__ = ["bind", "CLASSES", "placeholder_keep", "select_columns", "install_tower", "ProjectorSlot"]

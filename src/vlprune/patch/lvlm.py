@@ -21,9 +21,6 @@ Tensor letters: B batch, L prompt length, N image tokens per sample, H heads, d 
 from __future__ import annotations
 
 import functools
-import contextvars
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -31,6 +28,10 @@ from torch import Tensor, nn
 
 from ..reduce.fastv import fastv_scores
 from ..reduce.trips_lvlm import image_softmax_scores, inattentive_fusion
+from .lvlm_ops import (Call, LLMState, as_impl, cache_of, first, gather_seq, guide_logits, insert_after_image,
+                       kept_index, last_real_index, record_reduction, row_softmax, seen_tokens, shift_rope,
+                       topk_keep_mask)
+from .lvlm_sparsevlm import sparsevlm_layer
 
 
 class LLMSlot:
@@ -39,127 +40,6 @@ class LLMSlot:
     def __init__(self, layer: nn.Module, index: int) -> None:
         self.layer, self.index = layer, index
         self.reducer: Optional[nn.Module] = None
-
-
-# -- pure functions ---------------------------------------------------------------------------------------------
-def rotate_half(x: Tensor) -> Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, d), cos / sin (B, T, d) -> RoPE(x) (Llama's rotate-half form)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
-
-def last_real_index(mask2d: Tensor) -> Tensor:
-    """(B,) index of the last real token of each row of a 0/1 mask (B, L) (left or right padding)."""
-    L = mask2d.shape[1]
-    pos = torch.arange(L, device=mask2d.device).expand_as(mask2d)
-    return torch.where(mask2d.bool(), pos, torch.full_like(pos, -1)).max(1).values
-
-
-def query_row_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """q (B, H, d) one query per sample, k (B, Hkv, L, d) keys (grouped heads repeated) -> logits (B, H, L), fp32."""
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-    return torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * scale
-
-
-def row_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
-    """logits (B, H, L), allowed (B, L) bool keys -> softmax over the allowed keys (FastV's whole causal row)."""
-    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
-
-
-def topk_keep_mask(scores: Tensor, image: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """scores (B, N) per image token, image (B, L) bool -> (keep (B, L) bool: every non-image token and the top-k
-    image tokens; chosen (B, N) bool over the image tokens). Ties go to the lower index."""
-    B, N = scores.shape
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, order, True)
-    return (~image).masked_scatter(image, chosen), chosen
-
-
-def kept_index(keep: Tensor) -> Tensor:
-    """keep (B, L) bool with the same count per row -> (B, Lk) indices in order."""
-    B = keep.shape[0]
-    return keep.nonzero()[:, 1].view(B, -1)
-
-
-def insert_after_image(src: Tensor, image: Tensor) -> Tuple[Tensor, Tensor]:
-    """src (B, Lk) kept indices; image (B, L) -> (src' (B, Lk + 1) with the last image token's index inserted right
-    after the kept image tokens, slot (B,) where it went): the fused token's place and position."""
-    B, Lk = src.shape
-    L = image.shape[1]
-    last_img = torch.where(image, torch.arange(L, device=src.device), -1).max(1).values  # (B,)
-    slot = (src <= last_img[:, None]).sum(1)  # (B,)
-    col = torch.arange(Lk + 1, device=src.device).expand(B, -1)
-    prev = src.gather(1, (col - 1).clamp(min=0))
-    here = src.gather(1, col.clamp(max=Lk - 1))
-    out = torch.where(col < slot[:, None], here, torch.where(col == slot[:, None], last_img[:, None], prev))
-    return out, slot
-
-
-def causal_key_mask(key_ok: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
-    """The 4-D mask of a prefill over a (reduced) sequence: causal by sequence index, padded keys masked, each
-    token always sees itself (no fully masked rows). key_ok (B, T) bool -> (B, 1, T, T): bool for SDPA, additive
-    float for eager."""
-    T = key_ok.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=key_ok.device).tril()
-    allowed = (causal[None] & key_ok[:, None, :]) | torch.eye(T, dtype=torch.bool, device=key_ok.device)[None]
-    return as_impl(allowed[:, None], impl, dtype)
-
-
-def as_impl(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
-    if impl == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def gather_seq(t: Tensor, idx: Tensor) -> Tensor:
-    """t (B or 1, L, ...) gathered along the sequence with idx (B, Lk)."""
-    t = t.expand(idx.shape[0], *t.shape[1:])
-    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
-
-
-# -- per call and per cache state ------------------------------------------------------------------------------
-@dataclass
-class Call:
-    """One call of the language model: prefill (no cache yet) or decode."""
-
-    prefill: bool
-    mask2d: Tensor  # (B, L_total) 0/1, the caller's padding mask (ones when none was given)
-    image: Optional[Tensor]  # (B, L) bool image positions (prefill only)
-    cache: Any = None
-    # after a reduction at prefill: what the following layers get instead of the model's full-length tensors
-    key_ok: Optional[Tensor] = None
-    pe: Optional[Tuple[Tensor, Tensor]] = None
-    pos: Optional[Tensor] = None
-    mask4d: Optional[Tensor] = None
-    image_now: Optional[Tensor] = None  # (B, T) image positions in the current (reduced) sequence
-    kept: List[Tuple[int, Tensor]] = field(default_factory=list)  # (layer index, chosen (B, N)) records
-
-
-class LLMState:
-    """The LLM-side state of a patch: the current call (a context variable) and, per cache object, the prompt
-    length and each later layer's key padding mask, which decoding needs."""
-
-    def __init__(self) -> None:
-        self.call: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_llm_{id(self)}", default=None)
-        self.ids: contextvars.ContextVar = contextvars.ContextVar(f"vlprune_ids_{id(self)}", default=None)
-        self.by_cache: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-        self.last_kept: List[Tuple[int, Tensor]] = []  # the last prefill's (layer, chosen image tokens (B, N))
-
-
-def cache_of(kwargs: Dict[str, Any]) -> Any:
-    c = kwargs.get("cache")
-    return c if c is not None else kwargs.get("past_key_values")
-
-
-def seen_tokens(cache: Any) -> int:
-    if cache is None:
-        return 0
-    return int(cache.get_seq_length())
 
 
 # -- the overrides ----------------------------------------------------------------------------------------------
@@ -188,7 +68,7 @@ def lm_forward(st: LLMState, fn: Callable, image_token_id: int, what: str) -> Ca
                 raise ValueError(f"{what}: a language-model reduction needs input_ids (to find the image tokens), "
                                  "not inputs_embeds alone")
             image = ids == image_token_id
-        token = st.call.set(Call(past == 0, mask2d, image, cache))
+        token = st.call.set(Call(past == 0, mask2d, image, cache, embeds=emb if past == 0 else None))
         try:
             return fn(*args, **kwargs)
         finally:
@@ -218,24 +98,28 @@ def layer_forward(st: LLMState, slot: LLMSlot, fn: Callable, impl: Callable[[], 
                 return fn(hidden_states, **kwargs)
             out = reducing_layer(st, c, slot, r, fn, hidden_states, kwargs, impl())
             return (out,) if returns_tuple(slot.layer) else out  # transformers 4.x Qwen2-VL layers return tuples
-        key_ok = decode_key_mask(st, c, slot.index)
+        key_ok, shift = decode_key_mask(st, c, slot.index)
         if key_ok is not None:
             kwargs["attention_mask"] = as_impl(key_ok[:, None, None, :], impl(), hidden_states.dtype)
+        if shift is not None:
+            kwargs["position_embeddings"] = shift_rope(kwargs["position_embeddings"], shift[:, None], st.inv_freq())
         return fn(hidden_states, **kwargs)
 
     return forward
 
 
-def decode_key_mask(st: LLMState, c: Call, index: int) -> Optional[Tensor]:
-    """At decode, the key mask (B, cache + new) of decoder layer ``index`` when its cache holds a reduced prompt:
-    [the kept prompt keys' padding mask, the generated tokens'] (None: the layer caches the whole prompt)."""
+def decode_key_mask(st: LLMState, c: Call, index: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """At decode, for decoder layer ``index`` when its cache holds a reduced prompt: the key mask (B, cache + new)
+    [the kept prompt keys' padding mask, the generated tokens'] and the position shift (B,) of a method that
+    renumbers positions (None, None: the layer caches the whole prompt)."""
     saved = st.by_cache.get(c.cache) if c.cache is not None else None
     if saved is None:
-        return None
-    stages = [ok for at, ok in saved["stages"] if at < index]
+        return None, None
+    stages = [s for s in saved["stages"] if s[0] < index]
     if not stages:
-        return None
-    return torch.cat([stages[-1], c.mask2d[:, saved["length"]:].bool()], 1)
+        return None, None
+    _, ok, shift = stages[-1]
+    return torch.cat([ok, c.mask2d[:, saved["length"]:].bool()], 1), shift
 
 
 def returns_tuple(layer: nn.Module) -> bool:
@@ -244,47 +128,12 @@ def returns_tuple(layer: nn.Module) -> bool:
     return "tuple" in str(inspect.signature(type(layer).forward).return_annotation)
 
 
-def first(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def merged_rope(layer: nn.Module, t: Tensor) -> Tensor:
-    """(cos or sin) as one (B, L, d) tensor: transformers 4.x Qwen2-VL passes the three M-RoPE sections unmerged,
-    (3, B, L, d), and merges them in the attention with ``mrope_section``; 5.x passes them merged."""
-    if t.dim() != 4:
-        return t
-    section = list(layer.self_attn.rope_scaling["mrope_section"]) * 2
-    return torch.cat([m[i % 3] for i, m in enumerate(t.split(section, dim=-1))], dim=-1)
-
-
-def gather_pe(t: Tensor, idx: Tensor) -> Tensor:
-    """(cos or sin) gathered along the sequence: (B or 1, L, d), or (3, B or 1, L, d) unmerged M-RoPE."""
-    if t.dim() == 4:
-        return torch.stack([gather_seq(part, idx) for part in t])
-    return gather_seq(t, idx)
-
-
-def guide_logits(layer: nn.Module, x: Tensor, pe: Tuple[Tensor, Tensor], last: Tensor) -> Tensor:
-    """The last real prompt token's attention logits over every key of this layer, (B, H, L), one row per sample:
-    q = RoPE(W_q norm(x_last)), K = RoPE(W_k norm(x)) (the layer's own projections)."""
-    attn = layer.self_attn
-    d = attn.head_dim
-    B, L, _ = x.shape
-    h = layer.input_layernorm(x)
-    cos, sin = (t.expand(B, *t.shape[1:]) for t in (merged_rope(layer, u) for u in pe))
-    hq = h[torch.arange(B), last][:, None]  # (B, 1, D)
-    q = attn.q_proj(hq).view(B, 1, -1, d).transpose(1, 2)  # (B, H, 1, d)
-    bi = torch.arange(B)
-    q = apply_rope(q, cos[bi, last][:, None], sin[bi, last][:, None])[:, :, 0]
-    k = attn.k_proj(h).view(B, L, -1, d).transpose(1, 2)
-    k = apply_rope(k, cos, sin)
-    return query_row_logits(q, k, d ** -0.5)
-
-
 def reducing_layer(st: LLMState, c: Call, slot: LLMSlot, r: nn.Module, fn: Callable, x: Tensor,
                    kwargs: Dict[str, Any], impl: str) -> Tensor:
     """The layer that reduces (prefill): FastV ("post": the whole layer, then drop) or TRIPS-LVLM ("mid": the
     attention residual, drop + fuse, then the MLP)."""
+    if r.method == "sparsevlm":  # its own selection and recycling
+        return sparsevlm_layer(st, c, slot, r, fn, x, kwargs, impl)
     B, L, _ = x.shape
     key_ok = c.key_ok if c.key_ok is not None else c.mask2d[:, -L:].bool()
     image = c.image if c.key_ok is None else c.image_now
@@ -326,23 +175,6 @@ def reducing_layer(st: LLMState, c: Call, slot: LLMSlot, r: nn.Module, fn: Calla
     return new
 
 
-def record_reduction(st: LLMState, c: Call, slot: LLMSlot, src: Tensor, image: Tensor, key_ok: Tensor,
-                     kwargs: Dict[str, Any], impl: str, dtype: torch.dtype) -> None:
-    """After a reduction: the kept sequence's key mask, positions, (cos, sin) and 4-D mask for the later layers,
-    and (with a cache) the key masks decoding needs."""
-    new_ok = key_ok.gather(1, src)
-    c.key_ok = new_ok
-    c.image_now = image.gather(1, src)
-    cos, sin = kwargs["position_embeddings"]
-    c.pe = (gather_pe(cos, src), gather_pe(sin, src))
-    pos = kwargs.get("position_ids")
-    c.pos = None if pos is None or pos.dim() != 2 else gather_seq(pos[..., None], src)[..., 0]
-    c.mask4d = causal_key_mask(new_ok, impl, dtype)
-    if c.cache is not None:
-        saved = st.by_cache.setdefault(c.cache, {"length": c.mask2d.shape[1], "stages": []})
-        saved["stages"].append((slot.index, new_ok))
-
-
 def ids_capture(st: LLMState, fn: Callable) -> Callable:
     """Wrap the multimodal model's ``forward`` (it gets ``input_ids``) so the decoder layers see where the image
     tokens are."""
@@ -370,6 +202,13 @@ def no_labels(p: Patch, fn: Callable) -> Callable:
     return forward
 
 
+def no_tower_guide(family: str) -> str:
+    """Why TRIPS / ELIP-style text-guided selection cannot run in an LVLM's vision tower."""
+    return (f"{family} has no text encoder in the vision tower's space (the prompt is embedded by the language "
+            "model, after the projector), so no text guide reaches the tower; use trips_llm (TRIPS-style selection "
+            "guided by the prompt inside the language model) or sparsevlm")
+
+
 ATTN = ("sdpa", "eager")
 
 
@@ -381,6 +220,7 @@ def install_llm(p: Any, model: nn.Module, slots: List[LLMSlot], image_token_id: 
     if impl not in ATTN:
         raise ValueError(f"{p.config.name} supports attn_implementation {list(ATTN)} in the language model, got {impl!r}")
     st = LLMState()
+    st.inv_freq = lambda: lm.rotary_emb.inv_freq
     p.lvlm = st
     p.override(lm, "forward", lm_forward(st, lm.forward, image_token_id, type(model).__name__))
     for s in slots:
@@ -389,5 +229,4 @@ def install_llm(p: Any, model: nn.Module, slots: List[LLMSlot], image_token_id: 
     p.override(model, "forward", no_labels(p, model.forward))
 
 
-__all__ = ["install_llm", "LLMSlot", "LLMState", "lm_forward", "layer_forward", "apply_rope", "query_row_logits",
-           "topk_keep_mask", "insert_after_image", "causal_key_mask", "last_real_index"]
+__all__ = ["install_llm", "no_tower_guide", "LLMSlot", "LLMState", "lm_forward", "layer_forward"]

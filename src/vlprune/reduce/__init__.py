@@ -11,7 +11,7 @@ from .state import LayerTrace, ReduceContext, TokenState
 # The built-in methods, each registering itself on import: this order ("none", the text-guided methods, then the
 # baselines) is the order of list_methods(). A new built-in method is one module here and its test case.
 from . import none, trips, elip, tip, laps, evit, tome, dynamicvit, random, lowres  # noqa: E402,F401,I001
-from . import fastv, trips_lvlm, visionzip  # noqa: E402,F401,I001  (lvlm_only: listed by list_methods(lvlm=True))
+from . import fastv, trips_lvlm, visionzip, sparsevlm  # noqa: E402,F401,I001  (lvlm_only: listed by list_methods(lvlm=True))
 
 __all__ = [
     "ReduceConfig",
