@@ -104,9 +104,9 @@ def test_learned_methods_train_with_a_teacher(quick):
 
 
 def test_every_stage_has_a_cost_weight(quick):
-    from vlprune.demo.pipeline import _Plan
+    from vlprune.demo.pipeline import DemoLayout
 
-    weights = _Plan(quick, QUICK).weights()
+    weights = DemoLayout(quick, QUICK).weights()
     stages = [t["stage"] for t in json.loads((quick / "results.json").read_text())["stages"]]
     assert sorted(stages) == sorted(weights) and all(w > 0 for w in weights.values())
 
