@@ -133,10 +133,14 @@ class DemoLayout:
         for m in ("none",) + tuple(p.retrieval_methods):
             w[f"eval-ret-{m}"] = 0.4 * p.retrieval_k * 3 * ret_images  # image and caption queries (2 captions each)
         rows = 1 + len(METHODS) * len(p.task_keeps)
+        if p.caption.steps or p.grounding_expressions >= 0:
+            w["refs"] = 0.002 * sc.images  # writing the caption and referring-expression files
         if p.caption.steps:  # a captioned image (beam search) costs about 1.5 trained samples
             w["caption"] = float(p.caption.steps * p.caption.batch_size)
             w["eval-caption"] = 1.5 * (rows + 1) * min(p.caption_images or test_images, test_images)
         if p.grounding_expressions >= 0:
+            if p.grounding.steps and p.grounding_mode == "itm":
+                w["grounding"] = float(p.grounding.steps * p.grounding.batch_size)
             w["eval-grounding"] = 0.7 * rows * (p.grounding_expressions or 4 * test_images)
         return w
 
@@ -191,6 +195,10 @@ def _check_extras(prof: Profile) -> None:
                          ("grounding_expressions", prof.grounding_expressions, -1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"profile {prof.name}: {name} must be an integer >= {low}, got {v!r}")
+    if prof.grounding_mode not in ("itm", "caption") or (prof.grounding_mode == "caption" and not prof.caption.steps
+                                                          and prof.grounding_expressions >= 0):
+        raise ValueError(f"profile {prof.name}: grounding_mode must be 'itm' or 'caption' (with caption.steps > 0), "
+                         f"got {prof.grounding_mode!r} with caption.steps {prof.caption.steps}")
     bad = [k for k in prof.task_keeps if not (isinstance(k, (int, float)) and 0 < k <= 1)]
     if bad or not prof.task_keeps:
         raise ValueError(f"profile {prof.name}: task_keeps must be one or more keeps in (0, 1], got {list(prof.task_keeps)}")
@@ -366,8 +374,9 @@ def _task_points(plan: DemoLayout) -> List[tuple]:
 
 def _caption_grounding(st: Stages, plan: DemoLayout, res: Dict[str, Any], progress: bool) -> None:
     """Captioning (a training stage of its own, from retrieval-none) and the grounding of the scenes' referring
-    expressions on retrieval-none: the unpruned model, each method at the task keeps and the baselines, each row
-    with its 95% interval (``tasks.caption_rows``)."""
+    expressions (on retrieval-none, or on the ``grounding`` stage: retrieval-none fine-tuned on the training images'
+    expressions): the unpruned model, each method at the task keeps and the baselines, each row with its 95%
+    interval (``tasks.caption_rows``)."""
     from ..data.scenes_refs import write_scenes_refs
     from ..tasks.caption_rows import caption_rows, grounding_rows
     from . import steps
@@ -382,24 +391,35 @@ def _caption_grounding(st: Stages, plan: DemoLayout, res: Dict[str, Any], progre
     configs = [rc.to_dict() for _, _, rc in pts]
     ret = plan.out / "retrieval-none"
     if prof.caption.steps:
-        cfg = _train_cfg(plan, "caption", prof.caption, prof.seeds[0], "caption_train.json", None, ret)
-        res["train"]["caption"] = st.run("caption", _train_settings(plan, cfg, [st.keys["refs"], st.keys["retrieval-none"]]),
-                                         lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
+        ccfg = _train_cfg(plan, "caption", prof.caption, prof.seeds[0], "caption_train.json", None, ret)
+        res["train"]["caption"] = st.run(
+            "caption", _train_settings(plan, ccfg, [st.keys["refs"], st.keys["retrieval-none"]]),
+            lambda d: steps.train_run(d, ccfg, progress), keep_dir=True)
         settings = {"run": st.keys["caption"], "methods": configs, "images": prof.caption_images,
-                    "beams": prof.caption_beams, "n_boot": prof.n_boot, "batch": prof.eval_batch}
+                    "beams": prof.caption_beams, "n_boot": prof.n_boot, "batch": prof.eval_batch,
+                    "metric_tokenizer": prof.caption_metric_tokenizer}
         # text-guided methods (TRIPS, ELIP) are guided by the prompt's text [CLS]; image-only ones ignore it
         rows = st.run("eval-caption", settings, lambda d: {"rows": caption_rows(
             plan.out / "caption", methods, str(plan.data / "caption_test.json"), str(plan.data),
             batch_size=prof.eval_batch, n_boot=prof.n_boot, limit=prof.caption_images, num_beams=prof.caption_beams,
-            guide="prompt")})["rows"]
+            guide="prompt", tokenizer=prof.caption_metric_tokenizer)})["rows"]
         res["caption"] = [{**r, **k} for r, k in zip(rows, keeps + [{"keep": None}])]
     if prof.grounding_expressions >= 0:
-        settings = {"run": st.keys["retrieval-none"], "after": [st.keys["refs"]], "methods": configs,
+        if prof.grounding_mode == "caption":  # Grad-CAM of the captioner's likelihood of the expression
+            ret = plan.out / "caption"
+        elif prof.grounding.steps:  # ALBEF: the retrieval model fine-tuned on the referring expressions (ITC + ITM)
+            gcfg = _train_cfg(plan, "retrieval", prof.grounding, prof.seeds[0], "grounding_train.json", None, ret)
+            res["train"]["grounding"] = st.run(
+                "grounding", _train_settings(plan, gcfg, [st.keys["refs"], st.keys["retrieval-none"]]),
+                lambda d: steps.train_run(d, gcfg, progress), keep_dir=True)
+            ret = plan.out / "grounding"
+        settings = {"run": st.keys[ret.name], "after": [st.keys["refs"]], "methods": configs,
                     "expressions": prof.grounding_expressions, "layer": prof.grounding_layer, "n_boot": prof.n_boot,
-                    "batch": prof.eval_batch}
+                    "batch": prof.eval_batch, "mode": prof.grounding_mode}
         rows = st.run("eval-grounding", settings, lambda d: {"rows": grounding_rows(
             ret, methods, str(plan.data / "grounding_test.json"), str(plan.data), batch_size=prof.eval_batch,
-            n_boot=prof.n_boot, limit=prof.grounding_expressions, layer=prof.grounding_layer)})["rows"]
+            n_boot=prof.n_boot, limit=prof.grounding_expressions, layer=prof.grounding_layer,
+            mode=prof.grounding_mode)})["rows"]
         res["grounding_refs"] = [{**r, **k} for r, k in zip(rows, keeps + [{"keep": None}])]
 
 

@@ -105,6 +105,13 @@ class Profile:
     grounding_expressions: int = -1  # referring expressions per row (0 = all, -1 = no grounding rows)
     grounding_layer: Optional[int] = None  # Grad-CAM fusion layer, 0-based (None: the middle one, as ALBEF)
     task_keeps: Tuple[float, ...] = (0.7, 0.35)
+    caption_metric_tokenizer: str = "auto"  # "auto" (PTB when Java is present), "ptb" or "python"
+    # ALBEF's weakly supervised grounding fine-tune: retrieval-none trained further with ITC + ITM on the training
+    # images' referring expressions (no boxes); steps 0 = ground with retrieval-none itself
+    grounding: Recipe = Recipe(steps=0, lr=1e-3, batch_size=32, options={"hard_ramp": 1.0})
+    # "itm": Grad-CAM of the ITM score (ALBEF) of retrieval-none / the grounding stage; "caption": Grad-CAM of the
+    # captioner's likelihood of the expression (needs caption.steps > 0; docs/caption_grounding.md says why)
+    grounding_mode: str = "itm"
 
     def __post_init__(self) -> None:
         bad = [f for f in self.sweep + (self.main_keep,) if not 0 < f <= 1]
@@ -174,7 +181,8 @@ QUICK = Profile(
     grounding_questions=24, n_boot=500, ckpt_every=1000, smoke=True,
     learned={"dynamicvit": {"layers": (2, 3), "keep": 0.7}, "tip": {"layers": (1,), "keep": 0.6}},
     caption=Recipe(steps=3, lr=1e-3, batch_size=8), caption_images=4, caption_beams=2, grounding_expressions=8,
-    task_keeps=(0.5, 0.25),
+    task_keeps=(0.5, 0.25), caption_metric_tokenizer="python",
+    grounding=Recipe(steps=2, lr=1e-3, batch_size=8, options={"hard_ramp": 1.0}),
 )
 
 # Stage 1 trains the unpruned model on VQA from scratch (the blind row: on the constant image); stage 2 fine-tunes
