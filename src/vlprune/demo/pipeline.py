@@ -3,7 +3,8 @@
 data -> [pretrain] -> vqa-none, vqa-<method> (fine-tuned with each method at the main keep), vqa-blind,
 retrieval-none -> eval-vqa-* (the unpruned model with every method at every sweep keep, each fine-tuned run,
 the blind run; grounding with each), eval-ret-* -> [refs -> caption (from retrieval-none) -> eval-caption,
-eval-grounding (retrieval-none's referring-expression grounding)] -> bench -> overlays -> report (always rewritten).
+eval-grounding (referring expressions, with the captioner or retrieval-none)] -> bench -> overlays -> report
+(always rewritten).
 """
 
 from __future__ import annotations
@@ -139,8 +140,6 @@ class DemoLayout:
             w["caption"] = float(p.caption.steps * p.caption.batch_size)
             w["eval-caption"] = 1.5 * (rows + 1) * min(p.caption_images or test_images, test_images)
         if p.grounding_expressions >= 0:
-            if p.grounding.steps and p.grounding_mode == "itm":
-                w["grounding"] = float(p.grounding.steps * p.grounding.batch_size)
             w["eval-grounding"] = 0.7 * rows * (p.grounding_expressions or 4 * test_images)
         return w
 
@@ -374,9 +373,9 @@ def _task_points(plan: DemoLayout) -> List[tuple]:
 
 def _caption_grounding(st: Stages, plan: DemoLayout, res: Dict[str, Any], progress: bool) -> None:
     """Captioning (a training stage of its own, from retrieval-none) and the grounding of the scenes' referring
-    expressions (on retrieval-none, or on the ``grounding`` stage: retrieval-none fine-tuned on the training images'
-    expressions): the unpruned model, each method at the task keeps and the baselines, each row with its 95%
-    interval (``tasks.caption_rows``)."""
+    expressions (Grad-CAM of retrieval-none's ITM score, or of the captioner's likelihood of the expression): the
+    unpruned model, each method at the task keeps and the baselines, each row with its 95% interval
+    (``tasks.caption_rows``)."""
     from ..data.scenes_refs import write_scenes_refs
     from ..tasks.caption_rows import caption_rows, grounding_rows
     from . import steps
@@ -407,12 +406,6 @@ def _caption_grounding(st: Stages, plan: DemoLayout, res: Dict[str, Any], progre
     if prof.grounding_expressions >= 0:
         if prof.grounding_mode == "caption":  # Grad-CAM of the captioner's likelihood of the expression
             ret = plan.out / "caption"
-        elif prof.grounding.steps:  # ALBEF: the retrieval model fine-tuned on the referring expressions (ITC + ITM)
-            gcfg = _train_cfg(plan, "retrieval", prof.grounding, prof.seeds[0], "grounding_train.json", None, ret)
-            res["train"]["grounding"] = st.run(
-                "grounding", _train_settings(plan, gcfg, [st.keys["refs"], st.keys["retrieval-none"]]),
-                lambda d: steps.train_run(d, gcfg, progress), keep_dir=True)
-            ret = plan.out / "grounding"
         settings = {"run": st.keys[ret.name], "after": [st.keys["refs"]], "methods": configs,
                     "expressions": prof.grounding_expressions, "layer": prof.grounding_layer, "n_boot": prof.n_boot,
                     "batch": prof.eval_batch, "mode": prof.grounding_mode}

@@ -106,11 +106,8 @@ class Profile:
     grounding_layer: Optional[int] = None  # Grad-CAM fusion layer, 0-based (None: the middle one, as ALBEF)
     task_keeps: Tuple[float, ...] = (0.7, 0.35)
     caption_metric_tokenizer: str = "auto"  # "auto" (PTB when Java is present), "ptb" or "python"
-    # ALBEF's weakly supervised grounding fine-tune: retrieval-none trained further with ITC + ITM on the training
-    # images' referring expressions (no boxes); steps 0 = ground with retrieval-none itself
-    grounding: Recipe = Recipe(steps=0, lr=1e-3, batch_size=32, options={"hard_ramp": 1.0})
-    # "itm": Grad-CAM of the ITM score (ALBEF) of retrieval-none / the grounding stage; "caption": Grad-CAM of the
-    # captioner's likelihood of the expression (needs caption.steps > 0; docs/caption_grounding.md says why)
+    # "itm": Grad-CAM of retrieval-none's ITM score (ALBEF); "caption": Grad-CAM of the captioner's likelihood of
+    # the expression (needs caption.steps > 0). docs/caption_grounding.md: why the demo grounds with the captioner
     grounding_mode: str = "itm"
 
     def __post_init__(self) -> None:
@@ -181,8 +178,7 @@ QUICK = Profile(
     grounding_questions=24, n_boot=500, ckpt_every=1000, smoke=True,
     learned={"dynamicvit": {"layers": (2, 3), "keep": 0.7}, "tip": {"layers": (1,), "keep": 0.6}},
     caption=Recipe(steps=3, lr=1e-3, batch_size=8), caption_images=4, caption_beams=2, grounding_expressions=8,
-    task_keeps=(0.5, 0.25), caption_metric_tokenizer="python",
-    grounding=Recipe(steps=2, lr=1e-3, batch_size=8, options={"hard_ramp": 1.0}),
+    task_keeps=(0.5, 0.25), caption_metric_tokenizer="python", grounding_mode="caption",
 )
 
 # Stage 1 trains the unpruned model on VQA from scratch (the blind row: on the constant image); stage 2 fine-tunes
@@ -201,6 +197,7 @@ DEFAULT = Profile(
     learned=SCENES_LEARNED,
     retrieval_k=4, retrieval_images=100, grounding_questions=300,
     caption=Recipe(steps=150, lr=5e-4, batch_size=32), caption_images=100, grounding_expressions=300,
+    grounding_mode="caption",
 )
 
 FULL = Profile(
@@ -220,6 +217,7 @@ FULL = Profile(
     retrieval_k=8, retrieval_images=200, grounding_questions=600,
     bench_repeats=5,
     caption=Recipe(steps=600, lr=5e-4, batch_size=32), caption_images=300, grounding_expressions=1000,
+    grounding_mode="caption",
 )
 
 # The default demo on the text-relevance benchmark, with the default recipe. NOT the default yet: measured on

@@ -88,7 +88,9 @@ def _task_section(plan, res: Dict[str, Any]) -> List[Any]:
         n = p.grounding_expressions
         tables.append(Table(res["grounding_refs"], GROUNDING_COLUMNS, (
             f"grounding: {'the first %d' % n if n else 'all'} referring expressions of the test images, the box "
-            "chosen among every object's box by Grad-CAM of retrieval-none's ITM score, hit = IoU >= 0.5, 95% "
+            "chosen among every object's box by Grad-CAM of "
+            + ("the captioner's likelihood of the expression" if p.grounding_mode == "caption"
+               else "retrieval-none's ITM score") + ", hit = IoU >= 0.5, 95% "
             "bootstrap interval over expressions; random box: a uniformly drawn candidate; target patches kept: "
             "the share of the target's patches still kept as tokens of their own")))
     return [Section("Captioning and grounding", tables=tables)] if tables else []

@@ -6,6 +6,10 @@ middle one, ALBEF's layer 8 of 12 = the 3rd of 6 fusion layers): A = the cross-a
 heat = mean_heads mean_text(A * clamp(G, 0) * text mask) (the text mean over the padded length, as ALBEF).
 Zero-shot alternative (``alignment_heat``, LAPS-style patch-word alignment, no grounding training): per image token,
 the largest cosine over the caption's real words between the token and the word in the ITC embedding space.
+Captioner alternative (``caption_heat``, vlprune's): the same Grad-CAM on a captioner's fusion cross-attention, of
+the log-likelihood of the tokens that name the target when the expression is read as a caption
+(``caption_targets``); on the built-in scenes it beats the ITM protocol when ITM has not learned
+(docs/caption_grounding.md).
 
 Under reduction the heat exists only for the surviving tokens. ``heat_to_grid`` maps it back onto the patch grid
 through the trace's provenance: a kept token puts its heat on its patch; a token standing for several patches
