@@ -136,11 +136,11 @@ class DemoLayout:
         rows = 1 + len(METHODS) * len(p.task_keeps)
         if p.caption.steps or p.grounding_expressions >= 0:
             w["refs"] = 0.002 * sc.images  # writing the caption and referring-expression files
-        if p.caption.steps:  # a captioned image (beam search) costs about 1.5 trained samples
-            w["caption"] = float(p.caption.steps * p.caption.batch_size)
-            w["eval-caption"] = 1.5 * (rows + 1) * min(p.caption_images or test_images, test_images)
+        if p.caption.steps:  # measured (1 thread): a captioned image (beam 3) costs about 0.6 trained samples,
+            w["caption"] = float(p.caption.steps * p.caption.batch_size)  # a grounded expression about 0.4
+            w["eval-caption"] = 0.6 * (rows + 1) * min(p.caption_images or test_images, test_images)
         if p.grounding_expressions >= 0:
-            w["eval-grounding"] = 0.7 * rows * (p.grounding_expressions or 4 * test_images)
+            w["eval-grounding"] = 0.4 * rows * (p.grounding_expressions or 4 * test_images)
         return w
 
 
