@@ -110,3 +110,11 @@ def test_demo_rows_with_intervals_and_baselines(caption_run):
     rows = grounding_rows(caption_run, [None], n_boot=200)
     assert [r["method"] for r in rows] == ["none", "random box"]
     assert all(r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] for r in rows)
+
+
+def test_eval_grounding_with_the_captioner(caption_run, capsys):
+    argv = ["eval", "grounding", "--checkpoint", str(caption_run), "--grounding-mode", "caption", "--method", "evit",
+            "--layers", "2", "--keep", "0.5", "--threads", "1", "--quiet", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode"] == "caption" and 0 <= out["accuracy"] <= 100 and out["image_tokens"] == 10.0

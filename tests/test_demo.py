@@ -104,9 +104,9 @@ def test_learned_methods_train_with_a_teacher(quick):
 
 
 def test_every_stage_has_a_cost_weight(quick):
-    from vlprune.demo.pipeline import _Plan
+    from vlprune.demo.pipeline import DemoLayout
 
-    weights = _Plan(quick, QUICK).weights()
+    weights = DemoLayout(quick, QUICK).weights()
     stages = [t["stage"] for t in json.loads((quick / "results.json").read_text())["stages"]]
     assert sorted(stages) == sorted(weights) and all(w > 0 for w in weights.values())
 
@@ -277,3 +277,30 @@ def test_demo_grounding_equals_the_grounding_function(quick):
     row = next(r for r in res["relevance"] if r["key"] == "trips-k0.25")
     assert row["lift"]["mean"] == pytest.approx(want["lift"]) and row["sensitivity"]["mean"] == pytest.approx(want["sensitivity"])
     assert row["acc_survived"]["n"] + row["acc_lost"]["n"] == want["questions"]
+
+
+def test_quick_demo_caption_and_grounding_rows(quick):
+    """Captioning (its own stage, from retrieval-none) and referring-expression grounding: the unpruned row, every
+    method at each task keep, then the blind / random-box baseline, each with its interval."""
+    from vlprune.tasks.refgrounding import random_box_accuracy
+
+    res = json.loads((quick / "results.json").read_text())
+    methods = [m for m in METHODS for _ in QUICK.task_keeps]
+    cap, ground = res["caption"], res["grounding_refs"]
+    assert [r["method"] for r in cap] == ["none"] + methods + ["blind (grey image)"]
+    assert [r["method"] for r in ground] == ["none"] + methods + ["random box"]
+    assert [r["keep"] for r in cap[1:-1]] == [r["keep"] for r in ground[1:-1]] == list(QUICK.task_keeps) * len(METHODS)
+    for r in cap:
+        assert r["CIDEr_low"] <= r["CIDEr"] <= r["CIDEr_high"] and r["examples"] == QUICK.caption_images
+    for r in ground:
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] and r["examples"] == QUICK.grounding_expressions
+    assert all(r["image_tokens"] < cap[0]["image_tokens"] for r in cap[1:-1])
+    assert all(r["image_tokens"] < ground[0]["image_tokens"] for r in ground[1:-1])
+    entries = json.loads((quick / "data" / "grounding_test.json").read_text())[:QUICK.grounding_expressions]
+    assert ground[-1]["accuracy"] == pytest.approx(100 * sum(random_box_accuracy(entries)) / len(entries))
+    cfg = json.loads((quick / "caption" / "train_config.json").read_text())
+    assert cfg["task"] == "caption" and cfg["init"] == str(quick / "retrieval-none")
+    report = (quick / "report.md").read_text()
+    assert "## Captioning and grounding" in report and "| blind (grey image) |" in report and "| random box |" in report
+    assert any(s.startswith("Captioning (unpruned): CIDEr ") for s in res["sentences"])
+    assert any(s.startswith("Grounding of referring expressions (unpruned): accuracy ") for s in res["sentences"])

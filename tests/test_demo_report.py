@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vlprune.demo import QUICK
-from vlprune.demo.summary import compare, fmt_p, sentences
+from vlprune.demo.summary import compare, fmt_p, sentences, task_sentences
 from vlprune.viz.plots import Series, plot_curves
 from vlprune.viz.report import Figure, Section, Table, write_sections
 
@@ -191,3 +191,17 @@ def test_pick_questions_for_the_side_by_side_overlay():
     img, qs = pick_questions(entries, 2)
     assert img == "a" and [q["question_id"] for q in qs] == [1, 3]  # one question per object set
     assert pick_questions([e(1, "a", [1], "colour"), e(2, "a", [1], "shape"), e(3, "b", [], "exists")], 3) is None
+
+
+def test_caption_and_grounding_sentences_compare_with_the_baseline():
+    cap = [{"method": "none", "CIDEr": 90.0, "CIDEr_low": 80.0, "CIDEr_high": 100.0},
+           {"method": "evit", "CIDEr": 50.0, "CIDEr_low": 40.0, "CIDEr_high": 60.0},
+           {"method": "blind (grey image)", "CIDEr": 30.0, "CIDEr_low": 25.0, "CIDEr_high": 35.0}]
+    ground = [{"method": "none", "accuracy": 30.0, "accuracy_low": 20.0, "accuracy_high": 40.0},
+              {"method": "random box", "accuracy": 25.0, "accuracy_low": 22.0, "accuracy_high": 28.0}]
+    said = task_sentences({"caption": cap, "grounding_refs": ground})
+    assert said[0] == ("Captioning (unpruned): CIDEr 90.0 [80.0, 100.0] against 30.0 [25.0, 35.0] for the blind "
+                       "captioner (3.0x; the intervals do not overlap).")
+    assert said[1].startswith("Grounding of referring expressions (unpruned): accuracy 30.0 [20.0, 40.0] against 25.0")
+    assert "(1.2x; the intervals overlap: the model is not clearly above the baseline)" in said[1]
+    assert task_sentences({"caption": None}) == []

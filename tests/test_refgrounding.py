@@ -107,8 +107,67 @@ def test_scenes_refs_from_a_hand_made_scenes_file(tmp_path):
                                                       for i in range(20)]}
     (tmp_path / "scenes.json").write_text(json.dumps(scenes))
     counts = write_scenes_refs(tmp_path)
-    assert counts == {"caption_train": 18 * 3, "caption_test": 2, "grounding_test": 6}
+    assert counts == {"caption_train": 18 * 3, "caption_test": 2, "grounding_test": 6, "grounding_train": 18 * 3}
+    train = json.loads((tmp_path / "grounding_train.json").read_text())  # the training images' expressions only
+    test_images = {e["image"] for e in json.loads((tmp_path / "grounding_test.json").read_text())}
+    assert {e["image"] for e in train}.isdisjoint(test_images) and len({e["image"] for e in train}) == 18
+    assert all(e["caption"].startswith("the ") and e["image_id"] == int(e["image"][7:13]) for e in train)
     g = json.loads((tmp_path / "grounding_test.json").read_text())
     assert g[0]["candidates"] == [[2, 2, 6, 6], [20, 2, 10, 10], [5, 20, 7, 7]] and g[0]["bbox"] == [2, 2, 6, 6]
     assert all(e["bbox"] in e["candidates"] for e in g)
     assert load_grounding(tmp_path / "grounding_test.json")[0]["width"] == 32
+
+
+class _Tok:
+    """A word-level stand-in for the scenes tokenizer: one id per word, [CLS] = 1, [SEP] = 2, pad = 0."""
+
+    def __init__(self):
+        self.vocab: dict = {}
+        self.tok = self
+
+    def _ids(self, text):
+        return [self.vocab.setdefault(w, 5 + len(self.vocab)) for w in text.split()]
+
+    def encode(self, texts, max_len=None, add_special_tokens=True):
+        if isinstance(texts, str):  # the inner tokenizer's interface: .encode(text).ids
+            return type("E", (), {"ids": self._ids(texts)})()
+        rows = [[1] + self._ids(t) + [2] for t in texts]
+        L = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (L - len(r)) for r in rows])
+        return ids, (ids > 0).long()
+
+
+def test_caption_targets_score_the_target_phrase_only():
+    from vlprune.tasks.refgrounding import as_caption, caption_targets
+
+    assert as_caption("the small red triangle") == "a small red triangle" and as_caption("the oval") == "an oval"
+    ids, mask, score = caption_targets(_Tok(), ["the red circle", "the square left of the blue circle"], 32,
+                                       "a picture of ")
+    # [CLS] a picture of a red circle [SEP]: positions 3..5 predict "a red circle"; the relation's anchor is not scored
+    assert score[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert score[1].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert int(mask[1].sum()) == 12
+
+
+def test_caption_heat_matches_decode_and_follows_reduction():
+    from vlprune.models.captioner import cross_attention_probs, decode, image_kv
+    from vlprune.tasks.refgrounding import caption_heat, caption_targets
+
+    torch.manual_seed(0)
+    model = vlprune.build_model("tiny").eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids, mask, score = caption_targets(_Tok(), ["the red circle", "the square left of the blue circle"], 32, "a ")
+    image = model.encode_image(images)
+    with torch.no_grad():
+        full, _ = decode(model, ids, mask, image_kv(model, image))
+        logits, A = cross_attention_probs(model, ids, mask, image_kv(model, image), 0)
+    assert torch.allclose(full, logits, atol=1e-5) and A.shape[-1] == 17
+    assert torch.allclose(A.sum(-1), torch.ones(A.shape[:-1]), atol=1e-5)
+    heat, image = caption_heat(model, images, ids, mask, score)
+    assert heat.shape == (2, 17) and (heat >= 0).all() and float(heat.sum()) > 0
+    assert not any(p.grad is not None for p in model.parameters())
+    zero, _ = caption_heat(model, images, ids, mask, torch.zeros_like(score))  # nothing scored: no heat
+    assert float(zero.abs().sum()) == 0.0
+    vlprune.attach(model, vlprune.ReduceConfig("evit", layers=(2,), keep=0.5))
+    heat, image = caption_heat(model, images, ids, mask, score)
+    assert heat.shape == (2, 10) and image.source is not None

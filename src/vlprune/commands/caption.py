@@ -31,8 +31,9 @@ def add_caption_flags(p) -> None:
     g.add_argument("--metric-tokenizer", choices=("auto", "ptb", "python"), default="auto",
                    help="caption: PTB (Java) or the Python tokenisation before scoring (auto: PTB when Java is present)")
     g.add_argument("--dets", default=None, help="grounding: ALBEF's dets.json with the candidate boxes")
-    g.add_argument("--grounding-mode", choices=("itm", "align"), default="itm",
-                   help="grounding: Grad-CAM of the ITM score (ALBEF) or zero-shot patch-word alignment")
+    g.add_argument("--grounding-mode", choices=("itm", "align", "caption"), default="itm",
+                   help="grounding: Grad-CAM of the ITM score (ALBEF), zero-shot patch-word alignment, or Grad-CAM "
+                        "of a captioner's likelihood of the expression (--checkpoint a caption run)")
     g.add_argument("--grounding-layer", type=int, default=None,
                    help="grounding: 1-based fusion layer for Grad-CAM (default: the 3rd of 6, as ALBEF)")
 

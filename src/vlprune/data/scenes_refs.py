@@ -13,6 +13,8 @@ Written beside ``scenes.json``:
     caption_test_gt.json       COCO caption references of the test images      (coco_karpathy_test_gt.json)
     grounding_test.json        [{"image", "text", "ref_id", "image_id", "bbox": [x, y, w, h],
                                  "candidates": [[x, y, w, h], ...], "width", "height"}]   (RefCOCO+-style)
+    grounding_train.json       [{"image", "caption", "image_id"}]: the training images' referring expressions in
+                               the retrieval format (no boxes), for ALBEF's weakly supervised fine-tuning (ITC + ITM)
 
 The test split is the images of ``retrieval_test.json`` when it exists, else the last 10%. Referring expressions
 name the target by the fewest attributes that single it out among size, pattern, colour, shape ("the small red
@@ -155,7 +157,7 @@ def write_scenes_refs(root: Union[str, Path], seed: int = 0) -> Dict[str, int]:
             raise ValueError(f"{root / 'scenes.json'}: scene {i} needs 'image' and an 'objects' list")
     test = _test_images(root, scenes)
     S = int(meta.get("image_size") or 0)
-    cap_train, cap_test, ground = [], [], []
+    cap_train, cap_test, ground, ground_train = [], [], [], []
     for i, sc in enumerate(scenes):
         rng = np.random.default_rng([seed, i, 23])
         objs = [o for o in sc["objects"] if isinstance(o, dict) and "id" in o and "shape" in o]
@@ -164,6 +166,8 @@ def write_scenes_refs(root: Union[str, Path], seed: int = 0) -> Dict[str, int]:
         caps = scene_captions({**sc, "objects": objs}, rng)
         if sc["image"] not in test:
             cap_train += [{"image": sc["image"], "caption": c, "image_id": i} for c in caps]
+            exprs = [referring_expression(o, objs, rng) for o in objs]
+            ground_train += [{"image": sc["image"], "caption": x, "image_id": i} for x in exprs if x is not None]
             continue
         cap_test.append({"image": sc["image"], "caption": caps, "image_id": i})
         boxes = object_boxes({**sc, "objects": objs}, root)
@@ -179,4 +183,6 @@ def write_scenes_refs(root: Union[str, Path], seed: int = 0) -> Dict[str, int]:
     write_json(root / "caption_test.json", cap_test)
     write_json(root / "caption_test_gt.json", coco_references(cap_test))
     write_json(root / "grounding_test.json", ground)
-    return {"caption_train": len(cap_train), "caption_test": len(cap_test), "grounding_test": len(ground)}
+    write_json(root / "grounding_train.json", ground_train)
+    return {"caption_train": len(cap_train), "caption_test": len(cap_test), "grounding_test": len(ground),
+            "grounding_train": len(ground_train)}

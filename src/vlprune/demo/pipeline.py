@@ -2,7 +2,9 @@
 
 data -> [pretrain] -> vqa-none, vqa-<method> (fine-tuned with each method at the main keep), vqa-blind,
 retrieval-none -> eval-vqa-* (the unpruned model with every method at every sweep keep, each fine-tuned run,
-the blind run; grounding with each), eval-ret-* -> bench -> overlays -> report (always rewritten).
+the blind run; grounding with each), eval-ret-* -> [refs -> caption (from retrieval-none) -> eval-caption,
+eval-grounding (referring expressions, with the captioner or retrieval-none)] -> bench -> overlays -> report
+(always rewritten).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _prepare_out(out: Path, overwrite: bool, say: Callable[[str], None]) -> None
     out.mkdir(parents=True, exist_ok=True)
 
 
-class _Plan:
+class DemoLayout:
     """The names and settings of the stages, shared by the runner and the report."""
 
     def __init__(self, out: Path, prof: Profile):
@@ -131,6 +133,14 @@ class _Plan:
             w[f"eval-vqa-{self.lowres_px(size)[0]}"] = 0.35 * questions
         for m in ("none",) + tuple(p.retrieval_methods):
             w[f"eval-ret-{m}"] = 0.4 * p.retrieval_k * 3 * ret_images  # image and caption queries (2 captions each)
+        rows = 1 + len(METHODS) * len(p.task_keeps)
+        if p.caption.steps or p.grounding_expressions >= 0:
+            w["refs"] = 0.002 * sc.images  # writing the caption and referring-expression files
+        if p.caption.steps:  # measured (1 thread): a captioned image (beam 3) costs about 0.6 trained samples,
+            w["caption"] = float(p.caption.steps * p.caption.batch_size)  # a grounded expression about 0.4
+            w["eval-caption"] = 0.6 * (rows + 1) * min(p.caption_images or test_images, test_images)
+        if p.grounding_expressions >= 0:
+            w["eval-grounding"] = 0.4 * rows * (p.grounding_expressions or 4 * test_images)
         return w
 
 
@@ -151,7 +161,7 @@ def run_demo(out: Union[str, Path], profile: Union[str, Profile] = "default", ov
     out = Path(out)
     _prepare_out(out, overwrite, say)
     t_start = time.perf_counter()
-    plan = _Plan(out, prof)
+    plan = DemoLayout(out, prof)
     (out / MARKER).write_text(json.dumps({"profile": prof.name}))
     from ..config import to_dict
 
@@ -180,16 +190,27 @@ def _check_extras(prof: Profile) -> None:
     q = prof.overlay_questions
     if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 6:
         raise ValueError(f"profile {prof.name}: overlay_questions must be an integer in 2..6, got {q!r}")
+    for name, v, low in (("caption_images", prof.caption_images, 0), ("caption_beams", prof.caption_beams, 1),
+                         ("grounding_expressions", prof.grounding_expressions, -1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"profile {prof.name}: {name} must be an integer >= {low}, got {v!r}")
+    if prof.grounding_mode not in ("itm", "caption") or (prof.grounding_mode == "caption" and not prof.caption.steps
+                                                          and prof.grounding_expressions >= 0):
+        raise ValueError(f"profile {prof.name}: grounding_mode must be 'itm' or 'caption' (with caption.steps > 0), "
+                         f"got {prof.grounding_mode!r} with caption.steps {prof.caption.steps}")
+    bad = [k for k in prof.task_keeps if not (isinstance(k, (int, float)) and 0 < k <= 1)]
+    if bad or not prof.task_keeps:
+        raise ValueError(f"profile {prof.name}: task_keeps must be one or more keeps in (0, 1], got {list(prof.task_keeps)}")
 
 
-def _train_settings(plan: _Plan, cfg, after: List[str]) -> Dict[str, Any]:
+def _train_settings(plan: DemoLayout, cfg, after: List[str]) -> Dict[str, Any]:
     from ..config import to_dict
 
     d = {k: (v.replace(str(plan.out), "OUT") if isinstance(v, str) else v) for k, v in to_dict(cfg).items()}
     return {"train": d, "model": plan.prof.model, "after": after}
 
 
-def _train_cfg(plan: _Plan, task: str, recipe, seed: int, train_file: str, method=None, init: Optional[Path] = None,
+def _train_cfg(plan: DemoLayout, task: str, recipe, seed: int, train_file: str, method=None, init: Optional[Path] = None,
                options: Optional[Dict[str, Any]] = None):
     from ..train import TrainConfig
     from . import steps
@@ -203,7 +224,7 @@ def _train_cfg(plan: _Plan, task: str, recipe, seed: int, train_file: str, metho
                        task_options={**recipe.options, **(options or {})})
 
 
-def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
+def _run_stages(st: Stages, plan: DemoLayout, progress: bool) -> Dict[str, Any]:
     from . import steps
 
     prof, data = plan.prof, plan.data
@@ -262,6 +283,7 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
                                          "retrieval_chance": steps.retrieval_chance(data, prof.retrieval_images)})
     _vqa_evals(st, plan, res, progress)
     _retrieval_evals(st, plan, res, progress)
+    _caption_grounding(st, plan, res, progress)
     extra = [plan.lowres_px(size) for size in plan.extra_lowres()]
     configs = [point(prof, m, f, plan.cfg) for m, f in plan.sweep_points()] + [rc for _, rc, _ in extra]
     rows = st.run("bench", {"configs": [c.to_dict() for c in configs], "batch": prof.bench_batch,
@@ -283,7 +305,7 @@ def _run_stages(st: Stages, plan: _Plan, progress: bool) -> Dict[str, Any]:
     return res
 
 
-def _eval_stage(st: Stages, plan: _Plan, name: str, run: str, method, test_file: str, f: Optional[float],
+def _eval_stage(st: Stages, plan: DemoLayout, name: str, run: str, method, test_file: str, f: Optional[float],
                 ground: bool, progress: bool) -> Dict[str, Any]:
     from . import steps
 
@@ -303,7 +325,7 @@ def _eval_stage(st: Stages, plan: _Plan, name: str, run: str, method, test_file:
     return {**st.run(name, settings, go), "keep": f, "run": run}
 
 
-def _vqa_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> None:
+def _vqa_evals(st: Stages, plan: DemoLayout, res: Dict[str, Any], progress: bool) -> None:
     prof = plan.prof
     ev = res["vqa"]
     ev["none"] = {**_eval_stage(st, plan, "eval-vqa-none", "vqa-none", None, "vqa_test.json", 1.0, True, progress),
@@ -330,7 +352,7 @@ def _vqa_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> 
         ev[f"vqa-{m}"] = {**r, "method": m, "seed": prof.seeds[0], "setup": "fine-tuned with its losses"}
 
 
-def _retrieval_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: bool) -> None:
+def _retrieval_evals(st: Stages, plan: DemoLayout, res: Dict[str, Any], progress: bool) -> None:
     from . import steps
 
     prof = plan.prof
@@ -342,6 +364,56 @@ def _retrieval_evals(st: Stages, plan: _Plan, res: Dict[str, Any], progress: boo
             plan.out / "retrieval-none", rc, plan.data, prof.retrieval_k, prof.eval_batch, progress,
             prof.retrieval_images))
         res["retrieval"][m] = {**r, "keep": None if rc is None else prof.main_keep}
+
+
+def _task_points(plan: DemoLayout) -> List[tuple]:
+    """(method, keep, ReduceConfig) of the captioning and grounding rows: every method at every task keep."""
+    return [(m, f, point(plan.prof, m, f, plan.cfg)) for m in METHODS for f in plan.prof.task_keeps]
+
+
+def _caption_grounding(st: Stages, plan: DemoLayout, res: Dict[str, Any], progress: bool) -> None:
+    """Captioning (a training stage of its own, from retrieval-none) and the grounding of the scenes' referring
+    expressions (Grad-CAM of retrieval-none's ITM score, or of the captioner's likelihood of the expression): the
+    unpruned model, each method at the task keeps and the baselines, each row with its 95% interval
+    (``tasks.caption_rows``)."""
+    from ..data.scenes_refs import write_scenes_refs
+    from ..tasks.caption_rows import caption_rows, grounding_rows
+    from . import steps
+
+    prof = plan.prof
+    if not prof.caption.steps and prof.grounding_expressions < 0:
+        return
+    st.run("refs", {"after": [st.keys["data"]]}, lambda d: write_scenes_refs(plan.data))
+    pts = _task_points(plan)
+    methods = [None] + [rc for _, _, rc in pts]
+    keeps = [{"keep": None}] + [{"method": m, "keep": f} for m, f, _ in pts]
+    configs = [rc.to_dict() for _, _, rc in pts]
+    ret = plan.out / "retrieval-none"
+    if prof.caption.steps:
+        ccfg = _train_cfg(plan, "caption", prof.caption, prof.seeds[0], "caption_train.json", None, ret)
+        res["train"]["caption"] = st.run(
+            "caption", _train_settings(plan, ccfg, [st.keys["refs"], st.keys["retrieval-none"]]),
+            lambda d: steps.train_run(d, ccfg, progress), keep_dir=True)
+        settings = {"run": st.keys["caption"], "methods": configs, "images": prof.caption_images,
+                    "beams": prof.caption_beams, "n_boot": prof.n_boot, "batch": prof.eval_batch,
+                    "metric_tokenizer": prof.caption_metric_tokenizer}
+        # text-guided methods (TRIPS, ELIP) are guided by the prompt's text [CLS]; image-only ones ignore it
+        rows = st.run("eval-caption", settings, lambda d: {"rows": caption_rows(
+            plan.out / "caption", methods, str(plan.data / "caption_test.json"), str(plan.data),
+            batch_size=prof.eval_batch, n_boot=prof.n_boot, limit=prof.caption_images, num_beams=prof.caption_beams,
+            guide="prompt", tokenizer=prof.caption_metric_tokenizer)})["rows"]
+        res["caption"] = [{**r, **k} for r, k in zip(rows, keeps + [{"keep": None}])]
+    if prof.grounding_expressions >= 0:
+        if prof.grounding_mode == "caption":  # Grad-CAM of the captioner's likelihood of the expression
+            ret = plan.out / "caption"
+        settings = {"run": st.keys[ret.name], "after": [st.keys["refs"]], "methods": configs,
+                    "expressions": prof.grounding_expressions, "layer": prof.grounding_layer, "n_boot": prof.n_boot,
+                    "batch": prof.eval_batch, "mode": prof.grounding_mode}
+        rows = st.run("eval-grounding", settings, lambda d: {"rows": grounding_rows(
+            ret, methods, str(plan.data / "grounding_test.json"), str(plan.data), batch_size=prof.eval_batch,
+            n_boot=prof.n_boot, limit=prof.grounding_expressions, layer=prof.grounding_layer,
+            mode=prof.grounding_mode)})["rows"]
+        res["grounding_refs"] = [{**r, **k} for r, k in zip(rows, keeps + [{"keep": None}])]
 
 
 __all__ = ["run_demo", "available_cores", "MARKER"]

@@ -96,6 +96,19 @@ class Profile:
     # evaluation at the image size whose GFLOPs are nearest), and the questions of the side-by-side overlay
     matched_keeps: Tuple[float, ...] = (0.35, 0.25)
     overlay_questions: int = 3
+    # captioning (a training stage of its own, from retrieval-none; steps 0 = no captioning rows) and grounding of
+    # the scenes' referring expressions (Grad-CAM of retrieval-none's ITM score): the unpruned model, each method at
+    # task_keeps, and the blind-captioner / random-box baselines (docs/caption_grounding.md)
+    caption: Recipe = Recipe(steps=0, lr=1e-4, batch_size=32)
+    caption_images: int = 0  # test images captioned per row (0 = all)
+    caption_beams: int = 3  # 1 = greedy
+    grounding_expressions: int = -1  # referring expressions per row (0 = all, -1 = no grounding rows)
+    grounding_layer: Optional[int] = None  # Grad-CAM fusion layer, 0-based (None: the middle one, as ALBEF)
+    task_keeps: Tuple[float, ...] = (0.7, 0.35)
+    caption_metric_tokenizer: str = "auto"  # "auto" (PTB when Java is present), "ptb" or "python"
+    # "itm": Grad-CAM of retrieval-none's ITM score (ALBEF); "caption": Grad-CAM of the captioner's likelihood of
+    # the expression (needs caption.steps > 0). docs/caption_grounding.md: why the demo grounds with the captioner
+    grounding_mode: str = "itm"
 
     def __post_init__(self) -> None:
         bad = [f for f in self.sweep + (self.main_keep,) if not 0 < f <= 1]
@@ -164,6 +177,8 @@ QUICK = Profile(
     retrieval_k=4, eval_batch=32, bench_batch=4, bench_repeats=1, bench_text_len=8,
     grounding_questions=24, n_boot=500, ckpt_every=1000, smoke=True,
     learned={"dynamicvit": {"layers": (2, 3), "keep": 0.7}, "tip": {"layers": (1,), "keep": 0.6}},
+    caption=Recipe(steps=3, lr=1e-3, batch_size=8), caption_images=4, caption_beams=2, grounding_expressions=8,
+    task_keeps=(0.5, 0.25), caption_metric_tokenizer="python", grounding_mode="caption",
 )
 
 # Stage 1 trains the unpruned model on VQA from scratch (the blind row: on the constant image); stage 2 fine-tunes
@@ -181,6 +196,8 @@ DEFAULT = Profile(
     main_keep=0.35,
     learned=SCENES_LEARNED,
     retrieval_k=4, retrieval_images=100, grounding_questions=300,
+    caption=Recipe(steps=150, lr=5e-4, batch_size=32), caption_images=100, grounding_expressions=300,
+    grounding_mode="caption",
 )
 
 FULL = Profile(
@@ -199,6 +216,8 @@ FULL = Profile(
     seed_rows=("none", "blind", "trips", "evit"),
     retrieval_k=8, retrieval_images=200, grounding_questions=600,
     bench_repeats=5,
+    caption=Recipe(steps=600, lr=5e-4, batch_size=32), caption_images=300, grounding_expressions=1000,
+    grounding_mode="caption",
 )
 
 # The default demo on the text-relevance benchmark, with the default recipe. NOT the default yet: measured on

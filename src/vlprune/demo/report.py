@@ -21,7 +21,7 @@ NAMES = {m: get_spec(m).title for m in list(METHODS) + ["lowres"]}  # display na
 def environment(threads: int) -> Dict[str, Any]:
     import torch
 
-    from .pipeline import available_cores
+    from ..runtime import available_cores
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": platform.machine(), "processor": _cpu_name(),
@@ -56,6 +56,44 @@ PAIRED_COLUMNS = [
     ("acc_b", "B acc", ".1f"), (lambda t: f"{t['diff']:+.1f} [{t['low']:+.1f}, {t['high']:+.1f}]", "A - B [95% CI]", ""),
     (lambda t: S.fmt_p(t["p_mcnemar"]), "McNemar", ""), (lambda t: S.fmt_p(t["p_bootstrap"]), "paired bootstrap", ""),
 ]
+
+
+
+def _interval(key: str):
+    return lambda r: f"{r[key]:.1f} [{r[key + '_low']:.1f}, {r[key + '_high']:.1f}]"
+
+
+CAPTION_COLUMNS = [
+    ("method", "method", ""), ("keep", "keep", "g"), (_interval("CIDEr"), "CIDEr [95% CI]", ""), ("Bleu_4", "BLEU-4", ".1f"),
+    ("ROUGE_L", "ROUGE-L", ".1f"), ("image_tokens", "image tokens", ".1f"), ("seconds_per_image", "s per image", ".3f"),
+]
+GROUNDING_COLUMNS = [
+    ("method", "method", ""), ("keep", "keep", "g"), (_interval("accuracy"), "accuracy [95% CI]", ""),
+    ("kept_fraction", "target patches kept (%)", ".1f"), ("image_tokens", "image tokens", ".1f"),
+]
+
+
+def _task_section(plan, res: Dict[str, Any]) -> List[Any]:
+    """The captioning and grounding tables (none when the profile has no such rows)."""
+    from ..viz.report import Section, Table
+
+    p, tables = plan.prof, []
+    if res.get("caption"):
+        tables.append(Table(res["caption"], CAPTION_COLUMNS, (
+            f"captioning: a captioner trained {p.caption.steps} steps from retrieval-none, beam {p.caption_beams}, on "
+            f"{'the first %d' % p.caption_images if p.caption_images else 'all'} test images; CIDEr-D x100 with a 95% "
+            "bootstrap interval over images; blind: the same captioner given a grey image; text-guided methods are "
+            "guided by the prompt's text")))
+    if res.get("grounding_refs"):
+        n = p.grounding_expressions
+        tables.append(Table(res["grounding_refs"], GROUNDING_COLUMNS, (
+            f"grounding: {'the first %d' % n if n else 'all'} referring expressions of the test images, the box "
+            "chosen among every object's box by Grad-CAM of "
+            + ("the captioner's likelihood of the expression" if p.grounding_mode == "caption"
+               else "retrieval-none's ITM score") + ", hit = IoU >= 0.5, 95% "
+            "bootstrap interval over expressions; random box: a uniformly drawn candidate; target patches kept: "
+            "the share of the target's patches still kept as tokens of their own")))
+    return [Section("Captioning and grounding", tables=tables)] if tables else []
 
 
 def _plots(plan, sweep: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> List[Any]:
@@ -139,7 +177,7 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
     seeds = S.seed_rows(prof, res)
     said, informative = S.sentences(prof, rows, tests, seeds)
     rel = R.relevance_numbers(plan, res, tests)
-    said += rel["guidance"] + [R.check_sentence(rel["checks"])] + rel["findings"]
+    said += rel["guidance"] + [R.check_sentence(rel["checks"])] + rel["findings"] + S.task_sentences(res)
     env = environment(threads)
     (plan.out / "report").mkdir(exist_ok=True)
     sections = [
@@ -156,6 +194,7 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
                                       "questions only one of them gets right (exact below 25 such questions) and the "
                                       "paired-bootstrap p-value."], tables=[Table(tests, PAIRED_COLUMNS)]),
     ]
+    sections += _task_section(plan, res)
     extra = relevance_sections(plan, rel)
     sections[2:2] = extra[:1]  # the targets right after the setup
     sections += extra[1:]
@@ -182,6 +221,7 @@ def write_demo_report(plan, res: Dict[str, Any], st, threads: int, seconds: floa
                "informative": informative, "sentences": said, "rows": rows, "sweep": sweep, "paired": tests,
                "seeds": seeds, "baselines": res["baselines"], "vqa": res["vqa"], "retrieval": res["retrieval"],
                "bench": res["bench"], "train": res["train"], "data": res["data"],
+               "caption": res.get("caption"), "grounding_refs": res.get("grounding_refs"),
                **{k: rel[k] for k in ("checks", "per_type", "relevance", "matched", "objects_to_budget", "findings",
                                       "guidance")}}
     (plan.out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -162,6 +162,28 @@ def sentences(prof, rows: List[Dict[str, Any]], tests: List[Dict[str, Any]],
     return out, clear
 
 
+def _baseline_sentence(task: str, metric: str, key: str, rows: List[Dict[str, Any]], base: str) -> str:
+    """"<task> (unpruned): <metric> X [l, h] against Y [l, h] for <base> (r x)": the first row (unpruned) against
+    the last (the baseline), with whether their 95% intervals overlap."""
+    u, b = rows[0], rows[-1]
+    ratio = f"{u[key] / b[key]:.1f}x" if b[key] > 0 else "the baseline is 0"
+    apart = ("the intervals do not overlap" if u[f"{key}_low"] > b[f"{key}_high"]
+             else "the intervals overlap: the model is not clearly above the baseline")
+    return (f"{task} (unpruned): {metric} {u[key]:.1f} [{u[f'{key}_low']:.1f}, {u[f'{key}_high']:.1f}] against "
+            f"{b[key]:.1f} [{b[f'{key}_low']:.1f}, {b[f'{key}_high']:.1f}] for {base} ({ratio}; {apart}).")
+
+
+def task_sentences(res: Dict[str, Any]) -> List[str]:
+    """The captioning and grounding rows' headline: the unpruned model against its baseline."""
+    out = []
+    if res.get("caption"):
+        out.append(_baseline_sentence("Captioning", "CIDEr", "CIDEr", res["caption"], "the blind captioner"))
+    if res.get("grounding_refs"):
+        out.append(_baseline_sentence("Grounding of referring expressions", "accuracy", "accuracy",
+                                      res["grounding_refs"], "a random candidate box"))
+    return out
+
+
 def _name(m: str) -> str:
     """A method's display name (its declared title); other rows ("blind") as they are."""
     from ..reduce.registry import METHODS as REGISTERED
@@ -169,4 +191,4 @@ def _name(m: str) -> str:
     return REGISTERED.get(m).title if m in REGISTERED else m
 
 
-__all__ = ["main_rows", "sweep_rows", "paired_tests", "seed_rows", "sentences", "compare", "fmt_p"]
+__all__ = ["main_rows", "sweep_rows", "paired_tests", "seed_rows", "sentences", "task_sentences", "compare", "fmt_p"]

@@ -106,11 +106,22 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout: fl
     return out.transpose(1, 2).reshape(B, Lq, H * d)
 
 
+def _explicit(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], probs: List[Tensor]) -> Tensor:
+    """``_attend`` (no dropout) with the attention probabilities (B, H, Lq, T) made explicit, kept in the autograd
+    graph and appended to ``probs``."""
+    B, H, Lq, d = q.shape
+    logits = q @ k.transpose(-2, -1) / math.sqrt(d)
+    A = (logits if bias is None else logits + bias.to(q.dtype)).softmax(-1)
+    probs.append(A)
+    return (A @ v).transpose(1, 2).reshape(B, Lq, H * d)
+
+
 def _layer(layer: nn.Module, x: Tensor, bias: Tensor, kv: Optional[Tuple[Tensor, Tensor]],
            cross: Optional[Tuple[Tensor, Tensor]], cross_bias: Optional[Tensor],
-           train: bool) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+           train: bool, probs: Optional[List[Tensor]] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """One post-norm layer (``models.text.TextLayer``'s maths) on new tokens x (B, l, D); ``kv``: cached
-    self-attention keys / values of earlier tokens; returns (output, keys / values incl. the new tokens)."""
+    self-attention keys / values of earlier tokens; returns (output, keys / values incl. the new tokens).
+    ``probs``: a list that receives the cross-attention probabilities (computed explicitly, for Grad-CAM)."""
     a = layer.attn
     p = a.dropout if train else 0.0
     q, k, v = a._split(a.qkv(x), 3).unbind(0)
@@ -122,7 +133,9 @@ def _layer(layer: nn.Module, x: Tensor, bias: Tensor, kv: Optional[Tuple[Tensor,
         if cross is None:
             raise ValueError("a fusion layer needs the image's keys and values (image_kv)")
         cq = c._split(c.q(x), 1)[0]
-        x = layer.cross_ln(x + layer.drop(c.proj(_attend(cq, cross[0], cross[1], cross_bias, p))))
+        att = (_attend(cq, cross[0], cross[1], cross_bias, p) if probs is None
+               else _explicit(cq, cross[0], cross[1], cross_bias, probs))
+        x = layer.cross_ln(x + layer.drop(c.proj(att)))
     return layer.mlp_ln(x + layer.mlp(x)), (k, v)
 
 
@@ -149,6 +162,25 @@ def decode(model: nn.Module, ids: Tensor, mask: Tensor, cache: DecoderCache, use
         new_kv.append(kv)
     logits = model.mlm_head(x)
     return logits, DecoderCache(new_kv, cache.cross_kv, full, start + l, cache.cross_bias)
+
+
+def cross_attention_probs(model: nn.Module, ids: Tensor, mask: Tensor, cache: DecoderCache,
+                          layer: int) -> Tuple[Tensor, Tensor]:
+    """(logits (B, L, V), cross-attention probabilities (B, H, L, T) of fusion layer ``layer``, 0-based) of the
+    whole sequences ``ids`` in eval mode, both in the autograd graph: ``decode`` for Grad-CAM."""
+    layers = decoder_layers(model)
+    first = len(layers) - len(model.fusion.layers)
+    if not 0 <= layer < len(model.fusion.layers):
+        raise ValueError(f"fusion layer must be in [0, {len(model.fusion.layers) - 1}] (0-based), got {layer}")
+    emb = model.text.embeddings
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    x = emb.ln(emb.word(ids) + emb.position(pos)[None] + emb.token_type(torch.zeros_like(ids)))
+    bias = causal_bias(mask, x.dtype)
+    probs: List[Tensor] = []
+    for i, lyr in enumerate(layers):
+        x, _ = _layer(lyr, x, bias, None, cache.cross_kv[i], cache.cross_bias, False,
+                      probs if i == first + layer else None)
+    return model.mlm_head(x), probs[0]
 
 
 def lm_loss(logits: Tensor, labels: Tensor, smoothing: float = 0.1) -> Tensor:

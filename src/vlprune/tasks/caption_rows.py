@@ -35,6 +35,11 @@ def _load(run, method):
     return model, tok, data
 
 
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be an integer >= 0 (0 = every entry), got {limit!r}")
+
+
 def _interval(name: str, scores: Sequence[float], n_boot: int) -> Dict[str, float]:
     ci = bootstrap_ci(scores, n_boot=n_boot)
     return {name: ci.mean, f"{name}_low": ci.low, f"{name}_high": ci.high}
@@ -54,9 +59,12 @@ def caption_scores_of(model, tok, entries, loader, batch_size: int = 32, blind: 
 
 
 def caption_rows(run, methods: Sequence[Any], test: Optional[str] = None, images: Optional[str] = None,
-                 batch_size: int = 32, n_boot: int = 2000, blind: bool = True, **task_options: Any) -> List[Dict[str, Any]]:
+                 batch_size: int = 32, n_boot: int = 2000, blind: bool = True, limit: int = 0,
+                 **task_options: Any) -> List[Dict[str, Any]]:
     """One row per method (None = unpruned; a method name or ReduceConfig) of a caption run, then the blind row:
-    {"method", "CIDEr", "CIDEr_low", "CIDEr_high", "Bleu_4", "ROUGE_L", "image_tokens", "seconds_per_image"}."""
+    {"method", "CIDEr", "CIDEr_low", "CIDEr_high", "Bleu_4", "ROUGE_L", "image_tokens", "seconds_per_image"}.
+    ``limit``: caption the first ``limit`` test images only (0 = all)."""
+    _check_limit(limit)
     task = CaptionTask(**task_options)
     rows = []
     plan = [(m, False) for m in methods] + ([(None, True)] if blind else [])
@@ -64,6 +72,7 @@ def caption_rows(run, methods: Sequence[Any], test: Optional[str] = None, images
         model, tok, data = _load(run, method)
         path = Path(test) if test else data / task.scenes_test
         entries = task.load_test(path)
+        entries = entries[:limit] if limit else entries
         loader = ImageLoader.for_model(model.cfg.vision, Path(images) if images else path.parent)
         r = caption_scores_of(model, tok, entries, loader, batch_size, is_blind, task)
         rc = model.method_config
@@ -77,9 +86,12 @@ def caption_rows(run, methods: Sequence[Any], test: Optional[str] = None, images
 
 
 def grounding_rows(run, methods: Sequence[Any], test: Optional[str] = None, images: Optional[str] = None,
-                   batch_size: int = 32, n_boot: int = 2000, mode: str = "itm") -> List[Dict[str, Any]]:
+                   batch_size: int = 32, n_boot: int = 2000, mode: str = "itm", limit: int = 0,
+                   layer: Optional[int] = None) -> List[Dict[str, Any]]:
     """One row per method of a two-stream run (pre-training or retrieval) on the grounding test file, then the
-    random-box row: {"method", "accuracy", "accuracy_low", "accuracy_high", "kept_fraction", "image_tokens"}."""
+    random-box row: {"method", "accuracy", "accuracy_low", "accuracy_high", "kept_fraction", "image_tokens"}.
+    ``limit``: the first ``limit`` expressions only (0 = all); ``layer``: the Grad-CAM fusion layer (0-based)."""
+    _check_limit(limit)
     from ..data.scenes_refs import write_scenes_refs
     from .refgrounding import evaluate_grounding, load_grounding, random_box_accuracy
 
@@ -91,9 +103,10 @@ def grounding_rows(run, methods: Sequence[Any], test: Optional[str] = None, imag
         if not path.is_file() and test is None:
             write_scenes_refs(data)
         entries = load_grounding(path)
+        entries = entries[:limit] if limit else entries
         loader = ImageLoader.for_model(model.cfg.vision, Path(images) if images else path.parent)
         t0 = time.perf_counter()
-        res = evaluate_grounding(model, entries, loader, tok, batch_size, mode)
+        res = evaluate_grounding(model, entries, loader, tok, batch_size, mode, layer)
         rc = model.method_config
         rows.append({"method": "none" if rc is None else rc.name, "method_config": None if rc is None else rc.to_dict(),
                      **_interval("accuracy", [100 * h for h in res["hits"]], n_boot),

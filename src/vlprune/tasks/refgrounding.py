@@ -6,6 +6,10 @@ middle one, ALBEF's layer 8 of 12 = the 3rd of 6 fusion layers): A = the cross-a
 heat = mean_heads mean_text(A * clamp(G, 0) * text mask) (the text mean over the padded length, as ALBEF).
 Zero-shot alternative (``alignment_heat``, LAPS-style patch-word alignment, no grounding training): per image token,
 the largest cosine over the caption's real words between the token and the word in the ITC embedding space.
+Captioner alternative (``caption_heat``, vlprune's): the same Grad-CAM on a captioner's fusion cross-attention, of
+the log-likelihood of the tokens that name the target when the expression is read as a caption
+(``caption_targets``); on the built-in scenes it beats the ITM protocol when ITM has not learned
+(docs/caption_grounding.md).
 
 Under reduction the heat exists only for the surviving tokens. ``heat_to_grid`` maps it back onto the patch grid
 through the trace's provenance: a kept token puts its heat on its patch; a token standing for several patches
@@ -167,6 +171,50 @@ def alignment_heat(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor):
     return sim.max(-1).values, image
 
 
+def as_caption(expression: str) -> str:
+    """A referring expression read as a caption of the scenes' style: "the small red triangle" -> "a small red
+    triangle"."""
+    words = expression.strip()
+    words = words[4:] if words.lower().startswith("the ") else words
+    return ("an " if words[:1].lower() in "aeiou" else "a ") + words
+
+
+def caption_targets(tok, texts: Sequence[str], max_len: int, prompt: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(ids, mask, score) of ``prompt + as_caption(text)`` per text: score (B, L) is 1 at the positions whose next
+    token belongs to the phrase naming the target (the caption up to " left of " / " right of ": a relation's
+    anchor is not the target)."""
+    caps = [as_caption(t) for t in texts]
+    ids, mask = tok.encode([prompt + c for c in caps], max_len)
+    score = torch.zeros_like(mask)
+    start = len(tok.tok.encode(prompt, add_special_tokens=False).ids) + 1  # [CLS] + prompt
+    for b, c in enumerate(caps):
+        head = c.split(" left of ")[0].split(" right of ")[0]
+        end = min(len(tok.tok.encode(prompt + head, add_special_tokens=False).ids) + 1, int(mask[b].sum()) - 1)
+        score[b, start - 1:end - 1] = 1  # position i predicts token i + 1
+    return ids, mask, score
+
+
+def caption_heat(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor, score: Tensor,
+                 layer: Optional[int] = None):
+    """(token heat (B, T), traced image state): Grad-CAM, on the cross-attention of the captioner's fusion layer
+    ``layer`` (default the middle one), of the log-likelihood of the target's tokens (``caption_targets``) given
+    the image. The image tokens are reduced guided by the caption's text, without gradient."""
+    from ..models.captioner import cross_attention_probs, image_kv
+
+    n = len(model.fusion.layers)
+    layer = (n - 1) // 2 if layer is None else int(layer)
+    with torch.no_grad():
+        image = model.encode_image(images, model.encode_text(ids, mask), mask, trace=True)
+    with torch.enable_grad():
+        image = image.replace(x=image.x.detach())
+        logits, A = cross_attention_probs(model, ids, mask, image_kv(model, image), layer)
+        lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        s = (lp * score[:, :-1]).sum()
+        G = torch.autograd.grad(s, A)[0]
+    m = score[:, None, :, None].to(A.dtype)
+    return (A.detach() * G.clamp_min(0) * m).mean(2).mean(1), image
+
+
 # -- data ----------------------------------------------------------------------------------------------------------
 def _is_box(v: Any) -> bool:
     return (isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
@@ -208,15 +256,24 @@ def load_grounding(path, dets: Optional[str] = None) -> List[Dict[str, Any]]:
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
+MODES = ("itm", "align", "caption")
+
+
 def ground_batch(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor, entries: Sequence[Dict[str, Any]],
-                 sizes: Sequence[Tuple[int, int]], mode: str = "itm", layer: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Per entry: {"hit", "choice", "kept", "grid" (patch heat), "tokens" (image tokens heat was read on)} for a batch (sizes: original (width, height) per entry)."""
+                 sizes: Sequence[Tuple[int, int]], mode: str = "itm", layer: Optional[int] = None,
+                 score: Optional[Tensor] = None) -> List[Dict[str, Any]]:
+    """Per entry: {"hit", "choice", "kept", "grid" (patch heat), "tokens" (image tokens heat was read on)} for a
+    batch (sizes: original (width, height) per entry). Mode "caption" takes ids / mask / score from
+    ``caption_targets``."""
     if mode == "itm":
         heat, image = gradcam_heat(model, images, ids, mask, layer)
     elif mode == "align":
         heat, image = alignment_heat(model, images, ids, mask)
+    elif mode == "caption" and score is not None:
+        heat, image = caption_heat(model, images, ids, mask, score, layer)
     else:
-        raise ValueError(f"grounding mode must be 'itm' (Grad-CAM) or 'align' (patch-word alignment), got {mode!r}")
+        raise ValueError(f"grounding mode must be 'itm' (Grad-CAM of ITM), 'align' (patch-word alignment) or "
+                         f"'caption' (Grad-CAM of a captioner, with a score mask), got {mode!r}")
     grid = int(round(model.cfg.vision.num_patches ** 0.5))
     out = []
     for b, e in enumerate(entries):
@@ -245,14 +302,21 @@ def evaluate_grounding(model: nn.Module, entries: Sequence[Dict[str, Any]], load
     for s in range(0, len(entries), batch_size):
         chunk = entries[s:s + batch_size]
         images = torch.stack([load_entry_image(loader, e["image"], s + j) for j, e in enumerate(chunk)]).to(dev)
-        ids, mask = tok.encode([e["text"] for e in chunk], model.cfg.text.max_len)
+        score = None
+        if mode == "caption":
+            from .caption import PROMPT
+
+            ids, mask, score = caption_targets(tok, [e["text"] for e in chunk], model.cfg.text.max_len, PROMPT)
+        else:
+            ids, mask = tok.encode([e["text"] for e in chunk], model.cfg.text.max_len)
         sizes = []
         for e in chunk:
             if isinstance(e.get("width"), (int, float)) and isinstance(e.get("height"), (int, float)):
                 sizes.append((int(e["width"]), int(e["height"])))
             else:
                 sizes.append(open_image(loader.path(e["image"]), loader.max_pixels).size)
-        res = ground_batch(model, images, ids.to(dev), mask.to(dev), chunk, sizes, mode, layer)
+        res = ground_batch(model, images, ids.to(dev), mask.to(dev), chunk, sizes, mode, layer,
+                           None if score is None else score.to(dev))
         hits += [r["hit"] for r in res]
         kept += [r["kept"] for r in res]
         tokens += sum(r["tokens"] for r in res)
@@ -263,4 +327,5 @@ def evaluate_grounding(model: nn.Module, entries: Sequence[Dict[str, Any]], load
 
 
 __all__ = ["iou", "box_scores", "pick_box", "heat_to_grid", "kept_fraction", "random_box_accuracy", "gradcam_heat",
-           "alignment_heat", "load_grounding", "ground_batch", "evaluate_grounding"]
+           "alignment_heat", "caption_heat", "caption_targets", "as_caption", "load_grounding", "ground_batch",
+           "evaluate_grounding", "MODES"]
