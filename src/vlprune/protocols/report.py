@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .plan import Plan
-from .summary import RECALLS, paired, pretrain_speed, row_groups, summarize
+from .summary import RECALLS, paired, pretrain_speed, row_groups, shared_prefix, summarize
 from .verdicts import VERDICTS
 
 TITLES = {"trips": "TRIPS: reduction in pre-training and fine-tuning (2x2)",
@@ -44,7 +44,8 @@ def protocol_tables(plan: Plan, res: Dict[str, Any], protocol: str) -> Dict[str,
     """{table: rows}, each row pooled over seeds, with its difference to the table's first row."""
     out = {}
     for table, groups in row_groups(plan, protocol).items():
-        rows = [summarize(plan, res, rs, plan.prof.n_boot) for rs in groups.values()]
+        shared = shared_prefix([rs[0].chain for rs in groups.values()])
+        rows = [summarize(plan, res, rs, plan.prof.n_boot, shared) for rs in groups.values()]
         for r in rows:
             r["vs_first"] = None if r is rows[0] else paired(r, rows[0], plan.prof.n_boot)
         out[table] = rows
@@ -52,7 +53,7 @@ def protocol_tables(plan: Plan, res: Dict[str, Any], protocol: str) -> Dict[str,
 
 
 def _columns(metric: str):
-    cols = [("label", "row", ""), ("budget", "training samples", "d"), ("warmup", "of which warm-up", "d"),
+    cols = [("label", "row", ""), ("budget", "training samples", "d"), ("warmup", "of which shared first stages", "d"),
             ("seeds", "seeds", "d"), ("value", "accuracy %" if metric == "accuracy" else "r_mean", ".1f"),
             (_fmt_ci, "95% interval", ""), (lambda r: _diff(r["vs_first"]), "minus first row", ""),
             ("image_tokens", "image tokens", ".1f"), (lambda r: _conv(r["converged"]), "validation", "")]

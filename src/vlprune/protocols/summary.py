@@ -60,16 +60,25 @@ def row_groups(plan: Plan, protocol: str) -> Dict[str, Dict[str, List[Row]]]:
     return out
 
 
-def summarize(plan: Plan, res: Dict[str, Any], rows: List[Row], n_boot: int) -> Dict[str, Any]:
-    """One table line: the row's label, cells, budget, metric (pooled over its seeds) with its interval, image
-    tokens, and whether the last training stage of every seed converged."""
+def shared_prefix(chains: Sequence[Sequence[str]]) -> int:
+    """How many first stages every chain shares (a warm-up or pre-training that every row of a table starts from)."""
+    n = 0
+    while all(len(c) > n + 1 for c in chains) and len({c[n] for c in chains}) == 1:
+        n += 1
+    return n
+
+
+def summarize(plan: Plan, res: Dict[str, Any], rows: List[Row], n_boot: int, shared: int = 0) -> Dict[str, Any]:
+    """One table line: the row's label, cells, budget (``warmup``: the samples of its first ``shared`` stages,
+    which every row of its table shares), metric (pooled over its seeds) with its interval, image tokens, and
+    whether the last training stage of every seed converged."""
     from ..stats import bootstrap_ci
 
     first = rows[0]
     last = [res["train"][r.chain[-1]] for r in rows]
     conv = [plateau(s["val"], plan.prof.plateau_tol) for s in last]
     out: Dict[str, Any] = {"label": first.label, **first.cells, "seeds": len(rows), "budget": plan.budget(first),
-                           "warmup": sum(plan.trains[n].samples for n in first.chain[:-1]),
+                           "warmup": sum(plan.trains[n].samples for n in first.chain[:shared]),
                            "converged": None if any(c is None for c in conv) else all(conv),
                            "stages": " > ".join(first.chain)}
     evs = [res["eval"][r.eval] for r in rows]
@@ -131,4 +140,4 @@ def _all(xs) -> Optional[bool]:
     return None if any(x is None for x in xs) else all(xs)
 
 
-__all__ = ["plateau", "wilson", "t_interval", "row_groups", "summarize", "paired", "pretrain_speed", "RECALLS"]
+__all__ = ["shared_prefix", "plateau", "wilson", "t_interval", "row_groups", "summarize", "paired", "pretrain_speed", "RECALLS"]

@@ -79,8 +79,8 @@ def _pretrain_2x2(m: str, title: str, claim: str, tables: Tables, speed, prof) -
         parts.append(f"{table}: reduction in both stages minus neither: {_say(d, unit)}; pre-training with {m} "
                      f"before fine-tuning with it, minus fine-tuning with it only: {_say(e, unit)}.")
         ok = ok and not_worse(d)
-    parts.append(_held(ok) + ("" if ok else " (it needs a speed-up above 1 and an accuracy not significantly below "
-                                             "the unpruned model's)"))
+    parts.append(_held(ok) + ("" if ok else " It needs a speed-up above 1 and an accuracy not significantly below "
+                                             "the unpruned model's."))
     return " ".join(parts) + _budget(tables)
 
 
