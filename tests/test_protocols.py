@@ -234,3 +234,20 @@ def test_every_protocol_quick_from_the_cli(tmp_path, capsys):
     # a second run reuses every stage
     assert main(["protocols", "--profile", "quick", "--out", str(out), "--quiet"]) == 0
     assert all(s["cached"] for s in json.loads((out / "results.json").read_text())["stages"])
+
+
+def test_plan_flag_and_estimate(capsys):
+    assert main(["protocols", "--plan", "--profile", "quick", "tip"]) == 0
+    out = capsys.readouterr().out
+    assert "tip2-s0" in out and "from tip1-s0, distilled from vilt-warm-s0" in out and "expected total" in out
+    from vlprune.protocols.run import estimate, weights
+
+    both = estimate(build_plan(DEFAULT, ["trips", "laps"]), 25.0)
+    alone = [estimate(build_plan(DEFAULT, [p]), 25.0) for p in ("trips", "laps")]
+    assert abs(both["total"] - sum(v for k, v in both.items() if k != "total")) < 1e-6
+    # the shared stages (unpruned pre-training, unpruned and TRIPS retrieval fine-tunes) are counted once
+    w = weights(build_plan(DEFAULT, ["trips", "laps"]))
+    shared = sum(w[n] for n in ("pt-none-s0", "ret-none-none-s0", "ret-none-trips-s0", "eval-ret-none-none-s0",
+                                "eval-ret-none-trips-s0")) / 25.0 + w["data"] / 25.0
+    assert abs(alone[0]["total"] + alone[1]["total"] - both["total"] - shared) < 1e-6
+    assert main(["protocols", "--plan", "--rate", "0", "--profile", "quick"]) == 2

@@ -84,20 +84,53 @@ def _model_json(out: Path, prof: ProtocolProfile, arch: str) -> Path:
     return path
 
 
+# the cost of one unit of work relative to one trained sample of the unpruned two-stream model (measured on
+# 1 thread, loaded machine, the default profile's model: 25 samples/s for VQA training)
+COST = {"vqa": 1.0, "pretrain": 1.3, "retrieval": 1.3, "laps": 2.6, "teacher": 1.5, "question": 0.28,
+        "itm_pair": 0.3, "laps_pair": 0.03}
+
+
+def _eval_cost(kind: str, laps: bool, images: int, questions_per_image: int, k: int) -> float:
+    """An evaluation's cost in trained samples: questions, ITM re-ranked pairs (k per query, two captions an
+    image) or, for LAPS, every image-caption pair."""
+    if kind == "vqa":
+        return COST["question"] * images * questions_per_image
+    return COST["laps_pair"] * images * images * 2 if laps else COST["itm_pair"] * k * images * 3
+
+
 def weights(plan: Plan) -> Dict[str, float]:
-    """Each stage's rough cost in trained samples (an evaluated question about 0.35 of one, a re-ranked
-    retrieval pair 0.4, as the demo measured), so that the progress bar's ETA means something."""
+    """Each stage's rough cost in trained samples (``COST``), so that the progress bar's ETA means something and
+    ``estimate`` can state a budget."""
     prof = plan.prof
     sc = prof.scenes
     test = max(2, round(sc.images * sc.test_fraction))
     val = max(2, prof.val_images // 2)
     w: Dict[str, float] = {"data": 0.07 * (sc.images + prof.val_images)}
     for t in plan.trains.values():
-        per_val = 0.35 * val * sc.questions_per_image if t.task == "vqa" else 0.4 * prof.retrieval_k * 3 * val
-        w[t.name] = t.samples * (1.5 if t.teacher else 1.0) + prof.val_points * per_val
+        laps = (t.method or {}).get("name") == "laps"
+        per = COST["laps" if laps else t.task] * (COST["teacher"] if t.teacher else 1.0)
+        kind = "vqa" if t.task == "vqa" else "retrieval"
+        w[t.name] = t.samples * per + prof.val_points * _eval_cost(kind, laps, val, sc.questions_per_image,
+                                                                   prof.retrieval_k)
     for e in plan.evals.values():
-        w[e.name] = 0.35 * test * sc.questions_per_image if e.kind == "vqa" else 0.4 * prof.retrieval_k * 3 * test
+        laps = (plan.trains[e.run].method or {}).get("name") == "laps"
+        w[e.name] = _eval_cost(e.kind, laps, test, sc.questions_per_image, prof.retrieval_k)
     return w
+
+
+def estimate(plan: Plan, samples_per_s: float) -> Dict[str, float]:
+    """Expected seconds per protocol (a shared stage counted where it is first planned) and in all, at
+    ``samples_per_s`` trained samples per second of the unpruned two-stream model."""
+    w = weights(plan)
+    out: Dict[str, float] = {"data": w["data"] / samples_per_s}
+    seen: set = set()
+    for r in plan.rows:
+        for name in list(r.chain) + [r.eval]:
+            if name not in seen:
+                seen.add(name)
+                out[r.protocol] = out.get(r.protocol, 0.0) + w[name] / samples_per_s
+    out["total"] = sum(out.values())
+    return out
 
 
 def _run(st, plan: Plan, out: Path, progress: bool) -> Dict[str, Any]:
@@ -106,7 +139,7 @@ def _run(st, plan: Plan, out: Path, progress: bool) -> Dict[str, Any]:
     prof = plan.prof
     data = out / "data"
     size = prof.scenes.image_size
-    vocab = prof.base.model.get("text.vocab_size") or _vocab(prof)
+    vocab = _vocab(prof)
     val_scenes = replace(prof.scenes, images=prof.val_images, seed=prof.scenes.seed + 1000, test_fraction=0.5)
 
     def make(d: Path) -> Dict[str, Any]:
@@ -251,5 +284,5 @@ def eval_stage(out: Path, e: Eval, prof: ProtocolProfile, progress: bool) -> Dic
     return steps.eval_retrieval(out / e.run, "saved", data, prof.retrieval_k, prof.eval_batch, progress)
 
 
-__all__ = ["run_protocols", "train_config", "train_stage", "eval_stage", "val_metric", "SavedMemory", "weights",
+__all__ = ["run_protocols", "train_config", "train_stage", "eval_stage", "val_metric", "SavedMemory", "weights", "estimate", "COST",
            "MARKER"]
