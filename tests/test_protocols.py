@@ -152,6 +152,13 @@ def test_tip_run_report_and_feeds(tip_run):
     assert cfg["tip2-s0"]["task_options"]["stage"] == 2 and cfg["vilt-evit-s0"]["method"]["name"] == "evit"
     tr = res["train"]
     assert [s for s, _ in tr["tip2-s0"]["val"]] == [1, 2, 3] and tr["tip2-s0"]["loss"]
+    for name in ("vilt-warm-s0", "tip1-s0", "tip2-s0", "vilt-none-s0"):  # validation accuracy in percent
+        assert all(0 <= v <= 100 for _, v in tr[name]["val"]), tr[name]["val"]
+    # the last validation point scores the last checkpoint: the saved model, evaluated directly, gives the same
+    from vlprune.demo import steps
+
+    direct = steps.eval_vqa(out / "vilt-none-s0", "saved", out / "data" / prun.VAL, "vqa_test.json", 32, False)
+    assert abs(tr["vilt-none-s0"]["val"][-1][1] - direct["accuracy"]) < 1e-6
     assert not list((out / "tip2-s0").glob("checkpoint-*"))  # scored, then deleted
     for label in ("tip-stage-1-stage-2-distilled", "unpruned", "evit", "tome", "random"):
         assert (out / "curves" / f"tip-vqa-{label}.png").stat().st_size > 1000

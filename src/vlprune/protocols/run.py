@@ -268,7 +268,7 @@ def val_metric(run: Path, t: Train, state_path: Path, prof: ProtocolProfile) -> 
         task, test = get_task("retrieval", k=prof.retrieval_k), "retrieval_test.json"
     metrics, _ = evaluate(task, model.eval(), task.load_test(data / test), ImageLoader.for_model(model.cfg.vision, data),
                           tok, prof.eval_batch)
-    return 100.0 * metrics["accuracy"] if t.task == "vqa" else float(metrics["r_mean"])
+    return float(metrics["accuracy"] if t.task == "vqa" else metrics["r_mean"])  # both in percent
 
 
 def eval_stage(out: Path, e: Eval, prof: ProtocolProfile, progress: bool) -> Dict[str, Any]:
