@@ -258,3 +258,28 @@ def test_plan_flag_and_estimate(capsys):
                                 "eval-ret-none-trips-s0")) / 25.0 + w["data"] / 25.0
     assert abs(alone[0]["total"] + alone[1]["total"] - both["total"] - shared) < 1e-6
     assert main(["protocols", "--plan", "--rate", "0", "--profile", "quick"]) == 2
+
+
+def test_training_stage_resumes_from_its_checkpoint(tip_run, monkeypatch):
+    """A training stage stopped by a signal keeps its checkpoint; the next call resumes it (not a fresh run) and
+    the loss and validation records are those of one uninterrupted run."""
+    import signal
+
+    out, _ = tip_run
+    t = replace(build_plan(TINY, ["tip"]).trains["vilt-none-s0"], name="again")
+    d = out / "again"
+    d.mkdir()
+
+    class Stop(prun.SavedMemory):
+        def step(self, step, *a):
+            super().step(step, *a)
+            if step == 2:
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(prun, "SavedMemory", Stop)
+    with pytest.raises(KeyboardInterrupt, match="interrupted"):
+        prun.train_stage(d, t, prun.train_config(out, TINY, t), TINY, False)
+    monkeypatch.undo()
+    res = prun.train_stage(d, t, prun.train_config(out, TINY, t), TINY, False)
+    assert res["resumed"] and res["steps"] == t.steps
+    assert [s for s, _ in res["loss"]] == list(range(1, t.steps + 1)) and len(res["val"]) == 3

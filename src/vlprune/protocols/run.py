@@ -187,7 +187,9 @@ def train_config(out: Path, prof: ProtocolProfile, t: Train):
                        tokenizer=str(data / steps.TOKENIZER) if t.init is None else None, method=t.method,
                        steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
                        log_every=max(1, t.steps // 20), ckpt_every=max(1, t.steps // prof.val_points),
-                       save_total_limit=prof.val_points + 2, task_options=opts)
+                       save_total_limit=prof.val_points + 2, task_options=opts,
+                       # recorded as the run saves it, so that the resume check below finds the same config
+                       threads=torch.get_num_threads())
 
 
 class SavedMemory:
