@@ -283,3 +283,9 @@ def test_training_stage_resumes_from_its_checkpoint(tip_run, monkeypatch):
     res = prun.train_stage(d, t, prun.train_config(out, TINY, t), TINY, False)
     assert res["resumed"] and res["steps"] == t.steps
     assert [s for s, _ in res["loss"]] == list(range(1, t.steps + 1)) and len(res["val"]) == 3
+
+
+def test_a_demo_profile_without_pretraining_is_refused():
+    base = replace(demo_profiles.QUICK, pretrain=replace(demo_profiles.QUICK.pretrain, steps=0))
+    with pytest.raises(ValueError, match="demo profile quick has no pre-training"):
+        build_plan(replace(QUICK, base=base), ["trips"])

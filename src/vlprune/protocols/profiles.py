@@ -73,7 +73,10 @@ class ProtocolProfile:
     def pretrain(self) -> Recipe:
         """The demo's first-stage recipe (steps, lr, batch) as ITC + ITM + MLM pre-training."""
         r = self.base.pretrain
-        return replace(r, options={**self.pretrain_options, **r.options}) if r.steps else replace(r, steps=1)
+        if not r.steps:
+            raise ValueError(f"protocol profile {self.name}: the demo profile {self.base.name} has no pre-training "
+                             "(pretrain steps 0); the protocols need its steps, lr and batch")
+        return replace(r, options={**self.pretrain_options, **r.options})
 
     @property
     def keep(self) -> float:

@@ -63,7 +63,7 @@ def _pretrain_2x2(m: str, title: str, claim: str, tables: Tables, speed, prof) -
     sp = own["speedup"]
     time_ratio = own["train_seconds"] / base["train_seconds"] if base["train_seconds"] else None
     mem = (own["saved_mib"] / base["saved_mib"]) if base["saved_mib"] and own["saved_mib"] else None
-    parts.append(f"Measured (1 thread unless stated, wall-clock on this machine): pre-training with {m} ran at "
+    parts.append(f"Measured (wall-clock on the machine and threads under Run): pre-training with {m} ran at "
                  f"{own['samples_per_s']:.1f} samples/s against {base['samples_per_s']:.1f} unpruned (x{sp:.2f}), "
                  + (f"wall time x{time_ratio:.2f}, " if time_ratio else "")
                  + (f"memory saved for backward x{mem:.2f}." if mem else "no memory figure."))
