@@ -237,6 +237,8 @@ def test_every_protocol_quick_from_the_cli(tmp_path, capsys):
         assert set(res["results"][m]["tables"]) == {"vqa", "retrieval"}
     laps = [r["label"] for r in res["results"]["laps"]["tables"]["retrieval"]]
     assert laps == ["unpruned", "trips", "evit", "tome", "LAPS (paper mode)", "LAPS (released mode)"]
+    n = 2 + math.floor(0.4 * QUICK.keep * (32 // 4) ** 2)  # [CLS], lam * keep * N aggregates, the fused token
+    assert [r["slimmed_tokens"] for r in res["results"]["laps"]["tables"]["retrieval"]] == [None] * 4 + [n, n]
     assert [r["label"] for r in res["results"]["dynamicvit"]["tables"]["vqa"]] == ["unpruned", "dynamicvit", "evit"]
     # a second run reuses every stage
     assert main(["protocols", "--profile", "quick", "--out", str(out), "--quiet"]) == 0

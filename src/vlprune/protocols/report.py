@@ -59,6 +59,7 @@ def _columns(metric: str):
             ("image_tokens", "image tokens", ".1f"), (lambda r: _conv(r["converged"]), "validation", "")]
     if metric == "r_mean":
         cols[6:6] = [(lambda r, k=k: _recall(r, k), k.replace("_", " "), "") for k in RECALLS]
+        cols.insert(-1, ("slimmed_tokens", "LAPS: tokens after slimming", ".0f"))
     return cols
 
 

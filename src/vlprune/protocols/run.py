@@ -275,7 +275,7 @@ def val_metric(run: Path, t: Train, state_path: Path, prof: ProtocolProfile) -> 
 
 def eval_stage(out: Path, e: Eval, prof: ProtocolProfile, progress: bool) -> Dict[str, Any]:
     """The test-set score of run ``e.run`` with the method it was trained with: VQA accuracy with per-question
-    scores, or R@1/5/10 both ways with the gallery size."""
+    scores, or R@1/5/10 both ways with the gallery size (LAPS: also the tokens its similarity uses)."""
     from ..demo import steps
 
     data = out / "data"
@@ -283,7 +283,11 @@ def eval_stage(out: Path, e: Eval, prof: ProtocolProfile, progress: bool) -> Dic
         r = steps.eval_vqa(out / e.run, "saved", data, "vqa_test.json", prof.eval_batch, progress)
         r.pop("predictions")
         return r
-    return steps.eval_retrieval(out / e.run, "saved", data, prof.retrieval_k, prof.eval_batch, progress)
+    r = steps.eval_retrieval(out / e.run, "saved", data, prof.retrieval_k, prof.eval_batch, progress)
+    model = steps.load_run(out / e.run)[0]
+    if getattr(model, "laps", None) is not None:  # LAPS slims after the image encoder: [CLS], aggregates, fused
+        r["slimmed_tokens"] = float(2 + model.laps.num_aggr)
+    return r
 
 
 __all__ = ["run_protocols", "train_config", "train_stage", "eval_stage", "val_metric", "SavedMemory", "weights", "estimate", "COST",

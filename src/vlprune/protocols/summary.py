@@ -83,6 +83,7 @@ def summarize(plan: Plan, res: Dict[str, Any], rows: List[Row], n_boot: int, sha
                            "stages": " > ".join(first.chain)}
     evs = [res["eval"][r.eval] for r in rows]
     out["image_tokens"] = _mean([e.get("image_tokens") for e in evs])
+    out["slimmed_tokens"] = _mean([e.get("slimmed_tokens") for e in evs])
     if first.eval and "scores" in evs[0]:
         scores = [s for e in evs for s in e["scores"]]
         iv = bootstrap_ci(scores, n_boot)
