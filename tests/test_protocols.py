@@ -291,3 +291,60 @@ def test_a_demo_profile_without_pretraining_is_refused():
     base = replace(demo_profiles.QUICK, pretrain=replace(demo_profiles.QUICK.pretrain, steps=0))
     with pytest.raises(ValueError, match="demo profile quick has no pre-training"):
         build_plan(replace(QUICK, base=base), ["trips"])
+
+
+def _fake_results(plan, rng):
+    """Stage results with known numbers: every VQA row right on the same 60 of 100 questions except 'worse' runs
+    (right on 40), TRIPS pre-training 2x faster, ELIP's slower; curves that level off except for tome rows."""
+    res = {"train": {}, "eval": {}}
+    for name, t in plan.trains.items():
+        fast = {"pt-trips": 40.0, "pt-elip": 15.0}.get(name.rsplit("-", 1)[0], 20.0)
+        rising = "tome" in name
+        res["train"][name] = {"samples_per_s": fast, "train_seconds": 100 * 20 / fast, "saved_mib": 100.0,
+                              "cuda_peak_mib": None, "loss": [[1, 2.0], [2, 1.0]],
+                              "val": [[s, 10.0 * s if rising else 50 + 0.1 * s] for s in range(1, 7)],
+                              "val_metric": "accuracy" if t.task == "vqa" else "r_mean"}
+    for name, e in plan.evals.items():
+        worse = e.run.startswith(("vilt-random", "dvit-evit"))
+        if e.kind == "vqa":
+            res["eval"][name] = {"scores": [1.0] * (40 if worse else 60) + [0.0] * (60 if worse else 40),
+                                 "image_tokens": 10.0}
+        else:
+            r = {k: 50.0 for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")}
+            res["eval"][name] = {**r, "r_mean": 50.0 + rng.uniform(-1, 1), "images": 1000, "captions": 2000,
+                                 "image_tokens": 10.0}
+    return res
+
+
+def test_report_sections_and_verdicts_follow_the_numbers(tmp_path, monkeypatch):
+    from vlprune.protocols import report as prep
+    from vlprune.protocols.report import TITLES, write_report
+
+    drawn = []  # the figures themselves are drawn in the TiP run above; here only which ones
+
+    def figure(plan, res, rows, path, title):
+        drawn.append(path.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+        return path
+
+    monkeypatch.setattr(prep, "curve_figure", figure)
+    plan = build_plan(replace(DEFAULT, seeds=(0, 1), n_boot=200))
+    report = write_report(tmp_path, plan, _fake_results(plan, random.Random(0)), [], 1, 10.0)
+    text = report.read_text()
+    for p in PROTOCOLS:
+        assert f"## {TITLES[p]}" in text
+    v = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "x2.00" in v["trips"]["verdict"] and "The claim held" in v["trips"]["verdict"]
+    assert "x0.75" in v["elip"]["verdict"] and "The claim did not hold" in v["elip"]["verdict"]
+    # TiP ties unpruned, EViT and ToMe and beats random (right on 60 against 40 of the same questions)
+    assert "minus random: +20.0 points" in v["tip"]["verdict"] and "The claim held" in v["tip"]["verdict"]
+    assert "Not converged" in v["tip"]["verdict"] and "vqa: tome" in v["tip"]["verdict"]
+    assert "The claim held" in v["dynamicvit"]["verdict"] and "minus evit: +20.0 points" in v["dynamicvit"]["verdict"]
+    tip_rows = {r["label"]: r for r in v["tip"]["tables"]["vqa"]}
+    assert tip_rows["tome"]["converged"] is False and tip_rows["evit"]["converged"] is True
+    assert tip_rows["random"]["vs_first"]["diff"] == pytest.approx(-20.0) and tip_rows["random"]["vs_first"]["p"] < 0.05
+    laps = v["laps"]["tables"]["retrieval"]
+    assert all(r["low"] is not None and r["low"] <= r["value"] <= r["high"] for r in laps)  # 2 seeds: t interval
+    n_rows = sum(len(rows) for p in v.values() for rows in p["tables"].values())
+    assert len(drawn) == len(set(drawn)) == n_rows == 30 and all(f"({'curves/' + d})" in text for d in drawn)
