@@ -28,6 +28,7 @@ LAYERS: List[Set[str]] = [
     {"train", "bench", "viz"},
     {"paper_recipes"},
     {"demo"},
+    {"protocols"},
     {"commands"},
     {"cli"},
     {"__init__", "__main__"},

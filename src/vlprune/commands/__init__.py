@@ -7,7 +7,7 @@ when it builds the parser. A new sub-command is its module plus one name in the 
 from ..registry import Registry
 
 COMMANDS: Registry[str] = Registry("command")
-for _name in ("info", "data", "train", "eval", "bench", "visualize", "demo", "reproduce"):
+for _name in ("info", "data", "train", "eval", "bench", "visualize", "demo", "reproduce", "protocols"):
     COMMANDS.register(_name, f"{__name__}.{_name}")
 del _name
 
