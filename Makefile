@@ -28,7 +28,8 @@ test-hf4:
 	test -x $(HF4_VENV)/bin/python || $(PYTHON) -m venv $(HF4_VENV)
 	$(HF4_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(HF4_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(HF4)"
-	$(HF4_VENV)/bin/python -m pytest -q -p no:xdist tests/test_patch.py tests/test_patch_cli.py tests/test_patch_lvlm.py tests/test_patch_lvlm_families.py
+	$(HF4_VENV)/bin/python -m pytest -q -p no:xdist tests/test_patch.py tests/test_patch_cli.py tests/test_patch_lvlm.py tests/test_patch_lvlm_families.py \
+		tests/test_patch_lvlm_sparsevlm.py tests/test_patch_lvlm_towers.py tests/test_vqa_lvlm.py
 
 demo: $(STAMP)
 	$(VENV)/bin/vlprune demo --out runs/demo

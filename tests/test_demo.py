@@ -304,3 +304,13 @@ def test_quick_demo_caption_and_grounding_rows(quick):
     assert "## Captioning and grounding" in report and "| blind (grey image) |" in report and "| random box |" in report
     assert any(s.startswith("Captioning (unpruned): CIDEr ") for s in res["sentences"])
     assert any(s.startswith("Grounding of referring expressions (unpruned): accuracy ") for s in res["sentences"])
+
+
+def test_same_run_ignores_the_recorded_thread_count():
+    """A demo stage interrupted mid-training resumes: the saved config records the resolved thread count (1) while
+    the demo's own config leaves it unset, and that difference alone must not restart the stage from step 0."""
+    from vlprune.demo.steps import _same_run
+
+    saved = {"steps": 10, "lr": 1e-3, "threads": 1, "progress": False}
+    assert _same_run(saved, {**saved, "threads": None, "progress": True})
+    assert not _same_run(saved, {**saved, "lr": 2e-3})

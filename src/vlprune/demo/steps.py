@@ -70,7 +70,7 @@ def train_run(d: Path, cfg, progress: bool) -> Dict[str, Any]:
 
 
 def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    skip = {"progress", "log_every", "ckpt_every"}
+    skip = {"progress", "log_every", "ckpt_every", "threads"}  # threads: the saved config records the resolved count
     return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
 
 
