@@ -51,10 +51,6 @@ def _reset_cpu_peak() -> Optional[int]:
     return _read_status_kb("VmRSS")
 
 
-def cpu_peak_supported() -> bool:
-    return _reset_cpu_peak() is not None and _read_status_kb("VmHWM") is not None
-
-
 def measure_peak(fn: Callable[[], R], device: torch.device) -> Tuple[R, Optional[float]]:
     """Run ``fn()`` once; return its result and the peak memory it used in MiB (None when not measurable).
 
@@ -105,4 +101,4 @@ def tensor_bytes(*modules_or_tensors) -> int:
     return total
 
 
-__all__ = ["measure_peak", "cpu_peak_supported", "tensor_bytes"]
+__all__ = ["measure_peak", "tensor_bytes"]

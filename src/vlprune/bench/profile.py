@@ -19,8 +19,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-from torch import nn
 
 # op name (without the "aten::" prefix) -> category. Anything else is "other".
 CATEGORIES: Dict[str, Tuple[str, ...]] = {
@@ -161,10 +159,4 @@ def _align(cells: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def profile_model(model: nn.Module, attachers: Sequence[Tuple[str, Callable[[], None]]], fn: Callable[[], object],
-                  rounds: int = 1, warmup: int = 1) -> List[OpProfile]:
-    """Profile ``fn`` (a forward of ``model``) under each method: ``attachers`` are (label, install-the-method)."""
-    return profile_calls([(label, setup, fn) for label, setup in attachers], rounds=rounds, warmup=warmup)
-
-
-__all__ = ["CATEGORIES", "OpProfile", "category", "category_table", "profile_calls", "profile_model", "top_ops_table"]
+__all__ = ["CATEGORIES", "OpProfile", "category", "category_table", "profile_calls", "top_ops_table"]

@@ -95,17 +95,3 @@ def load_references(path: PathLike, image_ids: Sequence[int]) -> Dict[int, List[
         raise ValueError(f"{path}: no reference caption for {len(missing)} of the {len(image_ids)} evaluated images "
                          f"(first: image_id {missing[0]}); is it the reference file of another split?")
     return {i: refs[i] for i in image_ids}
-
-
-def check_results(results: Any, where: str) -> List[Dict[str, Any]]:
-    """A COCO results list [{"image_id": int, "caption": str}], one per image; raises naming the entry."""
-    if not isinstance(results, list) or not results:
-        raise ValueError(f"{where}: expected a non-empty JSON list of {{'image_id', 'caption'}} objects")
-    seen = set()
-    for i, r in enumerate(results):
-        if not isinstance(r, dict) or not isinstance(r.get("image_id"), int) or not isinstance(r.get("caption"), str):
-            raise ValueError(f"{where}: entry {i} must be {{'image_id': int, 'caption': str}}, got {r!r}")
-        if r["image_id"] in seen:
-            raise ValueError(f"{where}: entry {i} repeats image_id {r['image_id']} (one caption per image)")
-        seen.add(r["image_id"])
-    return results

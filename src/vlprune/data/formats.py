@@ -37,10 +37,6 @@ def read_json(path: PathLike) -> Any:
     return read_json_file(path, "annotation file")
 
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
 def _is_nonempty_str(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != ""
 

@@ -14,9 +14,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import cost
 
-# the split a pre-training mixture's shards stand for
-SHARDS = "shards"
-
 
 @dataclass
 class StagePlan:

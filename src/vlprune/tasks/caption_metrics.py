@@ -107,9 +107,4 @@ def caption_scores(results: Mapping[int, str], references: Mapping[int, Sequence
     return scores, per, used
 
 
-def per_image(per: Dict[str, List[float]], ids: Sequence[int], key: str = "CIDEr") -> Dict[int, float]:
-    """{image_id: score} of one per-image metric (ids in the order ``caption_scores`` used: the results' order)."""
-    return dict(zip(ids, per[key]))
-
-
 __all__ = ["caption_scores", "python_tokenize", "tokenize", "have_java", "PUNCTUATIONS"]
