@@ -62,11 +62,16 @@ def _run(model, rows, ddp: bool):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, world, port, out):
+def _join_gloo(rank: int, world: int, port: int) -> None:
+    """This process joins a local gloo group of ``world`` processes as ``rank``, with one torch thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank, world, port, out):
+    _join_gloo(rank, world, port)
     for name, kw in VARIANTS.items():
         torch.manual_seed(0)
         state = _run(vlprune.build_model("tiny", **kw), slice(rank * B, (rank + 1) * B), ddp=True)
@@ -118,10 +123,7 @@ def test_two_process_step_equals_single_process(tmp_path):
 def _fsdp_worker(rank, world, port, out):
     from vlprune.distributed import average_gradients, wrap_fsdp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join_gloo(rank, world, port)
     for name, kw in VARIANTS.items():
         torch.manual_seed(0)
         model = vlprune.build_model("tiny", **kw)

@@ -1,9 +1,8 @@
 """Recipe search on the cells scenes (docs/benchmark_scenes.md): generate data (cached per setting), train VQA (optionally after caption pre-training or from another run), evaluate per question type, unpruned and lowres at the cost of keep 0.35. Run: PYTHONPATH=scripts/cells_search python scripts/cells_search/exp.py NAME --naming colour --steps 500."""
-import json, sys, time, argparse, os
+import json, time, argparse, os
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from vlprune.data.scenes import generate
 from vlprune.demo.steps import make_data, eval_vqa
 from vlprune.demo.profiles import Scenes, SCENES_MODEL
 from vlprune.config import load_preset, override, to_dict
@@ -27,26 +26,14 @@ types = None if a.types is None else tuple(a.types.split(","))
 dkey = f"d_{a.images}_{a.min}_{a.max}_{a.grid}_{a.types}_{a.q}_{a.naming}_{a.amp:g}"
 data = Path(os.environ.get("CELLS_ROOT", "runs/cells_search")) / "data" / dkey
 sc = Scenes(images=a.images, image_size=96, min_objects=a.min, max_objects=a.max, questions_per_image=a.q,
-            question_types=types)
+            question_types=types, family="cells", grid=a.grid)
 t0 = time.time()
-if not (data / "tokenizer").exists():
-    import dataclasses
-    from vlprune.demo import steps
-    s = generate(data, images=a.images, image_size=96, min_objects=a.min, max_objects=a.max, questions_per_image=a.q,
-                 question_types=types, family="cells", grid=a.grid)
-    from PIL import Image
-    from vlprune.data.tokenizer import TextTokenizer
-    Image.new("RGB", (96, 96), (128, 128, 128)).save(data / "blind.png")
-    for part in ("train", "test"):
-        e = json.loads((data / f"vqa_{part}.json").read_text())
-        (data / f"vqa_{part}_blind.json").write_text(json.dumps([{**x, "image": "blind.png"} for x in e]))
-    texts = [e["caption"] for e in json.loads((data / "pretrain.json").read_text())]
-    texts += [e["question"] for e in json.loads((data / "vqa_train.json").read_text())]
-    TextTokenizer.train(texts, 1000).save(data / "tokenizer")
+if not (data / "tokenizer").exists():  # the demo's own data step: scenes, the blind copy, one tokenizer
+    s = make_data(data, sc, 96, 1000)
     print("card", json.dumps(s["card"]), flush=True)
     print("gen s", time.time() - t0, flush=True)
 test = json.loads((data / "vqa_test.json").read_text())[: a.ntest]
-(root / "test.json").write_text(json.dumps(test))
+(data / f"test_{a.name}.json").write_text(json.dumps(test))  # beside the images: eval resolves them from there
 cfg_m = override(load_preset("small"), **{**SCENES_MODEL, **json.loads(a.model)})
 (root / "model.json").write_text(json.dumps(to_dict(cfg_m)))
 init = a.init
@@ -68,11 +55,11 @@ g = cfg_m.vision.grid
 for label, m in (("none", None), ("lowres", ReduceConfig("lowres", options={"image_size": max(1, round(0.35 ** 0.5 * g)) * cfg_m.vision.patch_size}))):
     if a.blind and m is not None:
         continue
-    ev = eval_vqa(root / "vqa", m, data, str(root / "test.json"), 64, False)
+    ev = eval_vqa(root / "vqa", m, data, f"test_{a.name}.json", 64, False)
     per = {}
     for q, sc_ in zip(test, ev["scores"]):
         per.setdefault(q["type"], []).append(sc_)
-    out[label] = {"acc": round(100 * ev["accuracy"], 1), **{t: round(100 * sum(v) / len(v), 1) for t, v in sorted(per.items())}}
+    out[label] = {"acc": round(ev["accuracy"], 1), **{t: round(100 * sum(v) / len(v), 1) for t, v in sorted(per.items())}}
     print(label, out[label], flush=True)
 maj = {}
 for t in sorted({q["type"] for q in test}):
