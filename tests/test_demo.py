@@ -3,6 +3,7 @@
 import json
 import shutil
 import signal
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -93,6 +94,29 @@ def test_vqa_first_stage_keeps_the_blind_row_blind(quick):
     assert first["task"] == "vqa" and first["train"].endswith("vqa_train_blind.json")
 
 
+def test_warmup_trains_the_warmup_types_first_then_every_type(quick):
+    """The curriculum: warm-up (from scratch, warm-up types only, the whole answer list), then the first stage from
+    it on every question; the blind row gets both parts on the constant image."""
+    for tail, blind in (("", False), ("-blind", True)):
+        warm = json.loads((quick / f"warmup{tail}" / "train_config.json").read_text())
+        first = json.loads((quick / f"pretrain{tail}" / "train_config.json").read_text())
+        assert warm["init"] is None and warm["steps"] == QUICK.warmup.steps
+        assert first["init"] == str(quick / f"warmup{tail}")
+        rows = json.loads(Path(warm["train"]).read_text())
+        everything = json.loads(Path(first["train"]).read_text())
+        assert rows and {e["type"] for e in rows} == set(QUICK.warmup_types)
+        assert rows == [e for e in everything if e["type"] in QUICK.warmup_types]
+        assert all((e["image"] == "blind.png") == blind for e in rows)
+        assert warm["task_options"]["answers"] == first["task_options"]["answers"]
+
+
+def test_warmup_settings_are_checked():
+    with pytest.raises(ValueError, match=r"warmup_types must be a non-empty subset of .*\['colour', 'exists', 'count', 'side'\]"):
+        replace(QUICK, warmup_types=("pattern",))
+    with pytest.raises(ValueError, match="a warm-up stage needs a VQA first stage"):
+        replace(QUICK, pretrain_task="pretrain")
+
+
 def test_learned_methods_train_with_a_teacher(quick):
     """DynamicViT and TiP are stage-2 runs with their own method and the unpruned run as the teacher."""
     for m in ("dynamicvit", "tip"):
@@ -115,7 +139,7 @@ def test_changed_settings_redo_downstream(tmp_path):
     out = tmp_path / "q"
     small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8), seeds=(0, 1),
                     tuned=("trips", "evit"), pretrain=Recipe(steps=2, lr=3e-4, batch_size=8, options={"mlm": 0.3}),
-                    pretrain_task="pretrain")
+                    pretrain_task="pretrain", warmup=Recipe(steps=0, lr=1e-3, batch_size=8))
     run_demo(out, profile=small, threads=1, quiet=True)
     # the fine-tunes start from the pre-trained checkpoint, whose optimiser state is gone
     assert (out / "pretrain" / "model").is_dir() and not has_checkpoint(out / "pretrain")

@@ -72,7 +72,7 @@ def test_equal_budgets(prof):
 
 
 def test_profiles_take_the_demo_benchmark_by_reference():
-    rel = demo_profiles.RELEVANCE
+    rel = demo_profiles.DEFAULT
     assert DEFAULT.base is rel and FULL.base is rel and len(FULL.seeds) == 3 and len(DEFAULT.seeds) == 1
     assert DEFAULT.model() == dict(rel.model) and DEFAULT.keep == rel.main_keep
     assert DEFAULT.pretrain.steps == rel.pretrain.steps and DEFAULT.pretrain.lr == rel.pretrain.lr
@@ -288,7 +288,8 @@ def test_training_stage_resumes_from_its_checkpoint(tip_run, monkeypatch):
 
 
 def test_a_demo_profile_without_pretraining_is_refused():
-    base = replace(demo_profiles.QUICK, pretrain=replace(demo_profiles.QUICK.pretrain, steps=0))
+    base = replace(demo_profiles.QUICK, pretrain=replace(demo_profiles.QUICK.pretrain, steps=0),
+                   warmup=replace(demo_profiles.QUICK.warmup, steps=0))
     with pytest.raises(ValueError, match="demo profile quick has no pre-training"):
         build_plan(replace(QUICK, base=base), ["trips"])
 

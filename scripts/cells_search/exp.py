@@ -18,7 +18,7 @@ ap.add_argument("--batch", type=int, default=32); ap.add_argument("--model", def
 ap.add_argument("--ntest", type=int, default=800); ap.add_argument("--q", type=int, default=4)
 ap.add_argument("--pretrain", type=int, default=0); ap.add_argument("--blind", action="store_true")
 ap.add_argument("--naming", default="cs"); ap.add_argument("--init", default=None); ap.add_argument("--amp", type=float, default=38.0)
-ap.add_argument("--warmup", type=int, default=-1)
+ap.add_argument("--warmup", type=int, default=-1); ap.add_argument("--only", default=None)
 a = ap.parse_args()
 import namings; namings.install(a.naming, a.amp)
 root = Path(os.environ.get("CELLS_ROOT", "runs/cells_search")) / "runs" / a.name; root.mkdir(parents=True, exist_ok=True)
@@ -44,6 +44,10 @@ if a.pretrain:
     t1 = time.time(); train(pc, root / "pre", overwrite=True); print("pretrain s", time.time() - t1, flush=True)
     init = str(root / "pre")
 trainf = "vqa_train_blind.json" if a.blind else "vqa_train.json"
+if a.only:  # train on these question types only (the answer list stays the whole set's)
+    keep_t = set(a.only.split(","))
+    rows = [q for q in json.loads((data / trainf).read_text()) if q["type"] in keep_t]
+    trainf = f"train_{a.name}.json"; (data / trainf).write_text(json.dumps(rows))
 tc = TrainConfig(task="vqa", train=str(data / trainf), images=str(data), model=str(root / "model.json"), init=init,
                  tokenizer=None if init else str(data / "tokenizer"), steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=a.warmup,
                  seed=0, log_every=max(1, a.steps // 10), ckpt_every=100000, threads=1,

@@ -7,8 +7,8 @@ Every scene has a *target* object and *distractors* that share its shape or its 
 question about one object can only be answered by looking at that object: text-guided selection matters.
 
 That is the ``shapes`` family (the default). ``family="cells"`` draws the text-relevance benchmark instead: 10 or
-more small objects with fine surface patterns on a jittered grid of cells, questions of four types that each need
-another object (``scenes_cells``; docs/data.md). Either way ``generate`` measures what it wrote (``scenes_card``)
+more small objects on a jittered grid of cells, a few with a fine surface mark, questions of four types that each
+need another object (``scenes_cells``; docs/data.md). Either way ``generate`` measures what it wrote (``scenes_card``)
 and saves the data card as ``card.json``.
 
 Written to ``out`` (see ``generate``):
@@ -228,7 +228,7 @@ def generate(
     files: Dict[str, List] = {}
     for part, idx in split.items():
         files.update(_annotations(part, [scenes[i] for i in idx], list(idx), seed, questions_per_image, image_size,
-                                  question_types, family))
+                                  question_types, family, grid))
     files["answer_list"] = answers_of(files["vqa_train"] + files["vqa_test"])
     for name, data in files.items():
         write_json(out / f"{name}.json", data)
@@ -243,7 +243,7 @@ def generate(
 
 
 def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: int, S: int,
-                 kinds: Optional[Sequence[str]] = None, family: str = "shapes") -> Dict[str, List]:
+                 kinds: Optional[Sequence[str]] = None, family: str = "shapes", grid: int = 4) -> Dict[str, List]:
     """The annotation files of one split; text randomness is seeded per image (and per pair) as well."""
     pre, ret_train, ret_test, vqa, nlvr, ve = [], [], [], [], [], []
     for sc, i in zip(scenes, ids):
@@ -254,8 +254,8 @@ def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: 
             ret_train += [{"image": sc["image"], "caption": c, "image_id": i} for c in caps]
         else:
             ret_test.append({"image": sc["image"], "caption": caps})
-        ask = cell_questions if family == "cells" else questions
-        for k, q in enumerate(ask(rng, sc, n_q, kinds)):
+        qs = cell_questions(rng, sc, n_q, kinds, grid) if family == "cells" else questions(rng, sc, n_q, kinds)
+        for k, q in enumerate(qs):
             vqa.append({"question_id": i * 100 + k, "image": sc["image"], **q})
         ve += [{"image": sc["image"], **s} for s in ve_statements(rng, sc)]
     n = len(scenes)

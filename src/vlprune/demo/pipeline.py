@@ -117,8 +117,12 @@ class DemoLayout:
             for i, seed in enumerate(seeds):
                 tail = "" if i == 0 else f"-s{seed}"
                 w["pretrain" + tail] = first
+                if p.warmup.steps:
+                    w["warmup" + tail] = float(p.warmup.steps * p.warmup.batch_size)
                 if p.pretrain_task == "vqa" and (i == 0 or "blind" in p.seed_rows):
                     w["pretrain-blind" + tail] = first
+                    if p.warmup.steps:
+                        w["warmup-blind" + tail] = float(p.warmup.steps * p.warmup.batch_size)
         for m in p.learned:
             w[f"vqa-{m}"] = float(p.vqa.steps * p.vqa.batch_size) * 1.5  # + the teacher's forward passes
             w[f"eval-vqa-{m}"] = 0.35 * questions + (ground if m != "tip" else 0.0)
@@ -244,16 +248,39 @@ def _run_stages(st: Stages, plan: DemoLayout, progress: bool) -> Dict[str, Any]:
         blind = blind and vqa_first
         key = (seed if vqa_first else prof.seeds[0], blind)
         if key not in firsts:
-            name = "pretrain" + ("-blind" if blind else "") + ("" if key[0] == prof.seeds[0] else f"-s{key[0]}")
+            tail = ("-blind" if blind else "") + ("" if key[0] == prof.seeds[0] else f"-s{key[0]}")
+            name = "pretrain" + tail
             if vqa_first:
                 train_file = "vqa_train_blind.json" if blind else "vqa_train.json"
-                cfg = _train_cfg(plan, "vqa", prof.pretrain, key[0], train_file, options=answers)
+                warm = warmup_stage(key[0], train_file, tail) if prof.warmup.steps else None
+                cfg = _train_cfg(plan, "vqa", prof.pretrain, key[0], train_file, None, warm, answers)
+                up = [st.keys["data"]] + ([st.keys[warm.name]] if warm is not None else [])
+                res["train"][name] = st.run(name, _train_settings(plan, cfg, up),
+                                            lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
+                firsts[key] = plan.out / name
+                return firsts[key]
             else:
                 cfg = _train_cfg(plan, "pretrain", prof.pretrain, key[0], "pretrain.json")
             res["train"][name] = st.run(name, _train_settings(plan, cfg, [st.keys["data"]]),
                                         lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
             firsts[key] = plan.out / name
         return firsts[key]
+
+    def warmup_stage(seed: int, train_file: str, tail: str) -> Path:
+        """The curriculum's first part: VQA from scratch on the warm-up question types only (same answer list)."""
+        name = "warmup" + tail
+        sub = data / train_file.replace(".json", "_warmup.json")  # beside the data: the run's own dir is its output
+        cfg = _train_cfg(plan, "vqa", prof.warmup, seed, sub.name, options=answers)
+
+        def run(d: Path) -> Dict[str, Any]:
+            rows = [e for e in json.loads((data / train_file).read_text()) if e.get("type") in prof.warmup_types]
+            sub.write_text(json.dumps(rows))
+            return {**steps.train_run(d, cfg, progress), "questions": len(rows)}
+
+        settings = {**_train_settings(plan, cfg, [st.keys["data"]]), "types": list(prof.warmup_types),
+                    "from": train_file}
+        res["train"][name] = st.run(name, settings, run, keep_dir=True)
+        return plan.out / name
 
     def after(init: Optional[Path]) -> List[str]:
         return [st.keys["data"]] + ([st.keys[init.name]] if init is not None else [])

@@ -138,6 +138,11 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
     p = plan.prof
     pre = (f"pre-trained {p.pretrain.steps} steps (lr {p.pretrain.lr:g}, batch {p.pretrain.batch_size}, "
            f"options {p.pretrain.options})" if p.pretrain.steps else "no pre-training: fine-tuned from scratch")
+    if p.pretrain.steps and p.pretrain_task == "vqa":
+        pre = pre.replace("pre-trained", "first stage: VQA from scratch,", 1)
+    if p.warmup.steps:
+        pre += (f", after a warm-up of {p.warmup.steps} steps on the {', '.join(p.warmup_types)} questions only (lr "
+                f"{p.warmup.lr:g}, batch {p.warmup.batch_size})")
     v = plan.cfg.vision
     return [
         f"{env['date']}; {env['platform']} ({env['processor']}), {env['cores_available']} cores available; torch "
@@ -146,7 +151,7 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
         f"profile {p.name}: wall time {seconds / 60:.1f} min for this invocation (stages kept from earlier runs are "
         "listed with their own time under 'Wall time per stage')",
         f"scenes data: {p.scenes.images} images of {p.scenes.image_size} px, {p.scenes.min_objects}-"
-        f"{p.scenes.max_objects} objects, {p.scenes.questions_per_image} questions per image, "
+        f"{p.scenes.max_objects} objects ({p.scenes.family} family), up to {p.scenes.questions_per_image} questions per image, "
         f"{p.scenes.test_fraction:g} of the images for testing",
         f"model: `small` with {p.model} ({v.grid}x{v.grid} = {v.num_patches} patches, {v.layers} ViT layers); {pre}",
         f"VQA fine-tuning: {p.vqa.steps} steps, lr {p.vqa.lr:g}, batch {p.vqa.batch_size}, seeds {list(p.seeds)}; "

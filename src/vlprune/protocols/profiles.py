@@ -5,7 +5,7 @@
     full     the same with 3 seeds
 
 The data (scenes settings), the model and the pre-training recipe are not copied here: they are read from the
-demo's profiles (``vlprune.demo.profiles``: ``RELEVANCE`` for default and full, ``QUICK`` for quick) when a
+demo's profiles (``vlprune.demo.profiles``: ``DEFAULT`` for default and full, ``QUICK`` for quick) when a
 profile is built, so a change of the demo's recipe reaches the protocols. What is specific to the protocols lives
 here: the steps of each fine-tuning stage, TiP's and DynamicViT's keep schedules, LAPS's released-mode warm-up,
 the validation checkpoints and the retrieval test gallery's minimum size.
@@ -103,7 +103,7 @@ QUICK = ProtocolProfile(
 # One seed on the text-relevance benchmark. Step counts: a first choice, not yet run end to end (the report's
 # curves say whether each row levelled off); docs/protocols.md gives the expected budget, from measured rates.
 DEFAULT = ProtocolProfile(
-    name="default", base=demo_profiles.RELEVANCE, seeds=(0,),
+    name="default", base=demo_profiles.DEFAULT, seeds=(0,),
     vqa=Recipe(steps=300, lr=3e-4, batch_size=32), retrieval=Recipe(steps=300, lr=3e-4, batch_size=32),
     vilt_warmup=Recipe(steps=500, lr=1e-3, batch_size=32), tip_stage1=100, tip_stage2=200, learned_steps=300,
     tip_layers=(1, 2, 3), dynamicvit_layers=(1, 2, 3),
