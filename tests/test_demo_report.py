@@ -74,7 +74,7 @@ def _ev(method, keep, gflops, right, guided):
              "others": 0.0 if guided else float(q % 2 == 1), "survived": guided or q % 2 == 0, "precision": 0.5,
              "recall": 0.5} for q in range(N)]
     scores = [1.0] * right + [0.0] * (N - right)
-    return {"method": method, "setup": "at inference", "keep": keep, "gflops": gflops, "accuracy": right / N,
+    return {"method": method, "setup": "at inference", "keep": keep, "gflops": gflops, "accuracy": 100.0 * right / N,  # percent, as the pipeline stores it
             "scores": scores, "grounding": {"records": recs, "pairs_iou": [0.0 if guided else 1.0] * (N // 2),
                                             "survival": 1.0, "questions": N}}
 
@@ -130,6 +130,11 @@ def test_guidance_sentences_say_so_when_the_text_did_not_help():
     said = guidance_sentences(PROF, rel, matched(PROF, res, (0.35, 0.25)), res)
     assert "paired bootstrap p = 1.000: no evidence that its selection follows the question more than EViT's" in said[0]
     assert "the question does not measurably change which patches it keeps" in said[0]
+    # a selection that moves for a few questions only (IoU 0.97 [0.96, 0.98]) is not called question-driven
+    rel97 = [dict(r, sensitivity={"mean": 0.97, "low": 0.96, "high": 0.98}) if r["key"] == "trips-k0.25" else r
+             for r in rel]
+    said97 = guidance_sentences(PROF, rel97, matched(PROF, res, (0.35, 0.25)), res)
+    assert "is 0.97 [0.96, 0.98]: the question changes only a few of the patches it keeps" in said97[0]
     # lowres (60% and 70% at its nearest points) is far above TRIPS (20%): said so
     assert said[2].endswith("the text's guidance did not measurably help against any of them; TRIPS is "
                             "significantly below lowres.")
@@ -141,7 +146,7 @@ def test_guidance_sentences_say_so_when_the_text_did_not_help():
            "tell them apart." in found and not any("count questions" in f for f in found)
     assert "Finding: every method has the same relevance lift at keep 0.25 (0): this table does not tell them apart." in found
     assert any("question sensitivity at keep 0.9 (1)" in f for f in found)
-    assert any("VQA accuracy at keep 0.35 (0.2)" in f for f in found)
+    assert any("VQA accuracy at keep 0.35 (20)" in f for f in found)
 
 
 def test_type_accuracy_checks_and_objects_to_budget(tmp_path):
@@ -154,8 +159,8 @@ def test_type_accuracy_checks_and_objects_to_budget(tmp_path):
     with pytest.raises(ValueError, match="3 scores for 4 typed questions"):
         type_accuracy([1.0, 0.0, 0.0], types)
     res = {"vqa": {"none": {"method": "none", "setup": "fine-tuned unpruned", "keep": 1.0, "scores": [1.0, 1.0, 1.0, 0.0],
-                            "accuracy": 0.75},
-                   "vqa-blind": {"method": "blind", "setup": "blind", "scores": [0.0, 0.0, 1.0, 0.0], "accuracy": 0.25}}}
+                            "accuracy": 75.0},
+                   "vqa-blind": {"method": "blind", "setup": "blind", "scores": [0.0, 0.0, 1.0, 0.0], "accuracy": 25.0}}}
     rows = per_type_rows(res, types)
     assert rows[0]["over_blind"] == {"colour": 50.0, "count": 50.0} and rows[-1]["method"] == "blind"
     match = [{"method": "lowres", "keep": 0.35, "acc_interp": 70.0, "near_acc": 50.0}]

@@ -176,3 +176,39 @@ def test_profile_validation_refuses_a_keep_below_the_object_count():
     bad = replace(QUICK, sweep=(0.5, 0.05), main_keep=0.5)  # 64 patches: keep 0.05 leaves 3 tokens < 4 objects
     with pytest.raises(ValueError, match=r"profile quick: keep 0.05 of 64 patches leaves 3 tokens, fewer than the 4"):
         validate(bad)
+
+
+def test_captions_and_expressions_are_about_the_marked_objects(cells, tmp_path):
+    """Captions name each marked object's mark and colour (and only those); expressions name a marked object by its
+    mark and point at its box; plain objects get none; a scene without marks gets the plain captions."""
+    import re
+
+    from vlprune.data.scenes_cells import cell_captions, cell_expression
+    from vlprune.data.scenes_refs import object_boxes, write_scenes_refs
+
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(cells[0], root)
+    scenes = list(_scenes(root).values())
+    assert any(not any(o["pattern"] in MARKS for o in sc["objects"]) for sc in scenes)  # a scene without marks
+    for i, sc in enumerate(scenes):
+        caps = cell_captions(np.random.default_rng(i), sc, n=3)
+        marked = {o["pattern"]: o["colour"] for o in sc["objects"] if o["pattern"] in MARKS}
+        assert len(set(caps)) == len(caps) >= 2
+        for c in caps:
+            said = dict((m, col) for m, col in re.findall(r"\b(striped|checked) (\w+) (?:thing|one)", c))
+            assert said == marked, (c, marked)
+            if not marked:
+                assert "plain shapes" in c
+        for o in sc["objects"]:
+            x = cell_expression(o, sc["objects"])
+            assert (x == f"the {o['pattern']} thing") if o["pattern"] in MARKS else x is None
+    write_scenes_refs(root)
+    ground = json.loads((root / "grounding_test.json").read_text())
+    by_image = {sc["image"]: sc for sc in scenes}
+    assert ground
+    for g in ground:
+        sc = by_image[g["image"]]
+        o = next(o for o in sc["objects"] if o["pattern"] == g["text"].split()[1])
+        assert g["bbox"] == object_boxes(sc, root)[o["id"]]

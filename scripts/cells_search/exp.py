@@ -19,7 +19,14 @@ ap.add_argument("--ntest", type=int, default=800); ap.add_argument("--q", type=i
 ap.add_argument("--pretrain", type=int, default=0); ap.add_argument("--blind", action="store_true")
 ap.add_argument("--naming", default="cs"); ap.add_argument("--init", default=None); ap.add_argument("--amp", type=float, default=38.0)
 ap.add_argument("--warmup", type=int, default=-1); ap.add_argument("--only", default=None)
+ap.add_argument("--pos-std", type=float, default=None, help="re-initialise the ViT position embeddings with this std")
 a = ap.parse_args()
+if a.pos_std is not None:  # harness-only: a larger random position code (the model's default is std 0.02)
+    from vlprune.models import vit as _vit
+    _init = _vit.ImageEmbeddings.__init__
+    def _patched(self, cfg):
+        _init(self, cfg); torch.nn.init.trunc_normal_(self.pos_embed, std=a.pos_std, a=-3 * a.pos_std, b=3 * a.pos_std)
+    _vit.ImageEmbeddings.__init__ = _patched
 import namings; namings.install(a.naming, a.amp)
 root = Path(os.environ.get("CELLS_ROOT", "runs/cells_search")) / "runs" / a.name; root.mkdir(parents=True, exist_ok=True)
 types = None if a.types is None else tuple(a.types.split(","))

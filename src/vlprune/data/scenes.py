@@ -39,7 +39,7 @@ import numpy as np
 
 from .formats import write_json
 from .scenes_card import card, check_budget, covered_patches
-from .scenes_cells import CELL_QUESTION_TYPES, cell_questions, render_cells
+from .scenes_cells import CELL_QUESTION_TYPES, cell_captions, cell_questions, render_cells
 from .scenes_text import QUESTION_TYPES, answers_of, captions, nlvr2_statements, questions, ve_statements
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,8 @@ def generate(
         Image.fromarray(pixels, mode="RGB").save(out / "images" / name, compress_level=1)
         Image.fromarray(labels, mode="L").save(out / "masks" / name, compress_level=1)
         scenes.append({"image": f"images/{name}", "mask": f"masks/{name}", "background": texture, "objects": objects})
-    write_json(out / "scenes.json", {"seed": seed, "image_size": image_size, "family": family, "scenes": scenes})
+    write_json(out / "scenes.json", {"seed": seed, "image_size": image_size, "family": family,
+                                     **({"grid": grid} if family == "cells" else {}), "scenes": scenes})
     files: Dict[str, List] = {}
     for part, idx in split.items():
         files.update(_annotations(part, [scenes[i] for i in idx], list(idx), seed, questions_per_image, image_size,
@@ -248,7 +249,7 @@ def _annotations(part: str, scenes: List[dict], ids: List[int], seed: int, n_q: 
     pre, ret_train, ret_test, vqa, nlvr, ve = [], [], [], [], [], []
     for sc, i in zip(scenes, ids):
         rng = np.random.default_rng([seed, i, 1])
-        caps = captions(rng, sc, S)
+        caps = cell_captions(rng, sc, grid=grid) if family == "cells" else captions(rng, sc, S)
         if part == "train":
             pre += [{"image": sc["image"], "caption": c} for c in caps]
             ret_train += [{"image": sc["image"], "caption": c, "image_id": i} for c in caps]

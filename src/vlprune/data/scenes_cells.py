@@ -212,3 +212,47 @@ def cell_answer(question: str, objs: List[Obj], grid: int = 4) -> str:
         o = next(o for o in objs if o["pattern"] == words[2])
         return "left" if 2 * o["cell"][1] + 1 < grid else "right"
     raise ValueError(f"not a cells question: {question!r}")
+
+
+# -- captions and referring expressions --------------------------------------------------------------------------
+COUNT_WORDS = ("no", "one", "two")
+
+
+def cell_captions(rng: np.random.Generator, scene: Dict[str, Any], n: int = 2, grid: int = 4) -> List[str]:
+    """``n`` captions of different templates about the scene's marked objects, the ones its questions are about:
+    "a striped red thing and a checked blue thing", "two marked things, a striped red one and a checked blue one",
+    "a striped red thing on the left". A scene without a marked object gets "only plain shapes, none of them
+    marked" and "no marked things, only plain shapes". Colour-and-shape descriptions of the plain objects are left out:
+    the demo's model does not learn to bind colour and shape (docs/benchmark_scenes.md)."""
+    marked = _marked(scene["objects"])
+    order = [marked[i] for i in rng.permutation(len(marked))]
+    if not order:
+        return ["only plain shapes, none of them marked", "no marked things, only plain shapes"][:n]
+
+    def listing() -> str:
+        return " and ".join(f"a {o['pattern']} {o['colour']} thing" for o in order)
+
+    def counted() -> str:
+        return (f"{COUNT_WORDS[len(order)]} marked thing{'s' if len(order) > 1 else ''}, "
+                + " and ".join(f"a {o['pattern']} {o['colour']} one" for o in order))
+
+    def sided() -> str:
+        return " and ".join(f"a {o['pattern']} {o['colour']} thing" + (f" on the {side_of(o, grid)}"
+                                                                       if side_of(o, grid) else "") for o in order)
+
+    out: List[str] = []
+    for k in rng.permutation(3):
+        c = (listing, counted, sided)[int(k)]()
+        if c not in out:
+            out.append(c)
+        if len(out) == n:
+            break
+    return out
+
+
+def cell_expression(o: Obj, objs: List[Obj]) -> Optional[str]:
+    """The referring expression of a marked object ("the striped thing": one object per mark), None for a plain
+    one (named by colour and shape, which the demo's model does not learn)."""
+    if o.get("pattern") not in MARKS or sum(x.get("pattern") == o["pattern"] for x in objs) != 1:
+        return None
+    return f"the {o['pattern']} thing"

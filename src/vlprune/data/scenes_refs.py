@@ -19,6 +19,10 @@ Written beside ``scenes.json``:
 The test split is the images of ``retrieval_test.json`` when it exists, else the last 10%. Referring expressions
 name the target by the fewest attributes that single it out among size, pattern, colour, shape ("the small red
 triangle"); when none does, by its relation to a uniquely named object ("the triangle left of the blue circle").
+For the ``cells`` family (``"family": "cells"`` in scenes.json) captions and expressions are about the marked
+objects only, the ones its questions are about (``scenes_cells.cell_captions`` / ``cell_expression``: "a striped
+red thing and a checked blue thing", "the striped thing"): its plain objects, named by colour and shape, are
+what the demo's model does not learn.
 Everything is deterministic for a scenes directory (text choices are seeded by the image index).
 """
 
@@ -32,6 +36,7 @@ import numpy as np
 
 from .caption_formats import coco_references
 from .formats import read_json, write_json
+from .scenes_cells import cell_captions, cell_expression
 
 ATTRS = ("size", "pattern", "colour", "shape")
 Obj = Dict[str, Any]
@@ -157,23 +162,29 @@ def write_scenes_refs(root: Union[str, Path], seed: int = 0) -> Dict[str, int]:
             raise ValueError(f"{root / 'scenes.json'}: scene {i} needs 'image' and an 'objects' list")
     test = _test_images(root, scenes)
     S = int(meta.get("image_size") or 0)
+    cells = meta.get("family") == "cells"  # captions and expressions about the marked objects (scenes_cells)
+    grid = int(meta.get("grid") or 4)
     cap_train, cap_test, ground, ground_train = [], [], [], []
+
+    def expression(o: Obj, objs: List[Obj], rng: np.random.Generator) -> Optional[str]:
+        return cell_expression(o, objs) if cells else referring_expression(o, objs, rng)
+
     for i, sc in enumerate(scenes):
         rng = np.random.default_rng([seed, i, 23])
         objs = [o for o in sc["objects"] if isinstance(o, dict) and "id" in o and "shape" in o]
         if not objs:
             continue
-        caps = scene_captions({**sc, "objects": objs}, rng)
+        caps = (cell_captions(rng, sc, n=3, grid=grid) if cells else scene_captions({**sc, "objects": objs}, rng))
         if sc["image"] not in test:
             cap_train += [{"image": sc["image"], "caption": c, "image_id": i} for c in caps]
-            exprs = [referring_expression(o, objs, rng) for o in objs]
+            exprs = [expression(o, objs, rng) for o in objs]
             ground_train += [{"image": sc["image"], "caption": x, "image_id": i} for x in exprs if x is not None]
             continue
         cap_test.append({"image": sc["image"], "caption": caps, "image_id": i})
         boxes = object_boxes({**sc, "objects": objs}, root)
         w, h = _size(sc, root, S)
         for o in objs:
-            expr = referring_expression(o, objs, rng)
+            expr = expression(o, objs, rng)
             if expr is None or int(o["id"]) not in boxes:
                 continue
             ground.append({"image": sc["image"], "text": expr, "ref_id": i * 100 + int(o["id"]), "image_id": i,

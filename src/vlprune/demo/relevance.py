@@ -125,10 +125,10 @@ def matched(prof, res: Dict[str, Any], keeps: Sequence[float]) -> List[Dict[str,
             pts = curve(res, m)
             if not pts:
                 continue
-            acc = interp_at([ev["gflops"] for _, ev in pts], [100.0 * ev["accuracy"] for _, ev in pts], g)
+            acc = interp_at([ev["gflops"] for _, ev in pts], [ev["accuracy"] for _, ev in pts], g)
             key, near = min(pts, key=lambda p: (abs(p[1]["gflops"] - g), -p[1]["gflops"]))
             row = {"keep": k, "gflops": g, "method": m, "acc_interp": acc, "near_key": key, "near_keep": near.get("keep"),
-                   "near_gflops": near["gflops"], "near_gap": near["gflops"] / g - 1.0, "near_acc": 100.0 * near["accuracy"]}
+                   "near_gflops": near["gflops"], "near_gap": near["gflops"] / g - 1.0, "near_acc": near["accuracy"]}
             if m != "trips":
                 row["test"] = compare(ref["scores"], near["scores"], prof.n_boot)
             out.append(row)
@@ -176,7 +176,7 @@ def checks(res: Dict[str, Any], tests: List[Dict[str, Any]], types: List[Dict[st
     acc = None if not lo else lo[0]["acc_interp"] if lo[0]["acc_interp"] is not None else lo[0]["near_acc"]
     out.append({"check": "lowres at the GFLOPs of TRIPS keep 0.35, below unpruned (points)",
                 "target": TARGETS["lowres_below_unpruned"],
-                "value": None if acc is None else 100.0 * res["vqa"]["none"]["accuracy"] - acc})
+                "value": None if acc is None else res["vqa"]["none"]["accuracy"] - acc})
     out.append({"check": "objects-to-budget ratio at keep 0.25", "target": TARGETS["objects_to_budget"],
                 "value": ratio.get("ratio")})
     for c in out:
@@ -238,8 +238,10 @@ def guidance_sentences(prof, rel: List[Dict[str, Any]], match: List[Dict[str, An
                    "its selection follows the question less than EViT's" if t and t["p"] < ALPHA else
                    "no evidence that its selection follows the question more than EViT's")
         sens = r["sensitivity"]
-        moves = ("the question changes which patches it keeps" if sens["high"] is not None and sens["high"] < 1.0 else
-                 "the question does not measurably change which patches it keeps")
+        moves = ("the question does not measurably change which patches it keeps"
+                 if sens["high"] is None or sens["high"] >= 1.0 else
+                 "the question changes only a few of the patches it keeps" if sens["mean"] >= 0.9 else
+                 "the question changes which patches it keeps")
         out.append(f"Text relevance at keep {k:g}: {_name(m)} keeps the asked-about object more often than the other "
                    f"objects by {_ci(r['lift'])} (relevance lift; EViT {_ci(e['lift'])}), "
                    + (f"paired bootstrap {fmt_p(t['p'])}: " if t else "") + f"{verdict}; its question sensitivity "
