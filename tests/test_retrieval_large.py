@@ -21,7 +21,8 @@ def test_chunked_topk_equals_full_topk(chunk, qchunk):
     for k in (1, 5, 53, 80):
         v, i = chunked_topk(q, keys, k, chunk, qchunk)
         rv, ri = (q @ keys.t()).topk(min(k, 53), dim=1)
-        torch.testing.assert_close(v, rv, rtol=0, atol=1e-6)
+        # a one-key chunk is a dot product, the full matrix a GEMM: their sums may round differently (a few ulp)
+        torch.testing.assert_close(v, rv, rtol=1e-6, atol=1e-5)
         assert torch.equal(i, ri)
 
 
