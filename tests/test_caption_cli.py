@@ -118,3 +118,12 @@ def test_eval_grounding_with_the_captioner(caption_run, capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["mode"] == "caption" and 0 <= out["accuracy"] <= 100 and out["image_tokens"] == 10.0
+
+
+@pytest.mark.parametrize("layer", [0, 99])
+def test_eval_grounding_layer_out_of_range_is_named_in_1_based_terms(caption_run, capsys, layer):
+    argv = ["eval", "grounding", "--checkpoint", str(caption_run), "--grounding-layer", str(layer), "--threads", "1",
+            "--quiet"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "--grounding-layer" in err and f"got {layer}" in err and "[1, " in err

@@ -128,6 +128,10 @@ def run_grounding(args) -> int:
     loader = ImageLoader.for_model(model.cfg.vision, Path(args.images) if args.images else test.parent,
                                    opts.get("max_image_pixels", DEFAULT_MAX_PIXELS), opts.get("allow_outside_root", False))
     check_image_paths(entries, loader)
+    n_fusion = len(model.fusion.layers)
+    if args.grounding_layer is not None and not 1 <= args.grounding_layer <= n_fusion:
+        raise ValueError(f"--grounding-layer is a 1-based fusion layer: must be in [1, {n_fusion}] for {ckpt}, got "
+                         f"{args.grounding_layer}")
     layer = None if args.grounding_layer is None else args.grounding_layer - 1
     with torch.no_grad():
         res = evaluate_grounding(model, entries, loader, tok, args.batch_size, args.grounding_mode, layer)
