@@ -147,7 +147,9 @@ def test_changed_settings_redo_downstream(tmp_path):
     res = json.loads((out / "results.json").read_text())  # a second seed for the rows in seed_rows
     assert [r["method"] for r in res["seeds"]] == ["none", "blind"] and len(res["seeds"][0]["accuracies"]) == 2
     assert (out / "vqa-blind-s1" / "model").is_dir() and not (out / "vqa-trips-s1").exists()
-    assert "## Seeds" in (out / "report.md").read_text() and any("Across seeds 0, 1" in x for x in res["sentences"])
+    report = (out / "report.md").read_text()
+    assert "## Seeds" in report and any("Across seeds 0, 1" in x for x in res["sentences"])
+    assert "| 0 / 1 |" in report  # the seeds of a row, not a ">" chain
     said = []
     run_demo(out, profile=replace(small, vqa=Recipe(steps=3, lr=3e-4, batch_size=8)), threads=1, quiet=True,
              say=said.append)
