@@ -163,6 +163,13 @@ def test_type_accuracy_checks_and_objects_to_budget(tmp_path):
                    "vqa-blind": {"method": "blind", "setup": "blind", "scores": [0.0, 0.0, 1.0, 0.0], "accuracy": 25.0}}}
     rows = per_type_rows(res, types)
     assert rows[0]["over_blind"] == {"colour": 50.0, "count": 50.0} and rows[-1]["method"] == "blind"
+    more = {"vqa": {**res["vqa"], "vqa-none-s1": {"method": "none", "setup": "fine-tuned with it", "seed": 1,
+                                                   "scores": [1.0, 0.0, 1.0, 0.0]},
+                    "vqa-trips-s2": {"method": "trips", "setup": "fine-tuned with it", "seed": 2, "keep": 0.35,
+                                     "scores": [0.0, 0.0, 1.0, 0.0]}}}
+    setups = {r["key"]: r["setup"] for r in per_type_rows(more, types)}  # a further seed's row says which
+    assert setups["vqa-none-s1"] == "fine-tuned unpruned, seed 1" and setups["vqa-trips-s2"] == "fine-tuned with it, seed 2"
+    assert setups["none"] == "fine-tuned unpruned"
     match = [{"method": "lowres", "keep": 0.35, "acc_interp": 70.0, "near_acc": 50.0}]
     cs = checks(res, [{"diff": 50.0}], rows, match, {"ratio": 1.5})
     assert [(c["value"], c["met"]) for c in cs] == [(50.0, True), (50.0, True), (50.0, True), (5.0, False), (1.5, False)]

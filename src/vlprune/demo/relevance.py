@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -63,7 +64,10 @@ def per_type_rows(res: Dict[str, Any], types: Sequence[str]) -> List[Dict[str, A
         if key == "vqa-blind":
             continue
         acc = type_accuracy(ev["scores"], types)
-        rows.append({"key": key, "method": ev["method"], "setup": ev["setup"], "keep": ev.get("keep"),
+        setup = ev["setup"]
+        if re.search(r"-s\d+$", key):  # a further seed's fine-tune: say which (the gap is to seed 0's blind row)
+            setup = ("fine-tuned unpruned" if ev["method"] == "none" else setup) + f", seed {ev.get('seed')}"
+        rows.append({"key": key, "method": ev["method"], "setup": setup, "keep": ev.get("keep"),
                      "types": {t: a["acc"] for t, a in acc.items()},
                      "over_blind": {t: acc[t]["acc"] - blind[t]["acc"] for t in acc}})
     rows.append({"key": "vqa-blind", "method": "blind", "setup": "image replaced by grey", "keep": None,
