@@ -63,7 +63,7 @@ def relevance_sections(plan, rel: Dict[str, Any]) -> List[Any]:
         tables=[Table(rel["checks"], [("check", "target", ""), ("target", "at least", "g"),
                                       ("value", "measured", ".2f"), (lambda c: "yes" if c["met"] else "NO", "met", "")])])
     types = sorted(rel["per_type"][-1]["types"])
-    keep_rows = [r for r in rel["per_type"] if r["setup"] in MAIN_SETUPS
+    keep_rows = [r for r in rel["per_type"] if r["setup"].split(", seed ")[0] in MAIN_SETUPS
                  or (r["setup"] == "at inference" and r["keep"] == prof.main_keep)]
     per_type = Section("Accuracy per question type", text=[
         "VQA accuracy (%) per question type, in brackets the points above the blind row on the same questions; "
