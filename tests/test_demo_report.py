@@ -163,7 +163,7 @@ def test_type_accuracy_checks_and_objects_to_budget(tmp_path):
                    "vqa-blind": {"method": "blind", "setup": "blind", "scores": [0.0, 0.0, 1.0, 0.0], "accuracy": 25.0}}}
     rows = per_type_rows(res, types)
     assert rows[0]["over_blind"] == {"colour": 50.0, "count": 50.0} and rows[-1]["method"] == "blind"
-    more = {"vqa": {**res["vqa"], "vqa-none-s1": {"method": "none", "setup": "fine-tuned with it", "seed": 1,
+    more = {"vqa": {**res["vqa"], "vqa-none-s1": {"method": "none", "setup": "fine-tuned unpruned", "seed": 1,
                                                    "scores": [1.0, 0.0, 1.0, 0.0]},
                     "vqa-trips-s2": {"method": "trips", "setup": "fine-tuned with it", "seed": 2, "keep": 0.35,
                                      "scores": [0.0, 0.0, 1.0, 0.0]}}}

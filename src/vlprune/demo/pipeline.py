@@ -375,7 +375,8 @@ def _vqa_evals(st: Stages, plan: DemoLayout, res: Dict[str, Any], progress: bool
         test = "vqa_test_blind.json" if blind else "vqa_test.json"
         f = None if row in ("none", "blind") else prof.main_keep
         r = _eval_stage(st, plan, f"eval-{name}", name, "saved", test, f, not blind and row != "none", progress)
-        ev[name] = {**r, "method": row, "seed": seed, "setup": "blind" if blind else "fine-tuned with it"}
+        setup = "blind" if blind else "fine-tuned unpruned" if row == "none" else "fine-tuned with it"
+        ev[name] = {**r, "method": row, "seed": seed, "setup": setup}
     for m in prof.learned:  # TiP reduces in the fusion layers: no image-encoder patches to ground
         r = _eval_stage(st, plan, f"eval-vqa-{m}", f"vqa-{m}", "saved", "vqa_test.json", None, m != "tip", progress)
         ev[f"vqa-{m}"] = {**r, "method": m, "seed": prof.seeds[0], "setup": "fine-tuned with its losses"}

@@ -66,7 +66,7 @@ def per_type_rows(res: Dict[str, Any], types: Sequence[str]) -> List[Dict[str, A
         acc = type_accuracy(ev["scores"], types)
         setup = ev["setup"]
         if re.search(r"-s\d+$", key):  # a further seed's fine-tune: say which (the gap is to seed 0's blind row)
-            setup = ("fine-tuned unpruned" if ev["method"] == "none" else setup) + f", seed {ev.get('seed')}"
+            setup += f", seed {ev.get('seed')}"
         rows.append({"key": key, "method": ev["method"], "setup": setup, "keep": ev.get("keep"),
                      "types": {t: a["acc"] for t, a in acc.items()},
                      "over_blind": {t: acc[t]["acc"] - blind[t]["acc"] for t in acc}})
