@@ -108,6 +108,7 @@ def test_warmup_trains_the_warmup_types_first_then_every_type(quick):
         assert rows == [e for e in everything if e["type"] in QUICK.warmup_types]
         assert all((e["image"] == "blind.png") == blind for e in rows)
         assert warm["task_options"]["answers"] == first["task_options"]["answers"]
+        assert warm["lr_mult"] == dict(QUICK.warmup.lr_mult) and first["lr_mult"] == dict(QUICK.pretrain.lr_mult) != {}
 
 
 def test_warmup_settings_are_checked():
@@ -115,6 +116,10 @@ def test_warmup_settings_are_checked():
         replace(QUICK, warmup_types=("pattern",))
     with pytest.raises(ValueError, match="a warm-up stage needs a VQA first stage"):
         replace(QUICK, pretrain_task="pretrain")
+    with pytest.raises(ValueError, match=r"unknown module group\(s\) \['head'\]; valid groups: \['vision'"):
+        Recipe(steps=1, lr=1e-3, batch_size=8, lr_mult={"head": 10})
+    with pytest.raises(ValueError, match="recipe lr_mult heads"):
+        Recipe(steps=1, lr=1e-3, batch_size=8, lr_mult={"heads": -1})
 
 
 def test_learned_methods_train_with_a_teacher(quick):

@@ -5,7 +5,7 @@ import torch
 
 import vlprune
 from vlprune.models import full_attention_map, load_pretrained, save_pretrained
-from vlprune.models.vit import interpolate_pos_embed
+from vlprune.models.vit import interpolate_pos_embed, sincos_pos_embed
 from vlprune.reduce.functional import attention_probs
 
 from conftest import make_batch
@@ -164,6 +164,30 @@ def test_position_embedding_interpolation_identity_and_shape():
     pos = torch.randn(1, 17, 8)
     assert torch.equal(interpolate_pos_embed(pos, 4), pos)
     assert interpolate_pos_embed(pos, 6).shape == (1, 37, 8)
+
+
+def test_sincos_position_embedding_against_a_loop_and_in_a_fresh_model(tiny_cfg):
+    import dataclasses
+    import math
+
+    grid, width = 3, 8
+    pe = sincos_pos_embed(grid, width)
+    assert pe.shape == (1, 1 + grid * grid, width) and torch.equal(pe[0, 0], torch.zeros(width))
+    for r in range(grid):
+        for c in range(grid):
+            want = []
+            for v in (r, c):  # row channels first, then column channels: sin at each frequency, then cos
+                f = [1.0 / 10000 ** (i / 2) for i in range(2)]
+                want += [math.sin(v * a) for a in f] + [math.cos(v * a) for a in f]
+            assert torch.allclose(pe[0, 1 + r * grid + c], torch.tensor(want), atol=1e-6)
+    cfg = dataclasses.replace(tiny_cfg, vision=dataclasses.replace(tiny_cfg.vision, pos_init="sincos"))
+    model = vlprune.build_model(cfg)
+    assert torch.equal(model.vision.embeddings.pos_embed.data, sincos_pos_embed(cfg.vision.grid, cfg.vision.width))
+    assert model.vision.embeddings.pos_embed.requires_grad  # a starting point, still learned
+    with pytest.raises(ValueError, match="vision.pos_init must be one of"):
+        dataclasses.replace(tiny_cfg.vision, pos_init="rope")
+    with pytest.raises(ValueError, match="divisible by 4, got 30"):
+        dataclasses.replace(tiny_cfg.vision, pos_init="sincos", width=30, heads=2)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from .fileio import read_json
 T = TypeVar("T")
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
+POS_INITS = ("random", "sincos")
 ARCHS = ("albef", "vilt")
 # upper bounds of the sizes (far above any published model of this family), so that a crafted or mistyped config
 # is refused with a clear error before anything is allocated
@@ -76,6 +77,9 @@ class VisionConfig:
     qkv_bias: bool = True
     patch_bias: bool = True  # CLIP's patch embedding has no bias
     pre_norm: bool = False  # CLIP applies a LayerNorm before the first layer
+    # how the (learned) position embeddings start: "random" (truncated normal, std 0.02, as ViT / ALBEF) or "sincos"
+    # (2-D sine-cosine, as MAE). Only a model trained from scratch sees it; loaded weights replace it
+    pos_init: str = "random"
     image_mean: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -91,6 +95,9 @@ class VisionConfig:
         check_pos_int("vision.mlp_dim", self.mlp_dim)
         check_pos_int("vision.channels", self.channels)
         _check_choice("vision.act", self.act, ACTIVATIONS)
+        _check_choice("vision.pos_init", self.pos_init, POS_INITS)
+        if self.pos_init == "sincos" and self.width % 4:
+            raise ValueError(f"vision.pos_init='sincos' needs vision.width divisible by 4, got {self.width}")
         _check_range("vision.ln_eps", self.ln_eps, 0.0, 1.0, lo_open=True)
         for name in ("image_mean", "image_std"):
             v = getattr(self, name)

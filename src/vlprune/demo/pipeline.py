@@ -225,7 +225,7 @@ def _train_cfg(plan: DemoLayout, task: str, recipe, seed: int, train_file: str, 
                        model=str(plan.model_json), init=None if init is None else str(init),
                        tokenizer=str(plan.data / steps.TOKENIZER) if init is None else None,
                        method=None if method is None else method.to_dict(), steps=recipe.steps,
-                       batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=seed,
+                       batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, lr_mult=recipe.lr_mult, seed=seed,
                        log_every=max(1, recipe.steps // 20), ckpt_every=plan.prof.ckpt_every,
                        task_options={**recipe.options, **(options or {})})
 

@@ -52,6 +52,7 @@ class Recipe:
     batch_size: int
     options: Mapping[str, Any] = field(default_factory=dict)
     warmup: int = -1  # -1 = 5% of the steps
+    lr_mult: Mapping[str, float] = field(default_factory=dict)  # per module group (vlprune.optim), e.g. {"heads": 10}
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -59,6 +60,14 @@ class Recipe:
         if not self.lr > 0 or self.batch_size < 1:
             raise ValueError(f"recipe needs lr > 0 and batch_size >= 1, got lr={self.lr}, batch_size={self.batch_size}")
         object.__setattr__(self, "options", dict(self.options))
+        from ..guards import check_lr_mult
+        from ..optim import GROUPS
+
+        unknown = sorted(set(self.lr_mult) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"recipe lr_mult: unknown module group(s) {unknown}; valid groups: {list(GROUPS)}")
+        check_lr_mult(self.lr_mult, "recipe lr_mult")
+        object.__setattr__(self, "lr_mult", dict(self.lr_mult))
 
 
 @dataclass(frozen=True)
@@ -182,7 +191,7 @@ QUICK = Profile(
     model={"vision.image_size": 32, "vision.patch_size": 4, "vision.width": 32, "vision.layers": 4, "vision.heads": 2,
            "vision.mlp_dim": 64, "text.width": 32, "text.layers": 1, "text.heads": 2, "text.mlp_dim": 64,
            "text.vocab_size": 300, "fusion_layers": 1, "embed_dim": 32},
-    pretrain=Recipe(steps=4, lr=1e-3, batch_size=8),
+    pretrain=Recipe(steps=4, lr=1e-3, batch_size=8, lr_mult={"heads": 10.0}),  # exercises lr_mult's wiring
     pretrain_task="vqa",
     warmup=Recipe(steps=3, lr=1e-3, batch_size=8), warmup_types=("colour",),
     vqa=Recipe(steps=6, lr=3e-4, batch_size=8),

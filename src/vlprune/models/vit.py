@@ -76,6 +76,23 @@ def interpolate_pos_embed(pos: Tensor, grid: int) -> Tensor:
     return torch.cat([cls, patches], dim=1)
 
 
+def sincos_pos_embed(grid: int, width: int) -> Tensor:
+    """2-D sine-cosine position embeddings (1, 1 + grid*grid, width), MAE's layout: the first half of the channels
+    encodes the row, the second the column, each as sin / cos of the index at ``width / 4`` frequencies from 1 down
+    to 1/10000; the [CLS] row is zero. Rows are in raster order (patch ``r * grid + c``)."""
+    if width % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {width}")
+    q = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    idx = torch.arange(grid, dtype=torch.float64)
+    ang = idx[:, None] * freq[None]  # (grid, q)
+    one = torch.cat([ang.sin(), ang.cos()], dim=1)  # (grid, width / 2)
+    rows = one[:, None, :].expand(grid, grid, -1)
+    cols = one[None, :, :].expand(grid, grid, -1)
+    pe = torch.cat([rows, cols], dim=-1).reshape(grid * grid, width)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), pe], dim=0)[None].float()
+
+
 class ImageEmbeddings(nn.Module):
     """Patch embedding + [CLS] + position embeddings (+ CLIP's pre-norm): images -> (B, 1 + N, D)."""
 
@@ -87,7 +104,11 @@ class ImageEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
         self.pre_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if cfg.pos_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed(cfg.grid, D))
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         # A method working on the input (lowres) sets this: images are resized to input_size x input_size before the patch embedding
         # (position embeddings interpolated). None = as given. Reset when the method is removed.
