@@ -88,10 +88,38 @@ def test_moved_demo_directory_keeps_its_stages(quick, tmp_path):
 def test_vqa_first_stage_keeps_the_blind_row_blind(quick):
     """With a VQA first stage, the blind row starts from a first stage of its own on the constant image."""
     init = {r: json.loads((quick / f"vqa-{r}" / "train_config.json").read_text())["init"] for r in ("none", "trips", "blind")}
-    assert init["none"] == init["trips"] == str(quick / "pretrain")
-    assert init["blind"] == str(quick / "pretrain-blind")
+    assert init["none"] == init["trips"] == str(quick / "pretrain-mix")  # the last of QUICK's first_parts
+    assert init["blind"] == str(quick / "pretrain-mix-blind")
     first = json.loads((quick / "pretrain-blind" / "train_config.json").read_text())
     assert first["task"] == "vqa" and first["train"].endswith("vqa_train_blind.json")
+
+
+def test_first_parts_chain_with_their_types_and_repeats(quick):
+    """QUICK's further parts: side questions alone from the first stage, then every question with the side ones 3
+    times, from the side part; the blind chain gets the same parts on its own (constant-image) questions."""
+    for tail, src in (("", "vqa_train.json"), ("-blind", "vqa_train_blind.json")):
+        everything = json.loads((quick / "data" / src).read_text())
+        side = json.loads((quick / f"pretrain-side{tail}" / "train_config.json").read_text())
+        mix = json.loads((quick / f"pretrain-mix{tail}" / "train_config.json").read_text())
+        assert side["init"] == str(quick / f"pretrain{tail}") and mix["init"] == str(quick / f"pretrain-side{tail}")
+        assert side["steps"] == QUICK.first_parts[0].recipe.steps and mix["lr"] == QUICK.first_parts[1].recipe.lr
+        side_rows = json.loads(Path(side["train"]).read_text())
+        assert side_rows == [e for e in everything if e["type"] == "side"] != []
+        mix_rows = json.loads(Path(mix["train"]).read_text())
+        assert len(mix_rows) == len(everything) + 2 * len(side_rows)
+        assert sorted(json.dumps(e) for e in mix_rows) == sorted(json.dumps(e) for e in everything + side_rows * 2)
+
+
+def test_first_parts_are_checked():
+    from vlprune.demo.profiles import Part
+
+    with pytest.raises(ValueError, match=r"part mix names question types \['sides'\]"):
+        replace(QUICK, first_parts=(Part("mix", Recipe(steps=1, lr=1e-3, batch_size=8), repeat={"sides": 3}),))
+    with pytest.raises(ValueError, match="repeat counts must be integers >= 1"):
+        Part("mix", Recipe(steps=1, lr=1e-3, batch_size=8), repeat={"side": 0})
+    with pytest.raises(ValueError, match="first_parts names must differ"):
+        p = Part("a", Recipe(steps=1, lr=1e-3, batch_size=8))
+        replace(QUICK, first_parts=(p, p))
 
 
 def test_warmup_trains_the_warmup_types_first_then_every_type(quick):
@@ -127,7 +155,7 @@ def test_learned_methods_train_with_a_teacher(quick):
     for m in ("dynamicvit", "tip"):
         cfg = json.loads((quick / f"vqa-{m}" / "train_config.json").read_text())
         assert cfg["method"]["name"] == m and cfg["task_options"]["teacher"] == str(quick / "vqa-none")
-        assert cfg["init"] == str(quick / "pretrain")
+        assert cfg["init"] == str(quick / "pretrain-mix")
     rows = {(r["method"], r["setup"]) for r in json.loads((quick / "results.json").read_text())["rows"]}
     assert ("dynamicvit", "fine-tuned with its losses") in rows and ("tip", "fine-tuned with its losses") in rows
 
@@ -144,7 +172,7 @@ def test_changed_settings_redo_downstream(tmp_path):
     out = tmp_path / "q"
     small = replace(QUICK, sweep=(0.5, 0.25), vqa=Recipe(steps=2, lr=3e-4, batch_size=8), seeds=(0, 1),
                     tuned=("trips", "evit"), pretrain=Recipe(steps=2, lr=3e-4, batch_size=8, options={"mlm": 0.3}),
-                    pretrain_task="pretrain", warmup=Recipe(steps=0, lr=1e-3, batch_size=8))
+                    pretrain_task="pretrain", warmup=Recipe(steps=0, lr=1e-3, batch_size=8), first_parts=())
     run_demo(out, profile=small, threads=1, quiet=True)
     # the fine-tunes start from the pre-trained checkpoint, whose optimiser state is gone
     assert (out / "pretrain" / "model").is_dir() and not has_checkpoint(out / "pretrain")

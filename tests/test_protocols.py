@@ -289,7 +289,7 @@ def test_training_stage_resumes_from_its_checkpoint(tip_run, monkeypatch):
 
 def test_a_demo_profile_without_pretraining_is_refused():
     base = replace(demo_profiles.QUICK, pretrain=replace(demo_profiles.QUICK.pretrain, steps=0),
-                   warmup=replace(demo_profiles.QUICK.warmup, steps=0))
+                   warmup=replace(demo_profiles.QUICK.warmup, steps=0), first_parts=())
     with pytest.raises(ValueError, match="demo profile quick has no pre-training"):
         build_plan(replace(QUICK, base=base), ["trips"])
 

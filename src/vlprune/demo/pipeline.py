@@ -121,10 +121,14 @@ class DemoLayout:
                 w["pretrain" + tail] = first
                 if p.warmup.steps:
                     w["warmup" + tail] = float(p.warmup.steps * p.warmup.batch_size)
+                for part in p.first_parts:
+                    w[f"pretrain-{part.name}{tail}"] = float(part.recipe.steps * part.recipe.batch_size)
                 if p.pretrain_task == "vqa" and (i == 0 or "blind" in p.seed_rows):
                     w["pretrain-blind" + tail] = first
                     if p.warmup.steps:
                         w["warmup-blind" + tail] = float(p.warmup.steps * p.warmup.batch_size)
+                    for part in p.first_parts:
+                        w[f"pretrain-{part.name}-blind{tail}"] = float(part.recipe.steps * part.recipe.batch_size)
         for m in p.learned:
             w[f"vqa-{m}"] = float(p.vqa.steps * p.vqa.batch_size) * 1.5  # + the teacher's forward passes
             w[f"eval-vqa-{m}"] = 0.35 * questions + (ground if m != "tip" else 0.0)
@@ -259,7 +263,10 @@ def _run_stages(st: Stages, plan: DemoLayout, progress: bool) -> Dict[str, Any]:
                 up = [st.keys["data"]] + ([st.keys[warm.name]] if warm is not None else [])
                 res["train"][name] = st.run(name, _train_settings(plan, cfg, up),
                                             lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
-                firsts[key] = plan.out / name
+                last = plan.out / name
+                for part in prof.first_parts:
+                    last = part_stage(part, key[0], train_file, tail, last)
+                firsts[key] = last
                 return firsts[key]
             else:
                 cfg = _train_cfg(plan, "pretrain", prof.pretrain, key[0], "pretrain.json")
@@ -267,6 +274,23 @@ def _run_stages(st: Stages, plan: DemoLayout, progress: bool) -> Dict[str, Any]:
                                         lambda d: steps.train_run(d, cfg, progress), keep_dir=True)
             firsts[key] = plan.out / name
         return firsts[key]
+
+    def part_stage(part, seed: int, train_file: str, tail: str, init: Path) -> Path:
+        """A further part of the first stage, from ``init``: its question types, some questions repeated."""
+        name = f"pretrain-{part.name}{tail}"
+        sub = data / train_file.replace(".json", f"_{part.name}.json")
+        cfg = _train_cfg(plan, "vqa", part.recipe, seed, sub.name, None, init, answers)
+
+        def run(d: Path) -> Dict[str, Any]:
+            rows = [e for e in json.loads((data / train_file).read_text()) if not part.types or e.get("type") in part.types]
+            rows = [e for e in rows for _ in range(part.repeat.get(e.get("type"), 1))]
+            sub.write_text(json.dumps(rows))
+            return {**steps.train_run(d, cfg, progress), "questions": len(rows)}
+
+        settings = {**_train_settings(plan, cfg, [st.keys["data"], st.keys[init.name]]), "types": list(part.types),
+                    "repeat": dict(part.repeat), "from": train_file}
+        res["train"][name] = st.run(name, settings, run, keep_dir=True)
+        return plan.out / name
 
     def warmup_stage(seed: int, train_file: str, tail: str) -> Path:
         """The curriculum's first part: VQA from scratch on the warm-up question types only (same answer list)."""

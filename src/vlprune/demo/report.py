@@ -143,6 +143,10 @@ def _setup_bullets(plan, env: Dict[str, Any], seconds: float) -> List[str]:
     if p.warmup.steps:
         pre += (f", after a warm-up of {p.warmup.steps} steps on the {', '.join(p.warmup_types)} questions only (lr "
                 f"{p.warmup.lr:g}, batch {p.warmup.batch_size})")
+    for part in p.first_parts:
+        what = f"the {', '.join(part.types)} questions only" if part.types else "every question"
+        rep = "".join(f", the {t} questions {k} times" for t, k in part.repeat.items())
+        pre += f"; then {part.recipe.steps} steps on {what}{rep} (lr {part.recipe.lr:g})"
     v = plan.cfg.vision
     return [
         f"{env['date']}; {env['platform']} ({env['processor']}), {env['cores_available']} cores available; torch "
