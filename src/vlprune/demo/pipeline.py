@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .profiles import METHODS, Profile, get_profile, label, model_config, point, validate
 from .stages import Stages
@@ -275,38 +275,33 @@ def _run_stages(st: Stages, plan: DemoLayout, progress: bool) -> Dict[str, Any]:
             firsts[key] = plan.out / name
         return firsts[key]
 
-    def part_stage(part, seed: int, train_file: str, tail: str, init: Path) -> Path:
-        """A further part of the first stage, from ``init``: its question types, some questions repeated."""
-        name = f"pretrain-{part.name}{tail}"
-        sub = data / train_file.replace(".json", f"_{part.name}.json")
-        cfg = _train_cfg(plan, "vqa", part.recipe, seed, sub.name, None, init, answers)
+    def subset_stage(name: str, suffix: str, recipe, seed: int, train_file: str, init: Optional[Path],
+                     types: Tuple[str, ...], repeat: Optional[Dict[str, int]] = None) -> Path:
+        """VQA on the questions of ``types`` of ``train_file`` (empty: all), each of type ``t`` ``repeat[t]`` times,
+        from ``init`` (None: from scratch), with the whole answer list. The warm-up and each further part of the
+        first stage are such stages."""
+        sub = data / train_file.replace(".json", f"_{suffix}.json")  # beside the data: the run's own dir is its output
+        cfg = _train_cfg(plan, "vqa", recipe, seed, sub.name, None, init, answers)
 
         def run(d: Path) -> Dict[str, Any]:
-            rows = [e for e in json.loads((data / train_file).read_text()) if not part.types or e.get("type") in part.types]
-            rows = [e for e in rows for _ in range(part.repeat.get(e.get("type"), 1))]
+            rows = [e for e in json.loads((data / train_file).read_text()) if not types or e.get("type") in types]
+            rows = [e for e in rows for _ in range((repeat or {}).get(e.get("type"), 1))]
             sub.write_text(json.dumps(rows))
             return {**steps.train_run(d, cfg, progress), "questions": len(rows)}
 
-        settings = {**_train_settings(plan, cfg, [st.keys["data"], st.keys[init.name]]), "types": list(part.types),
-                    "repeat": dict(part.repeat), "from": train_file}
+        settings = {**_train_settings(plan, cfg, after(init)), "types": list(types),
+                    **({} if repeat is None else {"repeat": dict(repeat)}), "from": train_file}
         res["train"][name] = st.run(name, settings, run, keep_dir=True)
         return plan.out / name
+
+    def part_stage(part, seed: int, train_file: str, tail: str, init: Path) -> Path:
+        """A further part of the first stage, from the part before it."""
+        return subset_stage(f"pretrain-{part.name}{tail}", part.name, part.recipe, seed, train_file, init, part.types,
+                            part.repeat)
 
     def warmup_stage(seed: int, train_file: str, tail: str) -> Path:
-        """The curriculum's first part: VQA from scratch on the warm-up question types only (same answer list)."""
-        name = "warmup" + tail
-        sub = data / train_file.replace(".json", "_warmup.json")  # beside the data: the run's own dir is its output
-        cfg = _train_cfg(plan, "vqa", prof.warmup, seed, sub.name, options=answers)
-
-        def run(d: Path) -> Dict[str, Any]:
-            rows = [e for e in json.loads((data / train_file).read_text()) if e.get("type") in prof.warmup_types]
-            sub.write_text(json.dumps(rows))
-            return {**steps.train_run(d, cfg, progress), "questions": len(rows)}
-
-        settings = {**_train_settings(plan, cfg, [st.keys["data"]]), "types": list(prof.warmup_types),
-                    "from": train_file}
-        res["train"][name] = st.run(name, settings, run, keep_dir=True)
-        return plan.out / name
+        """The curriculum's first part: VQA from scratch on the warm-up question types only."""
+        return subset_stage("warmup" + tail, "warmup", prof.warmup, seed, train_file, None, prof.warmup_types)
 
     def after(init: Optional[Path]) -> List[str]:
         return [st.keys["data"]] + ([st.keys[init.name]] if init is not None else [])
